@@ -1,0 +1,85 @@
+"""The asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+
+from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
+from task_runner.client.errors import TaskRunnerError, from_grpc_error
+from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
+from task_runner.client.sync import Callback
+from task_runner.v1.task_runner_pb2 import ListTasksRequest, ListTasksResponse, PerformResponse
+from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
+
+log = logging.getLogger("task_runner.client")
+
+
+class AsyncClient:
+    """An asyncio client; create and use it inside a running event loop. See `Client` for arguments."""
+
+    def __init__(self, target: Target = None) -> None:
+        address, options = resolve_target(target)
+        self._channel = grpc.aio.insecure_channel(address, options=options)
+        self._stub = TaskRunnerStub(self._channel)  # type: ignore[no-untyped-call]
+
+    async def call(
+        self,
+        task: str,
+        timeout_ms: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        rpc_timeout: float | None | _Default = DEFAULT,
+    ) -> TaskResult:
+        """Run a task and return its answer; the same contract as `Client.call`."""
+        request = build_request(task, timeout_ms, options, request_id)
+        try:
+            response: PerformResponse = await self._stub.Perform(  # type: ignore[misc]
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc) from exc
+        return read_response(response)
+
+    def perform(
+        self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
+    ) -> asyncio.Task[None]:
+        """Callback style: schedules the call and returns its asyncio.Task; the callback runs once, on the loop."""
+        async def run() -> None:
+            try:
+                answer = await self.call(task, timeout_ms, options)
+            except TaskRunnerError as exc:
+                err: TaskRunnerError | None = exc
+                outcome, result = None, None
+            else:
+                err, outcome, result = None, answer.outcome, answer.result
+            try:
+                callback(err, outcome, result)
+            except Exception:
+                log.exception("a perform() callback raised")
+
+        return asyncio.ensure_future(run())
+
+    async def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
+        """The tasks the daemon serves."""
+        try:
+            response: ListTasksResponse = await self._stub.ListTasks(  # type: ignore[misc]
+                ListTasksRequest(), timeout=rpc_timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc) from exc
+        return read_tasks(response)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

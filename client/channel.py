@@ -1,0 +1,76 @@
+"""Targets, channel options and call deadlines shared by the blocking and asyncio clients."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+from collections.abc import Sequence
+from typing import Any, Final
+
+DEFAULT_TARGET: Final = "127.0.0.1:50051"
+TARGET_ENV: Final = "TASK_RUNNER_TARGET"
+SERVICE: Final = "task_runner.v1.TaskRunner"
+# Time allowed beyond the task's own timeout for queueing and transport, when the caller sets none.
+DEFAULT_GRACE_S: Final = 60.0
+
+
+class _Default:
+    """The sentinel for "the default deadline", so that None can mean "no deadline"."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT"
+
+
+DEFAULT: Final = _Default()
+Target = str | Sequence[str] | None
+
+
+def resolve_target(target: Target) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target string and channel options for a target.
+
+    A target is "host:port", "unix:/path", or several "ip:port" (a list, or one string
+    separated by commas); several are balanced round-robin over the healthy ones.
+    None means $TASK_RUNNER_TARGET, else 127.0.0.1:50051.
+    """
+    if target is None:
+        target = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    targets = [t.strip() for t in target.split(",")] if isinstance(target, str) else [t.strip() for t in target]
+    targets = [t for t in targets if t]
+    if not targets:
+        raise ValueError("no target given")
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", 256 << 20),
+        ("grpc.max_send_message_length", 256 << 20),
+    ]
+    if len(targets) == 1:
+        return targets[0], options
+    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE}}
+    options += [("grpc.service_config", json.dumps(config)), ("grpc.lb_policy_name", "round_robin")]
+    return _multi_address(targets), options
+
+
+def _multi_address(targets: list[str]) -> str:
+    """Several literal addresses as one target ("ipv4:a:p,b:p"), which gRPC balances itself."""
+    families = set()
+    for target in targets:
+        host, _, port = target.rpartition(":")
+        try:
+            families.add(ipaddress.ip_address(host.strip("[]")).version)
+        except ValueError:
+            raise ValueError(
+                f"with several targets each must be an IP address and port, not {target!r}; "
+                "for a name that resolves to several addresses use one target, e.g. dns:///name:port",
+            ) from None
+        if not port.isdigit():
+            raise ValueError(f"target {target!r} has no port")
+    if len(families) > 1:
+        raise ValueError("several targets must all be IPv4 or all IPv6")
+    return f"ipv{families.pop()}:{','.join(targets)}"
+
+
+def rpc_timeout_s(timeout_ms: int | None, rpc_timeout: float | None | _Default) -> float | None:
+    """The call's deadline in seconds from now: the caller's, or the task's timeout plus a grace."""
+    if not isinstance(rpc_timeout, _Default):
+        return rpc_timeout
+    return timeout_ms / 1e3 + DEFAULT_GRACE_S if timeout_ms else None

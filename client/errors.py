@@ -1,0 +1,183 @@
+"""One exception tree for the client: task failures (from the response) and request/transport failures (gRPC).
+
+    TaskRunnerError
+    +-- TaskFailed           the task failed non-deterministically: may be retried
+    |   +-- TaskException, TaskTimeout, TaskCrashed, TaskCancelled,
+    |       TaskResultInvalid, TaskResultTooLarge
+    +-- RpcError             the request failed: carries the gRPC status code
+        +-- TaskNotFound, InvalidRequest, Overloaded, Unavailable, DeadlineExceeded,
+            Unauthenticated, PermissionDenied, Cancelled
+
+`outcome=False` is not an error: it is an answer (a deterministic failure).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import grpc
+
+from task_runner.v1.task_runner_pb2 import TaskError
+
+if TYPE_CHECKING:
+    from task_runner.client.results import TaskResult
+
+
+class TaskRunnerError(Exception):
+    """Base of every error the client raises."""
+
+    retryable: ClassVar[bool] = False
+
+
+class TaskFailed(TaskRunnerError):
+    """The task failed non-deterministically (the response's `error`): the caller may retry."""
+
+    kind: ClassVar[str] = "EXCEPTION"
+    retryable = True
+
+    def __init__(
+        self, message: str, *, type: str = "", traceback: str = "", exit_code: int = 0, signal: int = 0,
+        answer: TaskResult | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.type = type
+        self.traceback = traceback
+        self.exit_code = exit_code
+        self.signal = signal
+        self.answer = answer  # the whole answer: usage, output tails, timings
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.type + ': ' if self.type else ''}{self.message}"
+
+
+class TaskException(TaskFailed):
+    """The task raised (at import, while running, in a thread or callback), or passed an error to its callback."""
+
+    kind = "EXCEPTION"
+
+
+class TaskTimeout(TaskFailed):
+    """The task outlived its timeout; its process tree was killed."""
+
+    kind = "TIMEOUT"
+
+
+class TaskCrashed(TaskFailed):
+    """The task's process ended without answering; see `exit_code` and `signal`."""
+
+    kind = "CRASHED"
+
+
+class TaskCancelled(TaskFailed):
+    """The task was cancelled (e.g. the daemon shut down) and its process tree killed."""
+
+    kind = "CANCELLED"
+
+
+class TaskResultInvalid(TaskFailed):
+    """The task answered outside the contract: a non-bool outcome or a result that is not JSON-like."""
+
+    kind = "RESULT_INVALID"
+
+
+class TaskResultTooLarge(TaskFailed):
+    """The task's result exceeded the daemon's size cap."""
+
+    kind = "RESULT_TOO_LARGE"
+
+
+_BY_KIND: dict[int, type[TaskFailed]] = {
+    TaskError.EXCEPTION: TaskException,
+    TaskError.TIMEOUT: TaskTimeout,
+    TaskError.CRASHED: TaskCrashed,
+    TaskError.CANCELLED: TaskCancelled,
+    TaskError.RESULT_INVALID: TaskResultInvalid,
+    TaskError.RESULT_TOO_LARGE: TaskResultTooLarge,
+}
+
+
+def from_task_error(error: TaskError, answer: TaskResult | None = None) -> TaskFailed:
+    """The exception for a response's TaskError."""
+    cls = _BY_KIND.get(error.kind, TaskFailed)
+    return cls(
+        error.message, type=error.type, traceback=error.traceback, exit_code=error.exit_code,
+        signal=error.signal, answer=answer,
+    )
+
+
+class RpcError(TaskRunnerError):
+    """The call itself failed: the request was refused, or the daemon could not be reached."""
+
+    code: ClassVar[grpc.StatusCode | None] = None
+
+    def __init__(self, message: str, *, status: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status or self.code
+
+    def __str__(self) -> str:
+        name = self.status.name if self.status else "UNKNOWN"
+        return f"{name}: {self.message}"
+
+
+class TaskNotFound(RpcError):
+    """The daemon does not serve a task of that name."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class InvalidRequest(RpcError):
+    """The request was malformed, e.g. a timeout above the task's maximum or options that are not JSON-like."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class Overloaded(RpcError):
+    """Every slot is busy and the daemon's queue is full."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(RpcError):
+    """The daemon could not be reached, or is shutting down: safe to retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    retryable = True
+
+
+class DeadlineExceeded(RpcError):
+    """The call's own deadline passed before the answer came."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Unauthenticated(RpcError):
+    """The daemon wants credentials the call did not carry."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(RpcError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Cancelled(RpcError):
+    """The call was cancelled on this side."""
+
+    code = grpc.StatusCode.CANCELLED
+
+
+_BY_STATUS: dict[grpc.StatusCode, type[RpcError]] = {
+    cls.code: cls
+    for cls in (TaskNotFound, InvalidRequest, Overloaded, Unavailable, DeadlineExceeded, Unauthenticated,
+                PermissionDenied, Cancelled)
+    if cls.code is not None
+}
+
+
+def from_grpc_error(error: Any) -> RpcError:
+    """The exception for a failed gRPC call (a grpc.RpcError or grpc.aio.AioRpcError)."""
+    status = error.code()
+    cls = _BY_STATUS.get(status, RpcError)
+    return cls(error.details() or status.name, status=status)

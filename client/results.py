@@ -1,0 +1,128 @@
+"""The plain values a call returns, and the one conversion between them and the protobuf messages.
+
+Both the blocking and the asyncio client build requests and read responses through here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from task_runner.client.errors import InvalidRequest, TaskFailed, from_task_error
+from task_runner.v1.task_runner_pb2 import ListTasksResponse, PerformRequest, PerformResponse
+from task_runner.values import NotJsonLike, from_struct, to_struct
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the task's process used, and how it ended."""
+
+    wall_ms: float = 0.0
+    user_cpu_ms: float = 0.0
+    system_cpu_ms: float = 0.0
+    max_rss_kib: int = 0
+    exit_code: int = 0
+    signal: int = 0
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Where the time of the call went on the daemon, in milliseconds."""
+
+    queue_ms: float = 0.0
+    start_ms: float = 0.0
+    run_ms: float = 0.0
+    collect_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """A task's answer: `outcome` True (success) or False (a deterministic failure), and its result."""
+
+    outcome: bool
+    result: dict[str, Any] = field(default_factory=dict)
+    request_id: str = ""
+    usage: Usage = field(default_factory=Usage)
+    timings: Timings = field(default_factory=Timings)
+    stdout: bytes = b""
+    stderr: bytes = b""
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict of the whole answer (output tails decoded as UTF-8, replacing errors)."""
+        return {
+            "outcome": self.outcome,
+            "result": self.result,
+            "request_id": self.request_id,
+            "usage": vars(self.usage),
+            "timings": vars(self.timings),
+            "stdout": self.stdout.decode(errors="replace"),
+            "stderr": self.stderr.decode(errors="replace"),
+            "stdout_dropped": self.stdout_dropped,
+            "stderr_dropped": self.stderr_dropped,
+        }
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task a daemon serves."""
+
+    name: str
+    description: str
+    default_timeout_ms: int
+    max_timeout_ms: int
+    import_error: str = ""
+
+
+def build_request(
+    task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, request_id: str | None,
+) -> PerformRequest:
+    """A PerformRequest; options must be JSON-like.
+
+    Raises:
+        InvalidRequest: for options that are not JSON-like or a timeout out of range, before any call.
+    """
+    if timeout_ms is not None and not 0 <= timeout_ms < 2**32:
+        raise InvalidRequest(f"timeout_ms must be between 0 and 2^32-1, got {timeout_ms}")
+    request = PerformRequest(task=task, timeout_ms=timeout_ms or 0, request_id=request_id or "")
+    try:
+        to_struct(options or {}, request.options)
+    except NotJsonLike as exc:
+        raise InvalidRequest(f"options{exc}") from None
+    return request
+
+
+def read_response(response: PerformResponse) -> TaskResult:
+    """The TaskResult of a response.
+
+    Raises:
+        TaskFailed: (a subclass by kind) when the task failed; `.answer` holds the rest.
+    """
+    usage, timings = response.usage, response.timings
+    answer = TaskResult(
+        outcome=response.outcome,
+        result=from_struct(response.result),
+        request_id=response.request_id,
+        usage=Usage(usage.wall_ms, usage.user_cpu_ms, usage.system_cpu_ms, usage.max_rss_kib,
+                    usage.exit_code, usage.signal),
+        timings=Timings(timings.queue_ms, timings.start_ms, timings.run_ms, timings.collect_ms),
+        stdout=response.stdout.tail,
+        stderr=response.stderr.tail,
+        stdout_dropped=response.stdout.dropped_bytes,
+        stderr_dropped=response.stderr.dropped_bytes,
+    )
+    if response.HasField("error"):
+        raise from_task_error(response.error, answer)
+    return answer
+
+
+def read_tasks(response: ListTasksResponse) -> list[TaskInfo]:
+    return [
+        TaskInfo(t.name, t.description, t.default_timeout_ms, t.max_timeout_ms, t.import_error)
+        for t in response.tasks
+    ]
+
+
+__all__ = ["TaskFailed", "TaskInfo", "TaskResult", "Timings", "Usage", "build_request", "read_response"]

@@ -1,0 +1,152 @@
+"""The blocking client, with the original library's callback-style `perform`."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import grpc
+
+from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
+from task_runner.client.errors import TaskRunnerError, from_grpc_error
+from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
+from task_runner.v1.task_runner_pb2 import ListTasksRequest, PerformResponse
+from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
+
+log = logging.getLogger("task_runner.client")
+
+#: callback(err, outcome, result): err is a TaskRunnerError or None.
+Callback = Callable[[TaskRunnerError | None, bool | None, dict[str, Any] | None], None]
+
+
+class Client:
+    """A blocking client of one daemon (or several, balanced). Thread-safe; close it when done.
+
+    Args:
+        target: "host:port", "unix:/path", or several "ip:port"; None: $TASK_RUNNER_TARGET or 127.0.0.1:50051.
+    """
+
+    def __init__(self, target: Target = None) -> None:
+        address, options = resolve_target(target)
+        self._channel = grpc.insecure_channel(address, options=options)
+        self._stub = TaskRunnerStub(self._channel)
+
+    def call(
+        self,
+        task: str,
+        timeout_ms: int | None = None,
+        options: Mapping[str, Any] | None = None,
+        *,
+        request_id: str | None = None,
+        rpc_timeout: float | None | _Default = DEFAULT,
+    ) -> TaskResult:
+        """Run a task and return its answer.
+
+        Args:
+            task: a task name the daemon serves.
+            timeout_ms: the task's time limit; None for the task's default.
+            options: the task's input, JSON-like.
+            request_id: an idempotency key; the daemon assigns one if None.
+            rpc_timeout: the call's deadline in seconds; by default the timeout plus a
+                minute's grace (none when timeout_ms is None); None for no deadline.
+
+        Returns:
+            The answer; `outcome` False is a deterministic failure, not an exception.
+
+        Raises:
+            TaskFailed: the task failed (TaskException, TaskTimeout, TaskCrashed, ...).
+            RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
+        """
+        request = build_request(task, timeout_ms, options, request_id)
+        try:
+            response: PerformResponse = self._stub.Perform(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout))
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+        return read_response(response)
+
+    def perform(
+        self,
+        task: str,
+        timeout_ms: int | None,
+        options: Mapping[str, Any] | None,
+        callback: Callback,
+        *,
+        request_id: str | None = None,
+    ) -> None:
+        """The original library's style: returns at once; `callback(err, outcome, result)` runs exactly once.
+
+        The callback runs on a gRPC thread, or at once in this thread if the request is
+        invalid before it is sent. An exception raised by the callback is logged.
+        """
+        once = _Once(callback)
+        try:
+            request = build_request(task, timeout_ms, options, request_id)
+        except TaskRunnerError as exc:
+            once(exc, None, None)
+            return
+        future = self._stub.Perform.future(request, timeout=rpc_timeout_s(timeout_ms, DEFAULT))
+
+        def done(f: grpc.Future) -> None:
+            try:
+                answer = read_response(f.result())
+            except grpc.RpcError as exc:
+                once(from_grpc_error(exc), None, None)
+            except TaskRunnerError as exc:
+                once(exc, None, None)
+            else:
+                once(None, answer.outcome, answer.result)
+
+        future.add_done_callback(done)
+
+    def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
+        """The tasks the daemon serves."""
+        try:
+            return read_tasks(self._stub.ListTasks(ListTasksRequest(), timeout=rpc_timeout))
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Once:
+    """Calls the callback the first time only, and logs what it raises."""
+
+    def __init__(self, callback: Callback) -> None:
+        self._callback: Callback | None = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, err: TaskRunnerError | None, outcome: bool | None, result: dict[str, Any] | None) -> None:
+        with self._lock:
+            callback, self._callback = self._callback, None
+        if callback is None:
+            return
+        try:
+            callback(err, outcome, result)
+        except Exception:
+            log.exception("a perform() callback raised")
+
+
+_default_client: Client | None = None
+_default_lock = threading.Lock()
+
+
+def perform(
+    task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
+) -> None:
+    """`Client.perform` on a shared client for $TASK_RUNNER_TARGET (else 127.0.0.1:50051)."""
+    global _default_client
+    with _default_lock:
+        if _default_client is None:
+            _default_client = Client()
+    _default_client.perform(task, timeout_ms, options, callback)
+
+

@@ -1,0 +1,216 @@
+"""The task process: forked by the fork server, it waits for one task, runs it, answers once and exits.
+
+The channel to the daemon is fd 3, a stream socket carrying length-prefixed frames: one
+PerformRequest in, one PerformResponse (outcome, result, error only) out. Whatever answers
+first wins: the task's return, its callback, or an uncaught exception in any thread or asyncio
+callback; the process then ends itself at once with `os._exit(0)`. A process that ends
+without answering is reported by the daemon as CRASHED, with its exit code or signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import os
+import struct
+import sys
+import threading
+import traceback
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any, NoReturn
+
+from task_runner.server import registry
+from task_runner.server.registry import Form, Loaded, load
+from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
+from task_runner.values import NotJsonLike, from_struct, to_struct
+
+CHANNEL_FD = 3
+# Frames of this runner, the loader and the machinery they call: left out of a task's traceback.
+_RUNNER_FILES = frozenset({
+    __file__, registry.__file__, importlib.__file__,
+    "<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
+})
+_RUNNER_DIRS = (os.path.dirname(asyncio.__file__) + os.sep,)
+FRAME = struct.Struct("!I")
+Kind = TaskError.Kind
+
+
+def read_frame(fd: int) -> bytes | None:
+    """Read one length-prefixed frame from a blocking fd; None at end of file."""
+    header = _read_exactly(fd, FRAME.size)
+    if header is None:
+        return None
+    return _read_exactly(fd, FRAME.unpack(header)[0])
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks, remaining = [], size
+    while remaining:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+class _Answer:
+    """The one answer of this process: the first caller of `give` wins and ends the process."""
+
+    def __init__(self, result_max_bytes: int) -> None:
+        self._lock = threading.Lock()
+        self._result_max_bytes = result_max_bytes
+
+    def give(self, response: PerformResponse) -> NoReturn:
+        # Later answers (a second callback, an exception after the answer) block here until
+        # the winner's os._exit ends the process; they never reach the daemon.
+        self._lock.acquire()
+        payload = response.SerializeToString()
+        if len(payload) > self._result_max_bytes:
+            payload = _error(
+                Kind.RESULT_TOO_LARGE, "ResultTooLarge",
+                f"the result is {len(payload)} bytes, above the cap of {self._result_max_bytes} bytes",
+            ).SerializeToString()
+        for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing; the task may have closed them
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(OSError):
+            _write_all(CHANNEL_FD, FRAME.pack(len(payload)) + payload)
+        os._exit(0)
+
+    def outcome(self, outcome: Any, result: Any) -> NoReturn:
+        self.give(_verdict(outcome, result))
+
+    def exception(self, exc: BaseException) -> NoReturn:
+        self.give(_exception_error(exc))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _error(kind: TaskError.Kind.ValueType, type_: str, message: str, tb: str = "") -> PerformResponse:
+    response = PerformResponse()
+    error = response.error
+    error.kind, error.type, error.message, error.traceback = kind, type_, message, tb
+    return response
+
+
+def _is_runner_frame(tb: TracebackType) -> bool:
+    filename = tb.tb_frame.f_code.co_filename
+    return filename in _RUNNER_FILES or filename.startswith(_RUNNER_DIRS)
+
+
+def _exception_error(exc: BaseException) -> PerformResponse:
+    tb: TracebackType | None = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and _is_runner_frame(tb):
+        tb = tb.tb_next  # the traceback starts where the task's own code does
+    cls = type(exc)
+    type_ = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type_
+    formatted = "".join(traceback.format_exception(cls, exc, tb))
+    return _error(Kind.EXCEPTION, type_, message, formatted)
+
+
+def _verdict(outcome: Any, result: Any) -> PerformResponse:
+    if type(outcome) is not bool:
+        return _error(Kind.RESULT_INVALID, "ResultInvalid", f"outcome must be a bool, got {outcome!r:.200}")
+    if result is None:
+        result = {}
+    if not isinstance(result, Mapping):
+        return _error(Kind.RESULT_INVALID, "ResultInvalid", f"result must be a dict, got {type(result).__name__}")
+    response = PerformResponse(outcome=outcome)
+    try:
+        to_struct(result, response.result)
+    except NotJsonLike as exc:
+        return _error(Kind.RESULT_INVALID, "ResultInvalid", f"result{exc}")
+    except RecursionError:
+        return _error(Kind.RESULT_INVALID, "ResultInvalid", "result is nested too deeply (or contains itself)")
+    return response
+
+
+def _returned(answer: _Answer, value: Any) -> NoReturn:
+    """Answer with a sync or async task's return value: a bool, or a (bool, dict) pair."""
+    if isinstance(value, tuple) and len(value) == 2:
+        answer.outcome(*value)
+    if isinstance(value, tuple):
+        answer.give(_error(
+            Kind.RESULT_INVALID, "ResultInvalid", f"a task returns a bool or (bool, dict), not a {len(value)}-tuple",
+        ))
+    answer.outcome(value, None)
+
+
+def _run_async(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoReturn:
+    def on_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        answer.exception(exc if isinstance(exc, BaseException) else RuntimeError(context.get("message")))
+
+    with asyncio.Runner() as runner:
+        runner.get_loop().set_exception_handler(on_loop_error)
+        value = runner.run(loaded.function(options))
+    _returned(answer, value)
+
+
+def _run_callback(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoReturn:
+    def callback(err: Any = None, outcome: Any = None, result: Any = None) -> None:
+        if err is None:
+            answer.outcome(outcome, result)
+        if isinstance(err, BaseException):
+            answer.exception(err)
+        answer.give(_error(Kind.EXCEPTION, type(err).__name__, str(err)))
+
+    loaded.function(options, callback)
+    # The callback may still come from another thread. Wait, without polling, until no thread
+    # that could call it is left; the callback ends the process the moment it runs.
+    main = threading.current_thread()
+    while others := [t for t in threading.enumerate() if t is not main and t.is_alive()]:
+        for thread in others:
+            thread.join()
+    answer.give(_error(
+        Kind.CRASHED, "CallbackNotCalled",
+        "the task returned without calling its callback, and no thread is left that could",
+    ))
+
+
+def run_task(answer: _Answer, loaded: Loaded, request: PerformRequest) -> NoReturn:
+    options = from_struct(request.options)
+    if loaded.form is Form.ASYNC:
+        _run_async(answer, loaded, options)
+    if loaded.form is Form.CALLBACK:
+        _run_callback(answer, loaded, options)
+    _returned(answer, loaded.function(options))
+
+
+def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoReturn:
+    """Serve one task: read the assignment from fd 3, run it, answer, exit.
+
+    Args:
+        registry: task name -> the callable the fork server preloaded, or its target string
+            when preloading failed (it is imported again here, so the error is the task's answer).
+        result_max_bytes: the largest serialized answer this process may send.
+    """
+    frame = read_frame(CHANNEL_FD)
+    if frame is None:  # the daemon closed the channel: this spare process is not needed
+        os._exit(0)
+    request = PerformRequest.FromString(frame)
+    answer = _Answer(result_max_bytes)
+    threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
+    try:
+        entry = registry[request.task]
+        loaded = load(entry) if isinstance(entry, str) else entry
+    except Exception as exc:
+        answer.exception(exc)
+    try:
+        run_task(answer, loaded, request)
+    except SystemExit as exc:  # sys.exit() ends the process without an answer, as it would anywhere
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    except BaseException as exc:
+        answer.exception(exc)

@@ -1,0 +1,216 @@
+"""The fork server: a small process, started before gRPC, that forks one task process per task.
+
+It is spawned as a fresh interpreter with a clean environment, so it holds none of the
+daemon's memory or secrets; it imports the registered task modules once, then forks spare
+task processes ahead of demand and hands the daemon their ends of the pipes. It never sees a
+task's options, output or result: those travel between the daemon and the task process
+directly, so a task process forked later cannot find an earlier task's data in its memory.
+
+It is the parent of every task process, so it owns the kill and the reaping. It is a child
+subreaper, and so is every task process: a task's descendants, even those that called
+setsid(), stay inside the task's tree while the task lives, and fall to the fork server when
+it dies, which kills every adopted process it did not fork itself. Nothing outlives its task.
+
+Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON spec):
+    daemon -> F <u32 n>              fork n more spare task processes
+    daemon -> K <u32 pid> <u8 why>   kill that task process's tree now
+    fork server -> H <json>          hello: pid and each task's description or import error
+    fork server -> R <u32 pid>       a spare is ready; SCM_RIGHTS: channel, stdout, stderr
+    fork server -> X <pid status utime stime maxrss why>   a task process was reaped
+End of file from the daemon ends the fork server, after killing every task process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import traceback
+from typing import Any, NoReturn
+
+from task_runner.server import child
+from task_runner.server.registry import Loaded, load
+
+FORK = struct.Struct("!cI")
+KILL = struct.Struct("!cIB")
+READY = struct.Struct("!cI")
+EXITED = struct.Struct("!cIiddqB")
+MAX_PACKET = 1 << 16
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _prctl(option: int, value: int) -> None:
+    if _libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a task process and its process group; tolerate those already gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+class ForkServer:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
+        self._sock = sock
+        self._result_max_bytes: int = spec["result_max_bytes"]
+        self._registry: dict[str, Loaded | str] = {}
+        self._live: set[int] = set()  # task processes forked here and not yet reaped
+        self._kill_reason: dict[int, int] = {}
+        self._pid = os.getpid()
+        self._devnull = os.open(os.devnull, os.O_RDWR)
+        self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._hello = self._preload(spec["tasks"])
+
+    def _preload(self, tasks: dict[str, str]) -> dict[str, Any]:
+        infos: dict[str, dict[str, str]] = {}
+        for name, target in tasks.items():
+            try:
+                loaded = load(target)
+            except BaseException:  # noqa: BLE001 - a task module may raise anything, even SystemExit
+                self._registry[name] = target  # the task process imports it again and answers the error
+                infos[name] = {"description": "", "import_error": traceback.format_exc(limit=20)[-4000:]}
+            else:
+                self._registry[name] = loaded
+                infos[name] = {"description": loaded.description, "import_error": ""}
+        return {"pid": self._pid, "tasks": infos}
+
+    def serve(self) -> None:
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        signal.set_wakeup_fd(self._wakeup_w)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        gc.collect()
+        gc.freeze()  # keep the collector from touching (and so copying) inherited pages in children
+        self._sock.send(b"H" + json.dumps(self._hello).encode())
+        selector = selectors.DefaultSelector()
+        selector.register(self._sock, selectors.EVENT_READ, self._on_message)
+        selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_sigchld)
+        try:
+            while True:
+                for key, _ in selector.select():
+                    key.data()
+        except EOFError:
+            pass
+        finally:
+            self._shutdown()
+
+    def _on_message(self) -> None:
+        message = self._sock.recv(MAX_PACKET)
+        if not message:
+            raise EOFError
+        op = message[:1]
+        if op == b"F":
+            for _ in range(FORK.unpack(message)[1]):
+                self._spawn()
+        elif op == b"K":
+            _, pid, reason = KILL.unpack(message)
+            if pid in self._live:
+                self._kill_reason.setdefault(pid, reason)
+                kill_tree(pid)
+
+    def _spawn(self) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                self._become_task_process(child_end.fileno(), out_w, err_w)
+            finally:
+                os._exit(70)
+        self._live.add(pid)
+        for fd in (child_end.fileno(), out_w, err_w):
+            os.close(fd)
+        child_end.detach()
+        try:
+            socket.send_fds(self._sock, [READY.pack(b"R", pid)], [parent_end.fileno(), out_r, err_r])
+        finally:
+            parent_end.close()
+            os.close(out_r)
+            os.close(err_r)
+
+    def _become_task_process(self, channel: int, out_w: int, err_w: int) -> NoReturn:
+        os.setsid()  # its own session and process group: one killpg reaches the whole group
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != self._pid:  # the fork server died before prctl took effect
+            os._exit(0)
+        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree
+        signal.set_wakeup_fd(-1)
+        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        os.dup2(self._devnull, 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        os.dup2(channel, child.CHANNEL_FD, inheritable=False)
+        os.closerange(child.CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))
+        child.main(self._registry, self._result_max_bytes)
+
+    def _on_sigchld(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._wakeup_r, 4096)
+        reaped = False
+        while True:
+            try:
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            reaped = True
+            if pid in self._live:
+                self._live.discard(pid)
+                self._sock.send(EXITED.pack(
+                    b"X", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss,
+                    self._kill_reason.pop(pid, 0),
+                ))
+        if reaped:
+            self._kill_orphans()
+
+    def _children(self) -> set[int]:
+        with open(f"/proc/self/task/{self._pid}/children") as f:
+            return {int(pid) for pid in f.read().split()}
+
+    def _kill_orphans(self) -> None:
+        # A process we did not fork is the remains of a finished task: its task process was a
+        # subreaper, so its descendants came to us only when it died. Kill them; their own
+        # children come to us in turn and go the same way when we reap these.
+        for pid in self._children() - self._live:
+            kill_tree(pid)
+
+    def _shutdown(self) -> None:
+        for pid in list(self._live):
+            kill_tree(pid)
+        while True:
+            try:
+                os.wait4(-1, 0)
+            except ChildProcessError:
+                break
+            self._kill_orphans()
+
+
+def main() -> None:
+    """Entry point: `python -m task_runner.server.forkserver FD`, FD a SOCK_SEQPACKET socket."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    spec = json.loads(sock.recv(MAX_PACKET * 16))
+    sys.path[:] = spec["sys_path"]
+    ForkServer(sock, spec).serve()
+
+
+if __name__ == "__main__":
+    main()

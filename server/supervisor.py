@@ -1,0 +1,390 @@
+"""The daemon's side of task processes: starts the fork server, keeps spares ready, runs one task per process.
+
+Everything here runs on the daemon's event loop. A task's options go straight to its process
+over the process's own channel, its output and result come straight back; the fork server
+only forks, kills and reaps, and reports each exit with the process's resource usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import fnmatch
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from task_runner.server import forkserver
+from task_runner.server.child import FRAME
+from task_runner.server.config import Config
+from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
+
+log = logging.getLogger("task_runner.server")
+Kind = TaskError.Kind
+READ_CHUNK = 1 << 16
+
+
+class Stop(enum.IntEnum):
+    """Why the daemon had a task process killed (sent to the fork server, reported back)."""
+
+    NONE = 0
+    TIMEOUT = 1
+    CANCELLED = 2
+    RESULT_TOO_LARGE = 3
+
+
+class ForkServerDied(RuntimeError):
+    """The fork server ended: running tasks are lost, no new one can start until it is back."""
+
+
+@dataclass
+class Exit:
+    status: int
+    user_s: float
+    system_s: float
+    max_rss_kib: int
+    stop: Stop
+    at: float  # loop time of the report
+
+
+class Tail:
+    """The last `cap` bytes of a stream, and how many came before them."""
+
+    __slots__ = ("buffer", "cap", "dropped")
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.buffer, self.dropped = cap, bytearray(), 0
+
+    def add(self, data: bytes) -> None:
+        self.buffer += data
+        excess = len(self.buffer) - self.cap
+        if excess > 0:
+            del self.buffer[:excess]
+            self.dropped += excess
+
+
+@dataclass(eq=False)
+class TaskProcess:
+    """A task process the fork server forked, and the daemon's ends of its channel and pipes."""
+
+    pid: int
+    channel: socket.socket
+    stdout: int
+    stderr: int
+    exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def close(self) -> None:
+        self.channel.close()
+        for fd in (self.stdout, self.stderr):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    description: str
+    import_error: str
+
+
+class ForkServerClient:
+    """One fork server process and the task processes it forked."""
+
+    def __init__(self, config: Config, tasks: dict[str, str]) -> None:
+        self._config = config
+        self._tasks = tasks
+        self._loop = asyncio.get_running_loop()
+        self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._sock.setblocking(False)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "task_runner.server.forkserver", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),), env=clean_environment(config.env_allow),
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+        )
+        theirs.close()
+        self.info: dict[str, TaskInfo] = {}
+        self._processes: dict[int, TaskProcess] = {}  # unreaped, spare or running
+        self._spares: collections.deque[TaskProcess] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
+        self._forking = 0
+        self.closed = asyncio.Event()
+
+    async def start(self) -> None:
+        spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes}
+        await self._loop.sock_sendall(self._sock, json.dumps(spec).encode())
+        hello = await self._loop.sock_recv(self._sock, 1 << 22)
+        if hello[:1] != b"H":
+            raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})")
+        info = json.loads(hello[1:])
+        self.info = {name: TaskInfo(**task) for name, task in info["tasks"].items()}
+        self._loop.add_reader(self._sock.fileno(), self._on_readable)
+        self._want_spares()
+
+    async def take(self) -> TaskProcess:
+        """A ready task process, forked ahead of demand if possible."""
+        if self.closed.is_set():
+            raise ForkServerDied("the fork server is not running")
+        if self._spares:
+            process = self._spares.popleft()
+        else:
+            waiter = self._loop.create_future()
+            self._waiters.append(waiter)
+            self._want_spares()
+            process = await waiter
+        self._want_spares()
+        return process
+
+    def kill(self, process: TaskProcess, why: Stop) -> None:
+        if not process.exited.done() and not self.closed.is_set():
+            with contextlib.suppress(OSError):
+                self._sock.send(forkserver.KILL.pack(b"K", process.pid, why))
+
+    def _want_spares(self) -> None:
+        wanted = self._config.spare_processes + len(self._waiters) - len(self._spares) - self._forking
+        if wanted > 0 and not self.closed.is_set():
+            self._forking += wanted
+            self._sock.send(forkserver.FORK.pack(b"F", wanted))
+
+    def _on_readable(self) -> None:
+        while True:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._sock, 64, 3)
+            except BlockingIOError:
+                return
+            except OSError:
+                message, fds = b"", []
+            if not message:
+                self._on_closed()
+                return
+            if message[:1] == b"R":
+                self._on_ready(forkserver.READY.unpack(message)[1], fds)
+            elif message[:1] == b"X":
+                _, pid, status, user_s, system_s, max_rss, stop = forkserver.EXITED.unpack(message)
+                self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time()))
+
+    def _on_ready(self, pid: int, fds: list[int]) -> None:
+        self._forking -= 1
+        channel = socket.socket(fileno=fds[0])
+        channel.setblocking(False)
+        for fd in fds[1:]:
+            os.set_blocking(fd, False)
+        process = TaskProcess(pid, channel, fds[1], fds[2])
+        self._processes[pid] = process
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(process)
+                return
+        self._spares.append(process)
+
+    def _on_exit(self, pid: int, exit_: Exit) -> None:
+        process = self._processes.pop(pid, None)
+        if process is None:
+            return
+        if process in self._spares:  # a spare died before it was used
+            self._spares.remove(process)
+            process.close()
+            self._want_spares()
+        process.exited.set_result(exit_)
+
+    def _on_closed(self) -> None:
+        if self.closed.is_set():
+            return
+        self.closed.set()
+        self._loop.remove_reader(self._sock.fileno())
+        lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
+        for process in self._processes.values():
+            process.exited.set_result(lost)  # the fork server's death killed them (PR_SET_PDEATHSIG)
+        for process in self._spares:
+            process.close()
+        self._processes.clear()
+        self._spares.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_exception(ForkServerDied("the fork server ended"))
+        self._waiters.clear()
+
+    async def close(self) -> None:
+        """End the fork server: it kills every task process it forked, then exits."""
+        if not self.closed.is_set():
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._on_closed()
+        await asyncio.to_thread(self._process.wait)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+
+def clean_environment(allow: tuple[str, ...]) -> dict[str, str]:
+    """The daemon's environment, but only the variables whose names `allow` matches."""
+    return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, pattern) for pattern in allow)}
+
+
+class Run:
+    """One task run in one task process: hand it the task, gather output, enforce the deadline, answer."""
+
+    def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config) -> None:
+        self._server, self._process, self._config = server, process, config
+        self._loop = asyncio.get_running_loop()
+        self._stdout = Tail(config.output_tail_bytes)
+        self._stderr = Tail(config.output_tail_bytes)
+        self._result = bytearray()
+        self._answered_at: float | None = None
+        self._limit = FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
+
+    def stop(self, why: Stop) -> None:
+        self._server.kill(self._process, why)
+
+    async def execute(self, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
+        """Run the task; returns the response (usage and output filled) and when the task was handed over."""
+        process, loop = self._process, self._loop
+        handed_at = loop.time()
+        try:
+            process.channel.send(FRAME.pack(len(request)) + request)
+        except OSError:
+            pass  # the process died as a spare; its exit report tells how
+        loop.add_reader(process.channel.fileno(), self._read_result)
+        loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
+        loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
+        timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)
+        try:
+            exit_ = await asyncio.shield(process.exited)
+        finally:
+            timer.cancel()
+        self._drain()
+        response = self._response(exit_, deadline - handed_at)
+        usage = response.usage
+        usage.wall_ms = (exit_.at - handed_at) * 1e3
+        usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
+        usage.max_rss_kib = exit_.max_rss_kib
+        if os.WIFSIGNALED(exit_.status):
+            usage.signal = os.WTERMSIG(exit_.status)
+        elif os.WIFEXITED(exit_.status):
+            usage.exit_code = os.WEXITSTATUS(exit_.status)
+        for output, tail in ((response.stdout, self._stdout), (response.stderr, self._stderr)):
+            output.tail, output.dropped_bytes = bytes(tail.buffer), tail.dropped
+        timings = response.timings
+        answered_at = self._answered_at or exit_.at
+        timings.run_ms = (answered_at - handed_at) * 1e3
+        timings.collect_ms = (loop.time() - answered_at) * 1e3
+        return response, handed_at
+
+    def _read_result(self) -> None:
+        try:
+            data = self._process.channel.recv(READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._loop.remove_reader(self._process.channel.fileno())
+            return
+        self._result += data
+        if len(self._result) > self._limit:
+            self._loop.remove_reader(self._process.channel.fileno())
+            self.stop(Stop.RESULT_TOO_LARGE)
+        elif self._answered_at is None and self._frame() is not None:
+            self._answered_at = self._loop.time()
+
+    def _read_output(self, fd: int, tail: Tail) -> None:
+        try:
+            data = os.read(fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            tail.add(data)
+        else:
+            self._loop.remove_reader(fd)
+
+    def _drain(self) -> None:
+        """After the exit: take what is still buffered, without waiting for anything more."""
+        process, loop = self._process, self._loop
+        loop.remove_reader(process.channel.fileno())
+        with contextlib.suppress(OSError):
+            while len(self._result) <= self._limit and (data := process.channel.recv(READ_CHUNK)):
+                self._result += data
+        for fd, tail in ((process.stdout, self._stdout), (process.stderr, self._stderr)):
+            loop.remove_reader(fd)
+            # A descendant being killed may still hold the pipe: read what is there, then stop.
+            with contextlib.suppress(OSError):
+                for _ in range(64):
+                    data = os.read(fd, READ_CHUNK)
+                    if not data:
+                        break
+                    tail.add(data)
+        process.close()
+
+    def _frame(self) -> bytes | None:
+        if len(self._result) < FRAME.size:
+            return None
+        (size,) = FRAME.unpack_from(self._result)
+        end = FRAME.size + size
+        return bytes(self._result[FRAME.size:end]) if len(self._result) >= end else None
+
+    def _response(self, exit_: Exit, budget_s: float) -> PerformResponse:
+        if exit_.stop is Stop.RESULT_TOO_LARGE:
+            return error_response(
+                Kind.RESULT_TOO_LARGE, "ResultTooLarge",
+                f"the task wrote more than {self._limit} bytes as its answer; it was killed",
+            )
+        frame = self._frame()
+        if frame is not None:
+            try:
+                answer = PerformResponse.FromString(frame)
+            except DecodeError:
+                return error_response(Kind.RESULT_INVALID, "ResultInvalid", "the task's answer could not be decoded")
+            response = PerformResponse(outcome=answer.outcome)
+            response.result.CopyFrom(answer.result)
+            if answer.HasField("error"):
+                response.error.CopyFrom(answer.error)
+            return response
+        if exit_.stop is Stop.TIMEOUT:
+            return error_response(
+                Kind.TIMEOUT, "Timeout",
+                f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
+                exit_.status,
+            )
+        if exit_.stop is Stop.CANCELLED:
+            return error_response(Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",
+                                  exit_.status)
+        return error_response(Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
+                              exit_.status)
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        signum = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"was killed by {name} (signal {signum})"
+    return f"exited with code {os.WEXITSTATUS(status)}"
+
+
+def error_response(kind: Any, type_: str, message: str, status: int | None = None) -> PerformResponse:
+    response = PerformResponse()
+    error = response.error
+    error.kind, error.type, error.message = kind, type_, message
+    if status is not None:
+        if os.WIFSIGNALED(status):
+            error.signal = os.WTERMSIG(status)
+        elif os.WIFEXITED(status):
+            error.exit_code = os.WEXITSTATUS(status)
+    return response
+
+
+__all__ = ["ForkServerClient", "ForkServerDied", "PerformRequest", "Run", "Stop", "TaskInfo", "error_response"]
