@@ -8,7 +8,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import grpc
-
 from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
@@ -25,7 +24,7 @@ class AsyncClient:
     def __init__(self, target: Target = None) -> None:
         address, options = resolve_target(target)
         self._channel = grpc.aio.insecure_channel(address, options=options)
-        self._stub = TaskRunnerStub(self._channel)  # type: ignore[no-untyped-call]
+        self._stub = TaskRunnerStub(self._channel)
 
     async def call(
         self,
@@ -34,12 +33,12 @@ class AsyncClient:
         options: Mapping[str, Any] | None = None,
         *,
         request_id: str | None = None,
-        rpc_timeout: float | None | _Default = DEFAULT,
+        rpc_timeout: float | _Default | None = DEFAULT,
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
         request = build_request(task, timeout_ms, options, request_id)
         try:
-            response: PerformResponse = await self._stub.Perform(  # type: ignore[misc]
+            response: PerformResponse = await self._stub.Perform(
                 request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
             )
         except grpc.aio.AioRpcError as exc:
@@ -68,7 +67,7 @@ class AsyncClient:
     async def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""
         try:
-            response: ListTasksResponse = await self._stub.ListTasks(  # type: ignore[misc]
+            response: ListTasksResponse = await self._stub.ListTasks(
                 ListTasksRequest(), timeout=rpc_timeout,
             )
         except grpc.aio.AioRpcError as exc:
@@ -76,7 +75,7 @@ class AsyncClient:
         return read_tasks(response)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)
 
     async def __aenter__(self) -> AsyncClient:
         return self

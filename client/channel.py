@@ -69,7 +69,7 @@ def _multi_address(targets: list[str]) -> str:
     return f"ipv{families.pop()}:{','.join(targets)}"
 
 
-def rpc_timeout_s(timeout_ms: int | None, rpc_timeout: float | None | _Default) -> float | None:
+def rpc_timeout_s(timeout_ms: int | None, rpc_timeout: float | _Default | None) -> float | None:
     """The call's deadline in seconds from now: the caller's, or the task's timeout plus a grace."""
     if not isinstance(rpc_timeout, _Default):
         return rpc_timeout

@@ -23,7 +23,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="task-runner", description="Run Python tasks in isolated processes over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog="task-runner", description="Run Python tasks in isolated processes over gRPC.",
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the daemon")
@@ -46,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     perform.add_argument("task")
     perform.add_argument("--timeout", type=int, metavar="MS", help="the task's timeout in ms (default: the task's)")
     perform.add_argument("--options", default="{}", metavar="JSON", help="the task's options, a JSON object")
-    perform.add_argument("--target", metavar="ADDR", help="the daemon (default: $TASK_RUNNER_TARGET or 127.0.0.1:50051)")
+    perform.add_argument("--target", metavar="ADDR",
+                         help="the daemon (default: $TASK_RUNNER_TARGET or 127.0.0.1:50051)")
     perform.add_argument("--request-id", metavar="ID")
     perform.set_defaults(run=_perform)
 

@@ -8,7 +8,6 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
-
 from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
@@ -40,7 +39,7 @@ class Client:
         options: Mapping[str, Any] | None = None,
         *,
         request_id: str | None = None,
-        rpc_timeout: float | None | _Default = DEFAULT,
+        rpc_timeout: float | _Default | None = DEFAULT,
     ) -> TaskResult:
         """Run a task and return its answer.
 
@@ -88,7 +87,7 @@ class Client:
             return
         future = self._stub.Perform.future(request, timeout=rpc_timeout_s(timeout_ms, DEFAULT))
 
-        def done(f: grpc.Future) -> None:
+        def done(f: grpc.Future[PerformResponse]) -> None:
             try:
                 answer = read_response(f.result())
             except grpc.RpcError as exc:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -23,7 +22,7 @@ SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
 def generate(out: Path) -> None:
     """Run protoc (from grpcio-tools) with the mypy-protobuf plugins into `out`."""
-    import grpc_tools  # noqa: PLC0415 - a development dependency only
+    import grpc_tools
 
     scripts = Path(sysconfig.get_path("scripts"))
     include = Path(grpc_tools.__file__).parent / "_proto"

@@ -1,9 +1,6 @@
 """The isolated-task-runner daemon: `task-runner serve` or `python -m task_runner.server`.
 
-Needs the `server` extra: `pip install 'isolated-task-runner[server]'`.
+Needs the `server` extra: `pip install 'isolated-task-runner[server]'`. This package's
+`__init__` imports nothing, so that the fork server, which imports `task_runner.server.child`,
+stays small: every module it holds makes each fork slower.
 """
-
-from task_runner.server.config import Config, ConfigError, TaskConfig
-from task_runner.server.config import load as load_config
-
-__all__ = ["Config", "ConfigError", "TaskConfig", "load_config"]

@@ -15,11 +15,11 @@ import logging
 import os
 import signal
 
-
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
-
 from task_runner.server.config import Config
 from task_runner.server.notify import Notifier
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
@@ -44,7 +44,7 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._forkserver: ForkServerClient | None = None
         self._service: TaskRunnerService | None = None
-        self._health = health.aio.HealthServicer()
+        self._health = health_aio.HealthServicer()
 
     async def start(self) -> None:
         """Start the fork server, then gRPC, and bind every listen address."""

@@ -32,11 +32,10 @@ import signal
 import socket
 import struct
 import sys
-import traceback
 from typing import Any, NoReturn
 
 from task_runner.server import child
-from task_runner.server.registry import Loaded, load
+from task_runner.server.registry import Form, Loaded, load
 
 FORK = struct.Struct("!cI")
 KILL = struct.Struct("!cIB")
@@ -79,11 +78,15 @@ class ForkServer:
         for name, target in tasks.items():
             try:
                 loaded = load(target)
-            except BaseException:  # noqa: BLE001 - a task module may raise anything, even SystemExit
+            except BaseException:
+                import traceback
+
                 self._registry[name] = target  # the task process imports it again and answers the error
                 infos[name] = {"description": "", "import_error": traceback.format_exc(limit=20)[-4000:]}
             else:
                 self._registry[name] = loaded
+                if loaded.form is Form.ASYNC:
+                    import asyncio  # noqa: F401 - preloaded so that each async task does not import it
                 infos[name] = {"description": loaded.description, "import_error": ""}
         return {"pid": self._pid, "tasks": infos}
 

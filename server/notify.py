@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -28,10 +29,8 @@ class Notifier:
 
     def notify(self, *states: str) -> None:
         if self._sock is not None:
-            try:
+            with contextlib.suppress(OSError):  # systemd going away must not take the daemon with it
                 self._sock.sendto("\n".join(states).encode(), self._address)
-            except OSError:
-                pass  # systemd going away must not take the daemon with it
 
     def close(self) -> None:
         if self._sock is not None:

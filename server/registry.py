@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import enum
 import importlib
-import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
-from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, NamedTuple
 
 ENTRY_POINT_GROUP = "task_runner.tasks"
+CO_COROUTINE = 0x80  # inspect.CO_COROUTINE, without importing inspect
 
 
 class Form(enum.Enum):
@@ -21,8 +19,7 @@ class Form(enum.Enum):
     CALLBACK = "callback"  # def task(options, callback): callback(err) or callback(None, outcome, result)
 
 
-@dataclass(frozen=True)
-class Loaded:
+class Loaded(NamedTuple):
     """A task's callable, imported, with its form and one-line description."""
 
     function: Callable[..., Any]
@@ -50,11 +47,18 @@ def load(target: str) -> Loaded:
         obj = getattr(obj, part)
     if not callable(obj):
         raise TypeError(f"task target {target!r} is not callable")
-    return Loaded(function=obj, form=form_of(obj), description=_first_line(inspect.getdoc(obj)))
+    return Loaded(function=obj, form=form_of(obj), description=_first_line(getattr(obj, "__doc__", None)))
 
 
 def form_of(function: Callable[..., Any]) -> Form:
     """Tell the form from the signature: a coroutine function, or one taking (options, callback)."""
+    code = getattr(function, "__code__", None)
+    if code is not None and not hasattr(function, "__self__"):  # a plain function: no need for inspect
+        if code.co_flags & CO_COROUTINE:
+            return Form.ASYNC
+        return Form.CALLBACK if code.co_argcount >= 2 else Form.SYNC
+    import inspect  # heavy: kept out of the fork server unless a task needs it
+
     if inspect.iscoroutinefunction(function):
         return Form.ASYNC
     try:
@@ -67,10 +71,12 @@ def form_of(function: Callable[..., Any]) -> Form:
     return Form.CALLBACK if len(params) >= 2 else Form.SYNC
 
 
-def _first_line(doc: str | None) -> str:
-    return doc.strip().splitlines()[0].strip() if doc and doc.strip() else ""
+def _first_line(doc: Any) -> str:
+    return doc.strip().splitlines()[0].strip() if isinstance(doc, str) and doc.strip() else ""
 
 
 def installed_tasks() -> dict[str, str]:
     """Tasks registered by installed packages under the `task_runner.tasks` entry-point group."""
+    from importlib.metadata import entry_points  # heavy: kept out of the fork server
+
     return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}

@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-
 from task_runner.server.config import Config
 from task_runner.server.slots import QueueFull, Slots
 from task_runner.server.supervisor import ForkServerClient, ForkServerDied, Run, Stop
@@ -63,9 +62,9 @@ class TaskRunnerService:
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
 
-    def handler(self) -> grpc.GenericRpcHandler:
+    def handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking and giving raw bytes so that decoding errors are ours to report."""
-        def raw(behaviour: Any) -> grpc.RpcMethodHandler:
+        def raw(behaviour: Any) -> grpc.RpcMethodHandler[bytes, bytes]:
             return grpc.unary_unary_rpc_method_handler(behaviour)
         return grpc.method_handlers_generic_handler(
             SERVICE_NAME, {"Perform": raw(self.perform), "ListTasks": raw(self.list_tasks)},
@@ -142,7 +141,9 @@ class TaskRunnerService:
         task = self._tasks.get(parsed.task)
         if task is None:
             names = ", ".join(self.task_names()[:20])
-            raise RequestError(grpc.StatusCode.NOT_FOUND, f"unknown task {parsed.task[:100]!r}; this daemon serves: {names}")
+            raise RequestError(
+                grpc.StatusCode.NOT_FOUND, f"unknown task {parsed.task[:100]!r}; this daemon serves: {names}",
+            )
         if parsed.timeout_ms > task.max_timeout_ms:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -156,7 +157,7 @@ class TaskRunnerService:
         self, run: Run, task: str, request: bytes, request_id: str, deadline: float,
         received_at: float, admitted_at: float,
     ) -> bytes:
-        """Run the task to its end, whatever happens to the call; then free the slot and log."""
+        """Run the task to its answer, whatever happens to the call; log it; free the slot once it is reaped."""
         loop = asyncio.get_running_loop()
         self._runs.add(run)
         response: PerformResponse | None = None
@@ -167,9 +168,13 @@ class TaskRunnerService:
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
             return response.SerializeToString()
         finally:
-            self._runs.discard(run)
-            self.slots.release()
+            run.reaped.add_done_callback(lambda _: self._reaped(run))
             _log_finished(request_id, task, response, loop.time() - received_at)
+
+    def _reaped(self, run: Run) -> None:
+        """The task's process is gone: its slot is free."""
+        self._runs.discard(run)
+        self.slots.release()
 
     def stop_all(self, why: Stop) -> None:
         """Have every running task killed and every queued call refused (the drain grace is over)."""

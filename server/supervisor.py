@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
-
 from task_runner.server import forkserver
 from task_runner.server.child import FRAME
 from task_runner.server.config import Config
@@ -32,6 +31,7 @@ from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, Task
 log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
 READ_CHUNK = 1 << 16
+ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 
 
 class Stop(enum.IntEnum):
@@ -232,7 +232,12 @@ def clean_environment(allow: tuple[str, ...]) -> dict[str, str]:
 
 
 class Run:
-    """One task run in one task process: hand it the task, gather output, enforce the deadline, answer."""
+    """One task run in one task process: hand it the task, gather output, enforce the deadline, answer.
+
+    The answer is ready as soon as the task's answer frame arrives (the process ends itself
+    right after it) or the process is reaped, whichever is first. The process keeps its slot
+    until it is reaped: `reaped` is the process's exit future.
+    """
 
     def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config) -> None:
         self._server, self._process, self._config = server, process, config
@@ -240,8 +245,10 @@ class Run:
         self._stdout = Tail(config.output_tail_bytes)
         self._stderr = Tail(config.output_tail_bytes)
         self._result = bytearray()
-        self._answered_at: float | None = None
+        self._settled: asyncio.Future[None] = self._loop.create_future()
+        self._timer: asyncio.TimerHandle | None = None
         self._limit = FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
+        self.reaped = process.exited
 
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)
@@ -250,35 +257,38 @@ class Run:
         """Run the task; returns the response (usage and output filled) and when the task was handed over."""
         process, loop = self._process, self._loop
         handed_at = loop.time()
-        try:
+        with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
             process.channel.send(FRAME.pack(len(request)) + request)
-        except OSError:
-            pass  # the process died as a spare; its exit report tells how
         loop.add_reader(process.channel.fileno(), self._read_result)
         loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
         loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
-        timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)
-        try:
-            exit_ = await asyncio.shield(process.exited)
-        finally:
-            timer.cancel()
+        self._timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)
+        process.exited.add_done_callback(self._on_exit)
+        await self._settled
+        settled_at = loop.time()
         self._drain()
-        response = self._response(exit_, deadline - handed_at)
-        usage = response.usage
-        usage.wall_ms = (exit_.at - handed_at) * 1e3
-        usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
-        usage.max_rss_kib = exit_.max_rss_kib
-        if os.WIFSIGNALED(exit_.status):
-            usage.signal = os.WTERMSIG(exit_.status)
-        elif os.WIFEXITED(exit_.status):
-            usage.exit_code = os.WEXITSTATUS(exit_.status)
+        frame = self._frame()
+        if frame is not None:
+            response = answer_response(frame)
+            response.usage.wall_ms = (settled_at - handed_at) * 1e3
+            # The process ends itself right after answering; should it linger, it gets a second.
+            self._timer.cancel()
+            self._timer = loop.call_later(ANSWER_EXIT_GRACE_S, self.stop, Stop.CANCELLED)
+        else:
+            exit_ = process.exited.result()
+            response = self._failure(exit_, deadline - handed_at)
+            fill_usage(response, exit_, handed_at)
         for output, tail in ((response.stdout, self._stdout), (response.stderr, self._stderr)):
             output.tail, output.dropped_bytes = bytes(tail.buffer), tail.dropped
-        timings = response.timings
-        answered_at = self._answered_at or exit_.at
-        timings.run_ms = (answered_at - handed_at) * 1e3
-        timings.collect_ms = (loop.time() - answered_at) * 1e3
+        response.timings.run_ms = (settled_at - handed_at) * 1e3
+        response.timings.collect_ms = (loop.time() - settled_at) * 1e3
         return response, handed_at
+
+    def _on_exit(self, exited: asyncio.Future[Exit]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self._settled.done():
+            self._settled.set_result(None)
 
     def _read_result(self) -> None:
         try:
@@ -294,8 +304,8 @@ class Run:
         if len(self._result) > self._limit:
             self._loop.remove_reader(self._process.channel.fileno())
             self.stop(Stop.RESULT_TOO_LARGE)
-        elif self._answered_at is None and self._frame() is not None:
-            self._answered_at = self._loop.time()
+        elif not self._settled.done() and self._frame() is not None:
+            self._settled.set_result(None)
 
     def _read_output(self, fd: int, tail: Tail) -> None:
         try:
@@ -310,7 +320,7 @@ class Run:
             self._loop.remove_reader(fd)
 
     def _drain(self) -> None:
-        """After the exit: take what is still buffered, without waiting for anything more."""
+        """Take what is already buffered, without waiting for more, and close the daemon's ends."""
         process, loop = self._process, self._loop
         loop.remove_reader(process.channel.fileno())
         with contextlib.suppress(OSError):
@@ -318,7 +328,8 @@ class Run:
                 self._result += data
         for fd, tail in ((process.stdout, self._stdout), (process.stderr, self._stderr)):
             loop.remove_reader(fd)
-            # A descendant being killed may still hold the pipe: read what is there, then stop.
+            # The task flushed its output before answering; a descendant may still hold the pipe
+            # and write on, so read what is there now and stop.
             with contextlib.suppress(OSError):
                 for _ in range(64):
                     data = os.read(fd, READ_CHUNK)
@@ -334,23 +345,13 @@ class Run:
         end = FRAME.size + size
         return bytes(self._result[FRAME.size:end]) if len(self._result) >= end else None
 
-    def _response(self, exit_: Exit, budget_s: float) -> PerformResponse:
+    def _failure(self, exit_: Exit, budget_s: float) -> PerformResponse:
+        """The response for a process that ended without a (complete) answer."""
         if exit_.stop is Stop.RESULT_TOO_LARGE:
             return error_response(
                 Kind.RESULT_TOO_LARGE, "ResultTooLarge",
                 f"the task wrote more than {self._limit} bytes as its answer; it was killed",
             )
-        frame = self._frame()
-        if frame is not None:
-            try:
-                answer = PerformResponse.FromString(frame)
-            except DecodeError:
-                return error_response(Kind.RESULT_INVALID, "ResultInvalid", "the task's answer could not be decoded")
-            response = PerformResponse(outcome=answer.outcome)
-            response.result.CopyFrom(answer.result)
-            if answer.HasField("error"):
-                response.error.CopyFrom(answer.error)
-            return response
         if exit_.stop is Stop.TIMEOUT:
             return error_response(
                 Kind.TIMEOUT, "Timeout",
@@ -358,10 +359,41 @@ class Run:
                 exit_.status,
             )
         if exit_.stop is Stop.CANCELLED:
-            return error_response(Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",
-                                  exit_.status)
-        return error_response(Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
-                              exit_.status)
+            return error_response(
+                Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",
+                exit_.status,
+            )
+        return error_response(
+            Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
+            exit_.status,
+        )
+
+
+def answer_response(frame: bytes) -> PerformResponse:
+    """The response for a task's own answer: only its verdict and its self-measured usage are kept."""
+    try:
+        answer = PerformResponse.FromString(frame)
+    except DecodeError:
+        return error_response(Kind.RESULT_INVALID, "ResultInvalid", "the task's answer could not be decoded")
+    response = PerformResponse(outcome=answer.outcome)
+    response.result.CopyFrom(answer.result)
+    if answer.HasField("error"):
+        response.error.CopyFrom(answer.error)
+    usage = response.usage
+    usage.user_cpu_ms, usage.system_cpu_ms = answer.usage.user_cpu_ms, answer.usage.system_cpu_ms
+    usage.max_rss_kib = answer.usage.max_rss_kib
+    return response
+
+
+def fill_usage(response: PerformResponse, exit_: Exit, handed_at: float) -> None:
+    usage = response.usage
+    usage.wall_ms = (exit_.at - handed_at) * 1e3
+    usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
+    usage.max_rss_kib = exit_.max_rss_kib
+    if os.WIFSIGNALED(exit_.status):
+        usage.signal = os.WTERMSIG(exit_.status)
+    elif os.WIFEXITED(exit_.status):
+        usage.exit_code = os.WEXITSTATUS(exit_.status)
 
 
 def describe_status(status: int) -> str:
