@@ -18,7 +18,7 @@ import signal
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
 from grpc_reflection.v1alpha import reflection
 from task_runner.server.config import Config
 from task_runner.server.notify import Notifier

@@ -197,13 +197,16 @@ class ForkServerClient:
         process.exited.set_result(exit_)
 
     def _on_closed(self) -> None:
+        """The fork server is gone (or being let go): whatever it had forked is dead or dying."""
         if self.closed.is_set():
             return
         self.closed.set()
         self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()  # the fork server sees end of file: it kills what is left and exits
         lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
         for process in self._processes.values():
-            process.exited.set_result(lost)  # the fork server's death killed them (PR_SET_PDEATHSIG)
+            if not process.exited.done():
+                process.exited.set_result(lost)  # killed with the fork server (PR_SET_PDEATHSIG)
         for process in self._spares:
             process.close()
         self._processes.clear()
@@ -215,10 +218,7 @@ class ForkServerClient:
 
     async def close(self) -> None:
         """End the fork server: it kills every task process it forked, then exits."""
-        if not self.closed.is_set():
-            self._loop.remove_reader(self._sock.fileno())
-            self._sock.close()
-            self._on_closed()
+        self._on_closed()
         await asyncio.to_thread(self._process.wait)
 
     @property

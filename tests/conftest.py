@@ -1,0 +1,148 @@
+"""Fixtures: a real daemon, started as a subprocess, talked to over real gRPC.
+
+A daemon is ready when it sends READY=1 to the NOTIFY_SOCKET we give it (the systemd notify
+protocol), so the fixtures wait on an event, not on a sleep.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from task_runner.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+FAULTS = "tests.tasks.faults"
+TEST_TASKS = [
+    "echo", "reject", "bare_true", "raise_now", "callback_error_later", "callback_later", "callback_twice",
+    "callback_then_hang", "callback_never", "thread_error", "asyncio_callback_error", "async_echo", "sleep",
+    "write_pid_and_sleep", "stubborn_tree", "exit_hard", "sys_exit", "segfault", "kill_self", "big_output",
+    "big_result", "set_result", "datetime_result", "huge_int_result", "outcome_yes", "touch_state",
+    "environment", "open_fds", "print_then_answer", "close_stdio", "fork_bomb", "write_cwd",
+]
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    unix: str
+    tcp: str
+    log: Path
+    notifications: list[str] = field(default_factory=list)
+    notify_sock: socket.socket | None = None
+
+    @property
+    def target(self) -> str:
+        return self.unix
+
+    def client(self) -> Client:
+        return Client(self.unix)
+
+    def read_notifications(self, timeout: float) -> list[str]:
+        """Wait up to `timeout` for notify messages; returns the new ones."""
+        assert self.notify_sock is not None
+        new: list[str] = []
+        ready, _, _ = select.select([self.notify_sock], [], [], timeout)
+        while ready:
+            new += self.notify_sock.recv(4096).decode().split("\n")
+            ready, _, _ = select.select([self.notify_sock], [], [], 0)
+        self.notifications += new
+        return new
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            if self.notify_sock is not None:
+                self.notify_sock.close()
+
+
+def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) -> Path:
+    lines = [extra, "[tasks]"]
+    lines += [f'{name} = "{FAULTS}:{name}"' for name in (TEST_TASKS if tasks is None else tasks)]
+    lines.append('broken_import = "tests.tasks.broken_import:never"')
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | None = None,
+                 args: tuple[str, ...] = ()) -> Daemon:
+    """Start `python -m task_runner.server` with the test tasks; return once it is ready."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = write_config(directory / "config.toml", config_extra)
+    notify_path = directory / "notify"
+    notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify_sock.bind(str(notify_path))
+    unix = f"unix:{directory / 'daemon.sock'}"
+    log = directory / "daemon.log"
+    full_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO), **(env or {})}
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "task_runner.server", "--config", str(config),
+             "--listen", unix, "--listen", "127.0.0.1:0", *args],
+            cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
+        )
+    daemon = Daemon(process, unix, "", log, notify_sock=notify_sock)
+    deadline = time.monotonic() + 30
+    while "READY=1" not in daemon.notifications:
+        if process.poll() is not None or time.monotonic() > deadline:
+            daemon.stop(timeout=5)
+            raise RuntimeError(f"the daemon did not start:\n{daemon.log_text()}")
+        daemon.read_notifications(timeout=0.5)
+    status = next(n for n in daemon.notifications if n.startswith("STATUS=listening on"))
+    daemon.tcp = re.search(r"127\.0\.0\.1:\d+", status).group(0)  # type: ignore[union-attr]
+    return daemon
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """One daemon shared by the tests that do not change its configuration."""
+    d = start_daemon(tmp_path_factory.mktemp("daemon"), env={"TASK_RUNNER_TEST_SECRET": "hunter2"})
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with daemon.client() as c:
+        yield c
+
+
+def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Wait until none of `pids` exists (not even as a zombie); return those still there."""
+    deadline = time.monotonic() + timeout
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            fd = os.pidfd_open(pid)
+            try:
+                select.select([fd], [], [], max(0.0, deadline - time.monotonic()))  # readable once it exits
+            finally:
+                os.close(fd)
+    # It has exited; its parent reaps it moments later.
+    while (left := [pid for pid in pids if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return left
+
+
+def read_pids(path: Path) -> list[int]:
+    return [int(line) for line in path.read_text().split()] if path.exists() else []

@@ -1,0 +1,214 @@
+"""Test tasks: every way a task can answer, fail or misbehave.
+
+Tasks that leave processes behind write their pids, one per line, to options["pidfile"], so the
+tests can check that every one of them is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import datetime
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+STATE = {"touched": False}
+
+
+def _record(options: dict[str, Any], *pids: int) -> None:
+    with open(options["pidfile"], "a") as f:
+        f.write("".join(f"{pid}\n" for pid in pids))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def echo(options):
+    """Return the options."""
+    return True, {"options": options}
+
+
+def reject(options):
+    """Answer outcome false."""
+    return False, {"why": "deterministic"}
+
+
+def bare_true(options):
+    return True
+
+
+def raise_now(options):
+    """Raise while running."""
+    raise ValueError("raised while running")  # line 50: the test checks this line
+
+
+def callback_error_later(options, callback):
+    """Pass an error to the callback, later, from another thread."""
+    threading.Timer(0.02, callback, args=(RuntimeError("passed to the callback"),)).start()
+
+
+def callback_later(options, callback):
+    threading.Timer(0.02, callback, args=(None, True, {"late": True})).start()
+
+
+def callback_twice(options, callback):
+    callback(None, True, {"call": 1})
+    callback(None, False, {"call": 2})
+
+
+def callback_then_hang(options, callback):
+    def answer_then_spin():
+        callback(None, True, {"answered": True})
+    threading.Thread(target=answer_then_spin).start()
+    while True:
+        time.sleep(1)
+
+
+def callback_never(options, callback):
+    """Return without ever calling the callback."""
+
+
+def thread_error(options):
+    def boom():
+        raise KeyError("raised in a thread")
+    threading.Thread(target=boom).start()
+    time.sleep(10)
+    return True
+
+
+async def asyncio_callback_error(options):
+    def boom():
+        raise LookupError("raised in an asyncio callback")
+    asyncio.get_running_loop().call_soon(boom)
+    await asyncio.sleep(10)
+    return True
+
+
+async def async_echo(options):
+    await asyncio.sleep(0)
+    return True, {"options": options, "async": True}
+
+
+def sleep(options):
+    time.sleep(options.get("ms", 100) / 1e3)
+    return True, {}
+
+
+def write_pid_and_sleep(options):
+    _record(options, os.getpid())
+    time.sleep(options.get("s", 30))
+    return True
+
+
+def stubborn_tree(options):
+    """Ignore SIGTERM, spawn grandchildren (one in its own session, one ignoring SIGTERM), and spin."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spin = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True: pass"
+    plain = subprocess.Popen([sys.executable, "-c", spin])
+    session = subprocess.Popen([sys.executable, "-c", spin], start_new_session=True)
+    # A grandchild of a grandchild, orphaned at once: double fork into a new session.
+    daemonize = (
+        "import os, subprocess, sys\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
+        f"open({options['pidfile']!r}, 'a').write(f'{{p.pid}}\\n')\n"
+    )
+    subprocess.run([sys.executable, "-c", daemonize], check=True)
+    _record(options, os.getpid(), plain.pid, session.pid)
+    while True:
+        pass
+
+
+def exit_hard(options):
+    os._exit(1)
+
+
+def sys_exit(options):
+    sys.exit(3)
+
+
+def segfault(options):
+    ctypes.string_at(0)
+
+
+def kill_self(options):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def big_output(options):
+    """Write options["mb"] MiB to stdout and a little to stderr."""
+    chunk = b"x" * (1 << 20)
+    for _ in range(options.get("mb", 100)):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.buffer.write(b"THE END\n")
+    sys.stderr.write("to stderr\n")
+    return True, {}
+
+
+def big_result(options):
+    return True, {"data": "y" * (options.get("mb", 2) << 20)}
+
+
+def set_result(options):
+    return True, {"a": {1, 2}}
+
+
+def datetime_result(options):
+    return True, {"when": datetime.datetime(2026, 1, 1)}
+
+
+def huge_int_result(options):
+    return True, {"n": 2**60}
+
+
+def outcome_yes(options):
+    return "yes", {}
+
+
+def touch_state(options):
+    """Change module state: the next task must not see it."""
+    before = STATE["touched"]
+    STATE["touched"] = True
+    return True, {"before": before}
+
+
+def environment(options):
+    return True, {"env": dict(os.environ), "cwd": os.getcwd()}
+
+
+def open_fds(options):
+    return True, {"fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))}
+
+
+def print_then_answer(options):
+    print("hello from the task")
+    print("and from stderr", file=sys.stderr)
+    return True, {}
+
+
+def close_stdio(options):
+    sys.stdout.close()
+    os.close(1)
+    os.close(2)
+    return True, {"closed": True}
+
+
+def fork_bomb(options):
+    """Fork children that fork, for a bounded number of generations, then hang."""
+    for _ in range(options.get("width", 4)):
+        if os.fork() == 0:
+            for _ in range(options.get("depth", 3)):
+                if os.fork() != 0:
+                    break
+            time.sleep(600)
+            os._exit(0)
+    time.sleep(600)
+
+
+def write_cwd(options):
+    Path("scratch.txt").write_text("scratch")
+    return True, {"cwd": os.getcwd()}
