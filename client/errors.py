@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
+
 from task_runner.v1.task_runner_pb2 import TaskError
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
+
 from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks

@@ -17,9 +17,10 @@ import signal
 
 import grpc
 import grpc.aio
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.aio re-exports
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from task_runner.server.config import Config
 from task_runner.server.notify import Notifier
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService

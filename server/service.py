@@ -14,6 +14,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
 from task_runner.server.config import Config
 from task_runner.server.slots import QueueFull, Slots
 from task_runner.server.supervisor import ForkServerClient, ForkServerDied, Run, Stop

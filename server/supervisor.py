@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from google.protobuf.message import DecodeError
+
 from task_runner.server import forkserver
 from task_runner.server.child import FRAME
 from task_runner.server.config import Config

@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,6 +142,16 @@ def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     while (left := [pid for pid in pids if Path(f"/proc/{pid}").exists()]) and time.monotonic() < deadline:
         time.sleep(0.01)
     return left
+
+
+def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
+    """Wait for a condition that has no event to wait on (a file written, a process gone)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def read_pids(path: Path) -> list[int]:

@@ -15,7 +15,7 @@ from task_runner.client import (
     TaskResultTooLarge,
     TaskTimeout,
 )
-from tests.conftest import REPO, read_pids, wait_gone
+from tests.conftest import REPO, read_pids, wait_gone, wait_until
 
 FAULTS_FILE = REPO / "tests" / "tasks" / "faults.py"
 
@@ -202,20 +202,10 @@ def test_fork_bomb_is_cleaned_up(client: Client, tmp_path: Path, daemon) -> None
     import psutil
 
     zygote = next(p for p in psutil.Process(daemon.process.pid).children() if "forkserver" in " ".join(p.cmdline()))
-    deadline_left = wait_until(lambda: all(len(c.children()) == 0 for c in zygote.children()), 5)
-    assert deadline_left, [c.pid for c in zygote.children(recursive=True)]
+    assert wait_until(lambda: all(len(c.children()) == 0 for c in zygote.children()), 5), [
+        c.pid for c in zygote.children(recursive=True)
+    ]
     assert len(zygote.children()) <= 8
-
-
-def wait_until(predicate, timeout: float) -> bool:  # type: ignore[no-untyped-def]
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def test_request_id_round_trips(client: Client) -> None:

@@ -1,0 +1,139 @@
+"""Bad input gets a clear status and loses nothing; a full queue answers at once; cancellation kills."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from task_runner.client import (
+    Client,
+    InvalidRequest,
+    Overloaded,
+    TaskNotFound,
+)
+from task_runner.v1 import task_runner_pb2 as pb
+from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
+
+
+def raw_call(target: str, method: str, payload: bytes, timeout: float = 10) -> bytes:
+    """Call a method with raw bytes, as a client in another language might send them."""
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(f"/task_runner.v1.TaskRunner/{method}")
+        return call(payload, timeout=timeout)  # type: ignore[no-any-return]
+
+
+def test_unknown_task_is_not_found(client: Client) -> None:
+    with pytest.raises(TaskNotFound, match=r"unknown task 'no-such-task'; this daemon serves: .*echo"):
+        client.call("no-such-task", 1000)
+
+
+def test_a_thousand_unknown_names_each_not_found(daemon: Daemon) -> None:
+    with grpc.insecure_channel(daemon.unix) as channel:
+        perform = channel.unary_unary(
+            "/task_runner.v1.TaskRunner/Perform",
+            request_serializer=pb.PerformRequest.SerializeToString,
+            response_deserializer=pb.PerformResponse.FromString,
+        )
+        futures = [perform.future(pb.PerformRequest(task=f"unknown-{i}"), timeout=30) for i in range(1000)]
+        codes = {f.exception().code() for f in futures}  # type: ignore[union-attr]
+    assert codes == {grpc.StatusCode.NOT_FOUND}
+    with daemon.client() as client:
+        assert client.call("echo", 5000).outcome
+
+
+def test_empty_task_name_is_invalid(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="task name is required"):
+        client.call("", 1000)
+
+
+def test_timeout_above_the_maximum_is_invalid(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="above the maximum"):
+        client.call("echo", 2**32 - 1)
+
+
+def test_timeout_zero_means_the_default(client: Client) -> None:
+    assert client.call("echo", 0).outcome is True
+
+
+def test_malformed_options_refused_before_sending(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match=r"options\['when'\]: set is not JSON-like"):
+        client.call("echo", 1000, {"when": {1, 2}})
+    with pytest.raises(InvalidRequest, match="beyond 2\\^53"):
+        client.call("echo", 1000, {"n": 2**60})
+
+
+def test_malformed_request_bytes_are_invalid_argument(daemon: Daemon) -> None:
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(daemon.unix, "Perform", b"\xff\xff\xff\xff")
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "malformed PerformRequest" in caught.value.details()  # type: ignore[attr-defined]
+
+
+def test_oversized_request_is_refused(daemon: Daemon) -> None:
+    request = pb.PerformRequest(task="echo")
+    request.options.update({"blob": "x" * (5 << 20)})
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(daemon.unix, "Perform", request.SerializeToString())
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+
+
+def test_request_id_too_long_is_invalid(client: Client) -> None:
+    with pytest.raises(InvalidRequest, match="request_id"):
+        client.call("echo", 1000, request_id="x" * 129)
+
+
+def test_full_queue_answers_at_once_and_loses_nothing(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, "max_running = 2\nmax_queued = 3\nspare_processes = 1")
+    try:
+        with daemon.client() as client:
+            def one(_: int) -> str:
+                try:
+                    return "ok" if client.call("sleep", 10_000, {"ms": 300}).outcome else "false"
+                except Overloaded as exc:
+                    assert "queue full" in exc.message
+                    return "overloaded"
+            started = time.monotonic()
+            with ThreadPoolExecutor(20) as pool:
+                answers = list(pool.map(one, range(20)))
+            assert answers.count("ok") >= 5  # 2 running + 3 queued at least
+            assert answers.count("ok") + answers.count("overloaded") == 20
+            assert time.monotonic() - started < 30
+            assert client.call("echo", 5000).outcome  # and it serves on
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_client_cancel_kills_the_task_and_frees_its_slot(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", "max_running = 1\nmax_queued = 0")
+    try:
+        pidfile = tmp_path / "pids"
+        with daemon.client() as client, grpc.insecure_channel(daemon.unix) as channel:
+            perform = channel.unary_unary(
+                "/task_runner.v1.TaskRunner/Perform",
+                request_serializer=pb.PerformRequest.SerializeToString,
+                response_deserializer=pb.PerformResponse.FromString,
+            )
+            request = pb.PerformRequest(task="write_pid_and_sleep", timeout_ms=60_000)
+            request.options.update({"pidfile": str(pidfile), "s": 60})
+            future = perform.future(request, timeout=60)
+            assert wait_until(lambda: read_pids(pidfile), 10)  # the task has started
+            future.cancel()
+            assert wait_gone(read_pids(pidfile), timeout=2) == []
+            # The only slot is free again: this call is admitted, not refused with RESOURCE_EXHAUSTED.
+            assert client.call("echo", 5000).outcome
+        assert "error=CANCELLED" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_rpc_deadline_ends_the_task(client: Client, tmp_path: Path) -> None:
+    from task_runner.client import DeadlineExceeded, TaskTimeout
+
+    pidfile = tmp_path / "pids"
+    with pytest.raises((TaskTimeout, DeadlineExceeded)):
+        client.call("write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60}, rpc_timeout=0.5)
+    assert wait_gone(read_pids(pidfile), timeout=2) == []
