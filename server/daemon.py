@@ -49,6 +49,9 @@ class Daemon:
 
     async def start(self) -> None:
         """Start the fork server, then gRPC, and bind every listen address."""
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
+            loop.add_signal_handler(signum, self.request_stop)
         tasks = {name: task.target for name, task in self.config.all_tasks().items()}
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
@@ -102,9 +105,6 @@ class Daemon:
 
     async def serve(self) -> None:
         """Serve until a stop is requested, then drain and stop."""
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self.request_stop)
         watchdog = asyncio.ensure_future(self._watchdog())
         try:
             await self._stop_requested.wait()

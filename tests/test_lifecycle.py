@@ -18,12 +18,14 @@ from tests.conftest import REPO, read_pids, start_daemon, wait_gone, wait_until
 
 def test_notify_protocol_ready_then_stopping(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path)
-    assert "READY=1" in daemon.notifications
-    assert any(n.startswith("STATUS=listening on unix:") for n in daemon.notifications)
-    daemon.process.send_signal(signal.SIGTERM)
-    assert daemon.process.wait(30) == 0
-    assert "STOPPING=1" in daemon.read_notifications(timeout=1) + daemon.notifications
-    daemon.stop()
+    try:
+        assert "READY=1" in daemon.notifications
+        assert any(n.startswith("STATUS=listening on unix:") for n in daemon.notifications)
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(30) == 0
+        assert "STOPPING=1" in daemon.read_notifications(timeout=1) + daemon.notifications
+    finally:
+        daemon.stop()
 
 
 def test_sigterm_drains_running_tasks_and_refuses_new_ones(tmp_path: Path) -> None:
