@@ -10,10 +10,13 @@ import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from task_runner.client.errors import RpcError, TaskFailed, TaskRunnerError
 from task_runner.client.sync import Client
+
+if TYPE_CHECKING:
+    from task_runner.server.config import Config
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -38,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queued", type=int, metavar="N", help="calls that may wait for a slot")
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    serve.add_argument("--insecure", action="store_const", const=True,
+                       help="allow a non-loopback TCP address without TLS or a token")
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check-config", help="validate a config file without starting")
@@ -70,6 +75,7 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "listen": args.listen, "tasks": tasks, "max_running": args.max_running,
         "max_queued": args.max_queued, "log_format": args.log_format, "log_level": args.log_level,
+        "insecure": args.insecure,
     }
 
 
@@ -77,19 +83,23 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         from task_runner.server import daemon, logs
         from task_runner.server.config import ConfigError, load
+        from task_runner.server.security import SecurityError
     except ImportError as exc:
         print(f"task-runner: the daemon needs the server extra: pip install 'isolated-task-runner[server]' ({exc})",
               file=sys.stderr)
         return 2
+    def build() -> Config:
+        return load(args.config, **_server_overrides(args))
+
     try:
-        config = load(args.config, **_server_overrides(args))
+        config = build()
     except ConfigError as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, config.log_format)
     try:
-        return asyncio.run(daemon.run(config))
-    except daemon.ListenError as exc:
+        return asyncio.run(daemon.run(config, reload_config=build))
+    except (daemon.ListenError, SecurityError) as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 1
 

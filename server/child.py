@@ -10,6 +10,7 @@ without answering is reported by the daemon as CRASHED, with its exit code or si
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import os
 import resource
@@ -36,7 +37,49 @@ _RUNNER_FILES = frozenset({
 })
 _RUNNER_DIRS = (os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep,)
 FRAME = struct.Struct("!I")
+# The assignment: limits (memory, CPU s, open files, processes, file size; -1 = none), then the
+# working directory's length; then the directory and a serialized PerformRequest.
+ASSIGNMENT = struct.Struct("!qqqqqH")
+NO_LIMIT = -1
 Kind = TaskError.Kind
+_LIMITS = (
+    ("memory", resource.RLIMIT_DATA), ("cpu_time", resource.RLIMIT_CPU), ("open_files", resource.RLIMIT_NOFILE),
+    ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE),
+)
+_limited: set[str] = set()  # the limits this process runs under
+
+
+def pack_assignment(limits: tuple[int, int, int, int, int], workdir: str, request: bytes) -> bytes:
+    """The frame the daemon sends a task process (limits as in ASSIGNMENT, NO_LIMIT for none)."""
+    directory = workdir.encode()
+    payload = ASSIGNMENT.pack(*limits, len(directory)) + directory + request
+    return FRAME.pack(len(payload)) + payload
+
+
+def _apply_limits(values: tuple[int, ...]) -> None:
+    for (name, which), wanted in zip(_LIMITS, values, strict=True):
+        if wanted == NO_LIMIT:
+            continue
+        _, hard = resource.getrlimit(which)
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        # CPU: SIGXCPU at the soft limit, then SIGKILL a second later should the task ignore it.
+        grace = which == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or soft < hard)
+        resource.setrlimit(which, (soft, soft + 1 if grace else soft))
+        _limited.add(name)
+
+
+def _limit_hit(exc: BaseException) -> str | None:
+    """Which limit an exception shows was hit, if one was set."""
+    if isinstance(exc, MemoryError) and "memory" in _limited:
+        return "memory"
+    if isinstance(exc, OSError):
+        if exc.errno == errno.EMFILE and "open_files" in _limited:
+            return "open_files"
+        if exc.errno == errno.EAGAIN and "processes" in _limited:
+            return "processes"
+        if exc.errno == errno.EFBIG and "file_size" in _limited:
+            return "file_size"
+    return None
 
 
 def read_frame(fd: int) -> bytes | None:
@@ -127,6 +170,11 @@ def _exception_error(exc: BaseException) -> PerformResponse:
     type_ = cls.__qualname__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__qualname__}"
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type_
     formatted = "".join(traceback.format_exception(cls, exc, tb))
+    limit = _limit_hit(exc)
+    if limit is not None:
+        response = _error(Kind.LIMIT_EXCEEDED, type_, f"the task exceeded its {limit} limit: {message}", formatted)
+        response.error.limit = limit
+        return response
     return _error(Kind.EXCEPTION, type_, message, formatted)
 
 
@@ -228,10 +276,16 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     frame = read_frame(CHANNEL_FD)
     if frame is None:  # the daemon closed the channel: this spare process is not needed
         os._exit(0)
-    request = PerformRequest.FromString(frame)
+    *limits, length = ASSIGNMENT.unpack_from(frame)
+    start = ASSIGNMENT.size
+    workdir = frame[start:start + length].decode()
+    request = PerformRequest.FromString(frame[start + length:])
     answer = _Answer(result_max_bytes)
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
+        if workdir:
+            os.chdir(workdir)
+        _apply_limits(tuple(limits))
         entry = registry[request.task]
         loaded = load(entry) if isinstance(entry, str) else entry
     except Exception as exc:

@@ -23,12 +23,61 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """Resource limits of a task process; None is no limit. Set globally, overridable per task."""
+
+    memory_mb: int | None = None  # address space (RLIMIT_AS), or cgroup memory.max when available
+    cpu_s: int | None = None  # CPU seconds (RLIMIT_CPU)
+    open_files: int | None = 1024  # RLIMIT_NOFILE
+    processes: int | None = None  # RLIMIT_NPROC (per user!), or cgroup pids.max when available
+    file_size_mb: int | None = None  # the largest file a task may write (RLIMIT_FSIZE)
+
+    def merged(self, override: Limits | None) -> Limits:
+        """These limits with `override`'s set fields taking precedence."""
+        if override is None:
+            return self
+        changes = {f.name: getattr(override, f.name) for f in dataclasses.fields(Limits)
+                   if f.name in override.explicit}
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        return getattr(self, "_explicit", frozenset())
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     """One registered task."""
 
     target: str  # "package.module:function"
     default_timeout_ms: int | None = None  # None: the global default
     max_timeout_ms: int | None = None  # None: the global maximum
+    limits: Limits | None = None  # None: the global limits; else these keys override them
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS for TCP listeners; with client_ca_file, clients must present a certificate it signed (mTLS)."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    """Bearer-token authentication: the token comes from a file or an environment variable, never argv."""
+
+    token_file: str | None = None
+    token_env: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.token_file is not None or self.token_env is not None
 
 
 @dataclass(frozen=True)
@@ -36,6 +85,12 @@ class Config:
     """Everything the daemon needs, validated. Durations carry their unit in the name."""
 
     listen: tuple[str, ...] = (DEFAULT_LISTEN,)
+    # Listening on a non-loopback TCP address without TLS or a token is refused unless this is set.
+    insecure: bool = False
+    unix_socket_mode: str = "0660"  # octal, for unix: listeners
+    unix_socket_group: str | None = None
+    tls: TlsConfig = field(default_factory=TlsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
     # How many tasks run at once, and how many more may wait for a slot.
     max_running: int = field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1)))
     max_queued: int = 1024
@@ -43,9 +98,17 @@ class Config:
     spare_processes: int = 4
     default_timeout_ms: int = 30_000
     max_timeout_ms: int = 3_600_000
+    limits: Limits = field(default_factory=Limits)
     result_max_bytes: int = 1 << 20
     output_tail_bytes: int = 16 << 10
     max_request_bytes: int = 4 << 20
+    # When the daemon runs as root, tasks (and the fork server) run as this user and group.
+    run_as_user: str | None = None
+    run_as_group: str | None = None
+    # Each task gets a fresh, empty working directory under this one, removed after it.
+    workdir_base: str | None = None  # None: $TMPDIR/task-runner
+    # A cgroup v2 directory the daemon may create task cgroups in: "auto" (its own, if writable), "off", or a path.
+    cgroup: str = "auto"
     # Environment variables (names or fnmatch patterns) passed from the daemon to tasks.
     env_allow: tuple[str, ...] = (
         "PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "HOME", "USER", "LOGNAME", "TMPDIR",
@@ -54,7 +117,12 @@ class Config:
     # Load tasks that installed packages register under the `task_runner.tasks` entry points.
     entry_points: bool = True
     tasks: Mapping[str, TaskConfig] = field(default_factory=dict)
+    # Prometheus metrics over HTTP on this host:port; None: off.
+    metrics_listen: str | None = None
     drain_grace_s: float = 30.0
+    # Answers for a request_id are kept this long (and at most this many) for retries to find.
+    idempotency_window_s: float = 300.0
+    idempotency_max_entries: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
 
@@ -97,66 +165,55 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
 
 
 def _build(data: dict[str, Any], where: str) -> Config:
-    hints = typing.get_type_hints(Config)
-    known = {f.name for f in dataclasses.fields(Config)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in known:
-            raise ConfigError(f"{where}: unknown key {key!r} (known: {', '.join(sorted(known))})")
-        if key == "tasks":
-            kwargs[key] = _tasks(value, where)
-        else:
-            kwargs[key] = _check(value, hints[key], key, where)
-    config = Config(**kwargs)
+    config = _dataclass(Config, data, "", where)
     _validate(config, where)
     return config
 
 
-def _tasks(value: Any, where: str) -> dict[str, TaskConfig]:
-    if not isinstance(value, dict):
-        raise ConfigError(f"{where}: 'tasks' must be a table of name = \"module:function\" or [tasks.NAME]")
-    hints = typing.get_type_hints(TaskConfig)
-    known = {f.name for f in dataclasses.fields(TaskConfig)}
-    tasks = {}
-    for name, entry in value.items():
-        key = f"tasks.{name}"
-        table = {"target": entry} if isinstance(entry, str) else entry
-        if not isinstance(table, dict):
-            raise ConfigError(f"{where}: {key!r} must be \"module:function\" or a table")
-        for sub in table:
-            if sub not in known:
-                raise ConfigError(f"{where}: unknown key {key + '.' + sub!r} (known: {', '.join(sorted(known))})")
-        if "target" not in table:
-            raise ConfigError(f"{where}: {key!r} needs a 'target' = \"module:function\"")
-        task = TaskConfig(**{k: _check(v, hints[k], f"{key}.{k}", where) for k, v in table.items()})
-        try:
-            parse_target(task.target)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: {key + '.target'!r}: {exc}") from exc
-        tasks[name] = task
-    return tasks
+def _dataclass(cls: type[Any], data: Any, prefix: str, where: str) -> Any:
+    """Build a config dataclass from a TOML table, refusing unknown keys and wrong types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'!r} must be a table")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            raise ConfigError(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(known))})")
+        kwargs[key] = _value(value, hints[key], prefix + key, where)
+    try:
+        built = cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        raise ConfigError(f"{where}: {prefix.rstrip('.')!r}: {exc}") from None
+    object.__setattr__(built, "_explicit", frozenset(kwargs))  # which keys the file set (for merging)
+    return built
 
 
-def _check(value: Any, hint: Any, key: str, where: str) -> Any:
+def _value(value: Any, hint: Any, key: str, where: str) -> Any:
     """Check a TOML value against a field's type hint; lists become tuples, ints may be floats."""
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
-        options = typing.get_args(hint)
-        for option in options:
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        return _value(value, options[0], key, where) if len(options) == 1 else value
+    if dataclasses.is_dataclass(hint):
+        return _dataclass(hint, value, key + ".", where)
+    if origin is Mapping:  # tasks: name = "module:function" or a [tasks.NAME] table
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {key!r} must be a table")
+        tasks = {}
+        for name, entry in value.items():
+            table = {"target": entry} if isinstance(entry, str) else entry
+            task = _dataclass(TaskConfig, table, f"{key}.{name}.", where)
             try:
-                return _check(value, option, key, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {key!r} has the wrong type ({type(value).__name__})")
+                parse_target(task.target)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {f'{key}.{name}.target'!r}: {exc}") from None
+            tasks[name] = task
+        return tasks
     if origin is tuple:
-        (item,) = typing.get_args(hint)[:1]
-        if not isinstance(value, list | tuple):
+        if not isinstance(value, list):
             raise ConfigError(f"{where}: {key!r} must be a list, got {type(value).__name__}")
-        return tuple(_check(v, item, key, where) for v in value)
-    if hint is type(None):
-        if value is not None:
-            raise ConfigError(f"{where}: {key!r} must be empty")
-        return None
+        return tuple(_value(v, typing.get_args(hint)[0], key, where) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -182,6 +239,21 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'log_format' must be \"text\" or \"json\"")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"{where}: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+    try:
+        if not 0 <= int(config.unix_socket_mode, 8) <= 0o777:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"{where}: 'unix_socket_mode' must be an octal mode like \"0660\"") from None
+    if config.tls.enabled != (config.tls.key_file is not None):
+        raise ConfigError(f"{where}: 'tls.cert_file' and 'tls.key_file' go together")
+    if config.tls.client_ca_file and not config.tls.enabled:
+        raise ConfigError(f"{where}: 'tls.client_ca_file' needs 'tls.cert_file' and 'tls.key_file'")
+    scopes = [("limits", config.limits)] + [(f"tasks.{n}.limits", t.limits) for n, t in config.tasks.items()]
+    for scope, limits in scopes:
+        for f in dataclasses.fields(Limits):
+            value = getattr(limits, f.name) if limits is not None else None
+            if value is not None and value <= 0:
+                raise ConfigError(f"{where}: '{scope}.{f.name}' must be above 0")
     for name, task in config.tasks.items():
         for key in ("default_timeout_ms", "max_timeout_ms"):
             value = getattr(task, key)

@@ -4,16 +4,20 @@
 
 Signals only set events. The first SIGTERM (or SIGINT) drains: health turns NOT_SERVING, new
 calls get UNAVAILABLE, running tasks may finish within the drain grace, the rest are killed and
-answered CANCELLED. A second one cuts the grace short.
+answered CANCELLED. A second one cuts the grace short. SIGHUP reloads the tasks: a new fork
+server imports the task code afresh; calls in flight finish on the old one.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import signal
+from collections.abc import Callable
 
 import grpc
 import grpc.aio
@@ -22,9 +26,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from task_runner.server.config import Config
+from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
+from task_runner.server.security import TokenAuth, check_exposure, load_token, server_credentials
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
 from task_runner.server.supervisor import ForkServerClient, Stop
+from task_runner.server.workdirs import Workdirs
 
 log = logging.getLogger("task_runner.server")
 
@@ -33,66 +40,124 @@ class ListenError(RuntimeError):
     """An address the daemon cannot listen on."""
 
 
-class Daemon:
-    """One running daemon. Build with a Config, then `await start()`, `await serve()`."""
+def task_owner(config: Config) -> tuple[int, int] | None:
+    """The (uid, gid) tasks run as: the configured user when the daemon is root, else the daemon's own."""
+    if config.run_as_user is None:
+        return None
+    try:
+        user = pwd.getpwnam(config.run_as_user)
+        gid = grp.getgrnam(config.run_as_group).gr_gid if config.run_as_group else user.pw_gid
+    except KeyError as exc:
+        raise ListenError(f"run_as_user/run_as_group: no such user or group: {exc}") from None
+    if os.geteuid() != 0 and user.pw_uid != os.geteuid():
+        raise ListenError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
+    return user.pw_uid, gid
 
-    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
+
+class Daemon:
+    """One running daemon. Build with a Config, then `await start()`, `await serve()`.
+
+    Args:
+        config: the configuration.
+        reload_config: builds the configuration afresh on SIGHUP (None: SIGHUP re-imports tasks only).
+    """
+
+    def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
+        self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.addresses: list[str] = []
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
+        self._reloading: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
-        self._forkserver: ForkServerClient | None = None
+        self._forkservers: set[ForkServerClient] = set()
         self._service: TaskRunnerService | None = None
         self._health = health_aio.HealthServicer()
+        self._owner = task_owner(config)
+        self._workdirs = Workdirs(config.workdir_base, self._owner)
+        self.metrics = Metrics()
 
     async def start(self) -> None:
         """Start the fork server, then gRPC, and bind every listen address."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
             loop.add_signal_handler(signum, self.request_stop)
-        tasks = {name: task.target for name, task in self.config.all_tasks().items()}
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        check_exposure(self.config)
+        credentials = server_credentials(self.config)
+        token = load_token(self.config)
+        self._workdirs.start()
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
-        self._forkserver = ForkServerClient(self.config, tasks)
-        await self._forkserver.start()
-        self._service = TaskRunnerService(self.config, self._forkserver)
+        forkserver = await self._start_forkserver(self.config)
+        self._service = TaskRunnerService(self.config, forkserver, self._workdirs, self.metrics)
         message_cap = self.config.result_max_bytes + 2 * self.config.output_tail_bytes + (1 << 20)
-        server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", self.config.max_request_bytes),
-            ("grpc.max_send_message_length", message_cap),
-            ("grpc.so_reuseport", 0),
-        ])
+        server = grpc.aio.server(
+            interceptors=[TokenAuth(token)] if token else None,
+            options=[
+                ("grpc.max_receive_message_length", self.config.max_request_bytes),
+                ("grpc.max_send_message_length", message_cap),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
         self._server = server
         server.add_generic_rpc_handlers((self._service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server,
-        )
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         for address in self.config.listen:
-            self.addresses.append(self._bind(server, address))
+            self.addresses.append(self._bind(server, address, credentials))
         await server.start()
+        self._secure_sockets()
+        if self.config.metrics_listen:
+            self.metrics.serve(self.config.metrics_listen)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        for name, info in self._forkserver.info.items():
-            if info.import_error:
-                log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)
         log.info("listening on %s; serving tasks: %s", ", ".join(self.addresses), ", ".join(self._service.task_names()))
         self.notifier.notify("READY=1", f"STATUS=listening on {' '.join(self.addresses)}")
 
-    @staticmethod
-    def _bind(server: grpc.aio.Server, address: str) -> str:
+    async def _start_forkserver(self, config: Config) -> ForkServerClient:
+        tasks = {name: task.target for name, task in config.all_tasks().items()}
+        forkserver = ForkServerClient(config, tasks, self._owner)
+        self._forkservers.add(forkserver)
         try:
-            port = server.add_insecure_port(address)
+            await forkserver.start()
+        except BaseException:
+            self._forkservers.discard(forkserver)
+            await forkserver.close()
+            raise
+        for name, info in forkserver.info.items():
+            if info.import_error:
+                log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)
+        return forkserver
+
+    @staticmethod
+    def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> str:
+        tcp = not address.startswith("unix")
+        try:
+            if tcp and credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ListenError(f"cannot listen on {address}: {exc}") from exc
-        if address.startswith("unix:"):
+        if not tcp:
             return address
         if port == 0:
             raise ListenError(f"cannot listen on {address}: the address is in use or not available")
-        host = address.rsplit(":", 1)[0]
-        return f"{host}:{port}"
+        return f"{address.rpartition(':')[0]}:{port}"
+
+    def _secure_sockets(self) -> None:
+        """Give unix sockets the configured mode and group."""
+        mode = int(self.config.unix_socket_mode, 8)
+        gid = grp.getgrnam(self.config.unix_socket_group).gr_gid if self.config.unix_socket_group else -1
+        for address in self.addresses:
+            if address.startswith("unix:"):
+                path = address.removeprefix("unix:").removeprefix("//")
+                os.chmod(path, mode)
+                if gid != -1:
+                    os.chown(path, -1, gid)
 
     def request_stop(self) -> None:
         """A signal arrived: drain on the first, force on the second."""
@@ -102,6 +167,30 @@ class Daemon:
         else:
             log.info("stop signal: draining (grace %.0f s); send it again to force", self.config.drain_grace_s)
             self._stop_requested.set()
+
+    def request_reload(self) -> None:
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("SIGHUP: a reload is already under way")
+            return
+        self._reloading = asyncio.ensure_future(self.reload())
+
+    async def reload(self) -> None:
+        """Start a new fork server with the tasks afresh; let the old one finish what it runs."""
+        assert self._service is not None
+        self.notifier.notify("RELOADING=1", "STATUS=reloading tasks")
+        try:
+            config = self._reload_config() if self._reload_config else self.config
+            forkserver = await self._start_forkserver(config)
+        except Exception as exc:
+            log.error("reload failed, still serving the old tasks: %s", exc)
+            self.notifier.notify("READY=1", "STATUS=reload failed")
+            return
+        old = self._service.reload(config, forkserver)
+        log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
+        self.notifier.notify("READY=1", "STATUS=reloaded")
+        await old.idle()
+        await old.close()
+        self._forkservers.discard(old)
 
     async def serve(self) -> None:
         """Serve until a stop is requested, then drain and stop."""
@@ -130,8 +219,9 @@ class Daemon:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.stop(grace=1.0)  # lets the last answers go out
-        if self._forkserver is not None:
-            await self._forkserver.close()
+        for forkserver in list(self._forkservers):
+            await forkserver.close()
+        self._workdirs.stop()
         self.notifier.close()
         log.info("stopped")
 
@@ -144,9 +234,9 @@ class Daemon:
             await asyncio.sleep(usec / 2e6)
 
 
-async def run(config: Config) -> int:
+async def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run a daemon until it is told to stop; the process's exit code."""
-    daemon = Daemon(config)
+    daemon = Daemon(config, reload_config)
     try:
         await daemon.start()
     except BaseException:
@@ -158,4 +248,3 @@ async def run(config: Config) -> int:
 
 
 __all__ = ["Daemon", "ListenError", "run"]
-

@@ -1,23 +1,28 @@
 """The TaskRunner gRPC service: validates requests, admits them through the slots, runs them, logs them.
 
-Request problems become gRPC status codes here, in `_abort`, and nowhere else; task failures
-are data in an OK response.
+Request problems become gRPC status codes here, in `RequestError`, and nowhere else; task
+failures are data in an OK response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.struct_pb2 import Struct
 
-from task_runner.server.config import Config
+from task_runner.server.child import NO_LIMIT, pack_assignment
+from task_runner.server.config import Config, Limits
+from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
 from task_runner.server.supervisor import ForkServerClient, ForkServerDied, Run, Stop
+from task_runner.server.workdirs import Workdirs
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     ListTasksRequest,
@@ -32,6 +37,7 @@ log = logging.getLogger("task_runner.server")
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
 MAX_REQUEST_ID = 128
 RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so its answer still arrives
+MIB = 1 << 20
 
 
 class RequestError(Exception):
@@ -47,21 +53,103 @@ class _Task:
     name: str
     default_timeout_ms: int
     max_timeout_ms: int
+    limits: tuple[int, int, int, int, int]  # as child.ASSIGNMENT packs them
+
+
+def _limit_values(limits: Limits) -> tuple[int, int, int, int, int]:
+    def value(v: int | None, scale: int = 1) -> int:
+        return NO_LIMIT if v is None else v * scale
+    return (value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files), value(limits.processes),
+            value(limits.file_size_mb, MIB))
+
+
+@dataclass(eq=False)
+class Execution:
+    """One run of a task. Every call with the same request_id attaches to it and gets its answer."""
+
+    request_id: str
+    task: str
+    options: Struct
+    run: Run | None = None
+    answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    attached: int = 0
+    finished_at: float = 0.0
+
+
+class AnswerCache:
+    """Executions by caller-given request_id: running ones, and finished ones for `window_s`.
+
+    Bounded by entry count and by the bytes of the answers kept; the oldest finished go first.
+    A CANCELLED answer is not kept: the caller went away, and a retry should run the task.
+    """
+
+    def __init__(self, window_s: float, max_entries: int, max_bytes: int) -> None:
+        self.window_s, self.max_entries, self.max_bytes = window_s, max_entries, max_bytes
+        self._running: dict[str, Execution] = {}
+        self._finished: collections.OrderedDict[str, tuple[Execution, float, int]] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, request_id: str, now: float) -> Execution | None:
+        self._expire(now)
+        found = self._running.get(request_id)
+        if found is None and request_id in self._finished:
+            found = self._finished[request_id][0]
+        return found
+
+    def add(self, execution: Execution) -> None:
+        self._running[execution.request_id] = execution
+
+    def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
+        self._running.pop(execution.request_id, None)
+        if answer is None or self.window_s <= 0:
+            return
+        self._finished[execution.request_id] = (execution, now + self.window_s, len(answer))
+        self._bytes += len(answer)
+        while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
+            self._drop_oldest()
+
+    def _expire(self, now: float) -> None:
+        while self._finished and next(iter(self._finished.values()))[1] <= now:
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, (_, _, size) = self._finished.popitem(last=False)
+        self._bytes -= size
+
+    def __len__(self) -> int:
+        return len(self._running) + len(self._finished)
 
 
 class TaskRunnerService:
-    """Serves Perform and ListTasks for the tasks of one fork server."""
+    """Serves Perform and ListTasks with the tasks of the current fork server."""
 
-    def __init__(self, config: Config, forkserver: ForkServerClient) -> None:
+    def __init__(self, config: Config, forkserver: ForkServerClient, workdirs: Workdirs, metrics: Metrics) -> None:
         self._config = config
         self.forkserver = forkserver
+        self._workdirs = workdirs
+        self.metrics = metrics
         self.slots = Slots(config.max_running, config.max_queued)
-        self._tasks = {
-            name: _Task(name, *config.timeouts_ms(task)) for name, task in config.all_tasks().items()
-        }
+        metrics.running.set_function(lambda: self.slots.running)
+        metrics.queued.set_function(lambda: self.slots.queued)
+        self._tasks = self._resolve(config)
+        self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: set[Run] = set()
+        self._executing: set[asyncio.Future[None]] = set()
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
+
+    @staticmethod
+    def _resolve(config: Config) -> dict[str, _Task]:
+        return {
+            name: _Task(name, *config.timeouts_ms(task), _limit_values(config.limits.merged(task.limits)))
+            for name, task in config.all_tasks().items()
+        }
+
+    def reload(self, config: Config, forkserver: ForkServerClient) -> ForkServerClient:
+        """Serve new calls with a new fork server and task list; returns the old fork server."""
+        old, self.forkserver, self._config = self.forkserver, forkserver, config
+        self._tasks = self._resolve(config)
+        return old
 
     def handler(self) -> grpc.GenericRpcHandler[bytes, bytes]:
         """The service's handlers, taking and giving raw bytes so that decoding errors are ours to report."""
@@ -78,7 +166,7 @@ class TaskRunnerService:
         try:
             ListTasksRequest.FromString(request)
         except DecodeError:
-            await _abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed ListTasksRequest"))
+            await self._abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed ListTasksRequest"))
         response = ListTasksResponse()
         for task in sorted(self._tasks.values(), key=lambda t: t.name):
             info = self.forkserver.info.get(task.name)
@@ -93,8 +181,14 @@ class TaskRunnerService:
         received_at = loop.time()
         try:
             parsed, task = self._validate(request)
+            if parsed.request_id and (existing := self._cache.get(parsed.request_id, received_at)) is not None:
+                if existing.task != parsed.task or existing.options != parsed.options:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"request_id {parsed.request_id!r} was used for a different request")
+                return await self._attach(existing)
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
+            forkserver = self.forkserver
             try:
                 await self.slots.acquire()
             except QueueFull:
@@ -102,34 +196,45 @@ class TaskRunnerService:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
                 ) from None
-            if self.stopping:
-                self.slots.release()
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
             admitted_at = loop.time()
             try:
-                process = await self.forkserver.take()
+                if self.stopping:
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
+                process = await forkserver.take()
             except BaseException as exc:
                 self.slots.release()
                 if isinstance(exc, ForkServerDied):
                     raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
                 raise
         except RequestError as exc:
-            await _abort(context, exc)
+            await self._abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort raises
 
-        timeout_s = (parsed.timeout_ms or task.default_timeout_ms) / 1e3
+        execution = Execution(parsed.request_id or uuid.uuid4().hex, parsed.task, parsed.options)
+        if parsed.request_id:
+            self._cache.add(execution)
+        workdir = self._workdirs.create(process.pid)
+        execution.run = Run(forkserver, process, self._config)
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
-        run = Run(self.forkserver, process, self._config)
-        request_id = parsed.request_id or uuid.uuid4().hex
-        started_at = loop.time()
-        execution = asyncio.ensure_future(self._execute(
-            run, parsed.task, request, request_id, min(started_at + timeout_s, rpc_deadline), received_at, admitted_at,
-        ))
+        deadline = min(loop.time() + (parsed.timeout_ms or task.default_timeout_ms) / 1e3, rpc_deadline)
+        assignment = pack_assignment(task.limits, workdir, request)
+        running = asyncio.ensure_future(
+            self._execute(execution, workdir, assignment, deadline, received_at, admitted_at),
+        )
+        self._executing.add(running)  # a reference, so the task is not collected mid-run
+        running.add_done_callback(self._executing.discard)
+        return await self._attach(execution)
+
+    async def _attach(self, execution: Execution) -> bytes:
+        """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
+        execution.attached += 1
         try:
-            return await asyncio.shield(execution)
+            return await asyncio.shield(execution.answer)
         except asyncio.CancelledError:
-            run.stop(Stop.CANCELLED)  # the execution frees the slot once the process is reaped
+            execution.attached -= 1
+            if execution.attached == 0 and execution.run is not None and not execution.answer.done():
+                execution.run.stop(Stop.CANCELLED)  # the slot is freed once the process is reaped
             raise
 
     def _validate(self, request: bytes) -> tuple[PerformRequest, _Task]:
@@ -155,44 +260,66 @@ class TaskRunnerService:
         return parsed, task
 
     async def _execute(
-        self, run: Run, task: str, request: bytes, request_id: str, deadline: float,
+        self, execution: Execution, workdir: str, assignment: bytes, deadline: float,
         received_at: float, admitted_at: float,
-    ) -> bytes:
-        """Run the task to its answer, whatever happens to the call; log it; free the slot once it is reaped."""
+    ) -> None:
+        """Run the task to its answer, whatever happens to the callers; log it; free the slot once reaped."""
         loop = asyncio.get_running_loop()
+        run = execution.run
+        assert run is not None
         self._runs.add(run)
         response: PerformResponse | None = None
+        answer: bytes | None = None
         try:
-            response, handed_at = await run.execute(request, deadline)
-            response.request_id = request_id
-            response.timings.queue_ms = (admitted_at - received_at) * 1e3
-            response.timings.start_ms = (handed_at - admitted_at) * 1e3
-            return response.SerializeToString()
+            response, handed_at = await run.execute(assignment, deadline)
+            response.request_id = execution.request_id
+            timings = response.timings
+            timings.queue_ms = (admitted_at - received_at) * 1e3
+            timings.start_ms = (handed_at - admitted_at) * 1e3
+            answer = response.SerializeToString()
+            execution.answer.set_result(answer)
+        except BaseException as exc:
+            execution.answer.set_exception(exc)
+            log.exception("task %s: the run failed", execution.task, extra={"request_id": execution.request_id})
         finally:
-            run.reaped.add_done_callback(lambda _: self._reaped(run))
-            _log_finished(request_id, task, response, loop.time() - received_at)
+            run.reaped.add_done_callback(lambda _: self._reaped(run, workdir))
+            cancelled = response is not None and response.error.kind == TaskError.CANCELLED
+            self._cache.finish(execution, None if cancelled else answer, loop.time())
+            self._record(execution, response, received_at, admitted_at, loop.time())
 
-    def _reaped(self, run: Run) -> None:
-        """The task's process is gone: its slot is free."""
+    def _reaped(self, run: Run, workdir: str) -> None:
+        """The task's process is gone: its slot is free, its directory goes."""
         self._runs.discard(run)
         self.slots.release()
+        asyncio.get_running_loop().run_in_executor(None, self._workdirs.remove, workdir)
+
+    def _record(
+        self, execution: Execution, response: PerformResponse | None, received_at: float, admitted_at: float,
+        now: float,
+    ) -> None:
+        if response is None:
+            verdict, outcome, kind = "lost", "", "INTERNAL"
+        elif response.HasField("error"):
+            kind = TaskError.Kind.Name(response.error.kind)
+            verdict, outcome = f"error={kind}", ""
+        else:
+            outcome, kind = str(response.outcome).lower(), ""
+            verdict = f"outcome={outcome}"
+        metrics = self.metrics
+        metrics.finished.labels(execution.task, outcome, kind).inc()
+        metrics.queue_wait.observe(admitted_at - received_at)
+        if response is not None:
+            metrics.start.observe(response.timings.start_ms / 1e3)
+            metrics.run.labels(execution.task).observe(response.timings.run_ms / 1e3)
+        log.info("task %s finished: %s in %.1f ms", execution.task, verdict, (now - received_at) * 1e3,
+                 extra={"request_id": execution.request_id})
+
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
+        self.metrics.rejected.labels(error.code.name).inc()
+        await context.abort(error.code, str(error))
 
     def stop_all(self, why: Stop) -> None:
         """Have every running task killed and every queued call refused (the drain grace is over)."""
         self.stopping = True
         for run in list(self._runs):
             run.stop(why)
-
-
-def _log_finished(request_id: str, task: str, response: PerformResponse | None, duration_s: float) -> None:
-    if response is None:
-        verdict = "lost"
-    elif response.HasField("error"):
-        verdict = "error=" + TaskError.Kind.Name(response.error.kind)
-    else:
-        verdict = f"outcome={str(response.outcome).lower()}"
-    log.info("task %s finished: %s in %.1f ms", task, verdict, duration_s * 1e3, extra={"request_id": request_id})
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
-    await context.abort(error.code, str(error))

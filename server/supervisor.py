@@ -33,6 +33,7 @@ log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
 READ_CHUNK = 1 << 16
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
+LIMIT_SIGNALS = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
 
 
 class Stop(enum.IntEnum):
@@ -100,7 +101,7 @@ class TaskInfo:
 class ForkServerClient:
     """One fork server process and the task processes it forked."""
 
-    def __init__(self, config: Config, tasks: dict[str, str]) -> None:
+    def __init__(self, config: Config, tasks: dict[str, str], owner: tuple[int, int] | None = None) -> None:
         self._config = config
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
@@ -110,6 +111,9 @@ class ForkServerClient:
             [sys.executable, "-m", "task_runner.server.forkserver", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), env=clean_environment(config.env_allow),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+            # As root, the fork server (and so every task) runs as the configured user, with no other groups.
+            user=owner[0] if owner else None, group=owner[1] if owner else None,
+            extra_groups=[] if owner else None,
         )
         theirs.close()
         self.info: dict[str, TaskInfo] = {}
@@ -117,6 +121,9 @@ class ForkServerClient:
         self._spares: collections.deque[TaskProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
         self._forking = 0
+        self._running = 0  # taken and not yet reaped
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.closed = asyncio.Event()
 
     async def start(self) -> None:
@@ -142,7 +149,19 @@ class ForkServerClient:
             self._want_spares()
             process = await waiter
         self._want_spares()
+        self._running += 1
+        self._idle.clear()
+        process.exited.add_done_callback(self._on_task_reaped)
         return process
+
+    def _on_task_reaped(self, _: asyncio.Future[Exit]) -> None:
+        self._running -= 1
+        if self._running == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once no task process of this fork server is running (spares aside)."""
+        await self._idle.wait()
 
     def kill(self, process: TaskProcess, why: Stop) -> None:
         if not process.exited.done() and not self.closed.is_set():
@@ -254,12 +273,16 @@ class Run:
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)
 
-    async def execute(self, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
-        """Run the task; returns the response (usage and output filled) and when the task was handed over."""
+    async def execute(self, assignment: bytes, deadline: float) -> tuple[PerformResponse, float]:
+        """Run the task (`assignment` from child.pack_assignment).
+
+        Returns:
+            The response, usage and output filled, and when the task was handed over.
+        """
         process, loop = self._process, self._loop
         handed_at = loop.time()
         with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
-            process.channel.send(FRAME.pack(len(request)) + request)
+            await loop.sock_sendall(process.channel, assignment)
         loop.add_reader(process.channel.fileno(), self._read_result)
         loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
         loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
@@ -359,6 +382,14 @@ class Run:
                 f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
                 exit_.status,
             )
+        limit = LIMIT_SIGNALS.get(os.WTERMSIG(exit_.status)) if os.WIFSIGNALED(exit_.status) else None
+        if limit is not None:
+            response = error_response(
+                Kind.LIMIT_EXCEEDED, "LimitExceeded",
+                f"the task exceeded its {limit} limit: its process {describe_status(exit_.status)}", exit_.status,
+            )
+            response.error.limit = limit
+            return response
         if exit_.stop is Stop.CANCELLED:
             return error_response(
                 Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",

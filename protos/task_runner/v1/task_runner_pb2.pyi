@@ -192,6 +192,10 @@ class TaskError(_message.Message):
         """
         RESULT_TOO_LARGE: TaskError._Kind.ValueType  # 6
         """The task's result exceeded the daemon's result size cap."""
+        LIMIT_EXCEEDED: TaskError._Kind.ValueType  # 7
+        """The task exceeded one of its resource limits (memory, CPU time, file size,
+        processes); `limit` names which. Its process tree was killed.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: TaskError.Kind.ValueType  # 0
@@ -219,6 +223,10 @@ class TaskError(_message.Message):
     """
     RESULT_TOO_LARGE: TaskError.Kind.ValueType  # 6
     """The task's result exceeded the daemon's result size cap."""
+    LIMIT_EXCEEDED: TaskError.Kind.ValueType  # 7
+    """The task exceeded one of its resource limits (memory, CPU time, file size,
+    processes); `limit` names which. Its process tree was killed.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
@@ -226,6 +234,7 @@ class TaskError(_message.Message):
     TRACEBACK_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
     kind: Global___TaskError.Kind.ValueType
     type: _builtins.str
     """The exception's type, e.g. "ValueError" or "builtins.ValueError" form
@@ -244,6 +253,10 @@ class TaskError(_message.Message):
     """The signal that ended the task process (e.g. 9 for SIGKILL, 11 for SIGSEGV),
     when a signal ended it; else 0.
     """
+    limit: _builtins.str
+    """For LIMIT_EXCEEDED: which limit, one of "memory", "cpu_time", "file_size",
+    "processes", "open_files".
+    """
     def __init__(
         self,
         *,
@@ -253,10 +266,11 @@ class TaskError(_message.Message):
         traceback: _builtins.str = ...,
         exit_code: _builtins.int = ...,
         signal: _builtins.int = ...,
+        limit: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "message", b"message", "signal", b"signal", "traceback", b"traceback", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "limit", b"limit", "message", b"message", "signal", b"signal", "traceback", b"traceback", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

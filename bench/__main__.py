@@ -1,0 +1,204 @@
+"""`python -m bench [--quick]`: start the services, run every phase, print the table, write JSON and a chart.
+
+Run it from the repository root, with the package installed (see bench/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench import phases, procs, report
+from bench.drivers import open_channel
+from bench.phases import Progress, Settings
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PHASES = 8
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run under a minute: fewer calls and repeats")
+    parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
+                        help="call the echo service and the daemon over loopback TCP (default) or a unix socket")
+    parser.add_argument("--out", type=Path, default=RESULTS, help=f"where latest.json and latency.png go ({RESULTS})")
+    return parser.parse_args(argv)
+
+
+def machine_facts() -> dict[str, Any]:
+    import grpc
+    from google import protobuf
+
+    facts: dict[str, Any] = {
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "python_executable": sys.executable,
+        "kernel": platform.release(),
+        "uname": " ".join(platform.uname()),
+        "grpcio": grpc.__version__,
+        "protobuf": protobuf.__version__,
+        "loadavg_start": os.getloadavg()[0],
+    }
+    with contextlib.suppress(OSError):
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+        facts["cpu_model"] = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+                                   if line.startswith("model name")), "?")
+    with contextlib.suppress(OSError):
+        meminfo = Path("/proc/meminfo").read_text().split()
+        facts["mem_total_mib"] = int(meminfo[meminfo.index("MemTotal:") + 1]) // 1024
+    with contextlib.suppress(OSError, subprocess.SubprocessError, ValueError):
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(procs.REPO), *args], capture_output=True, text=True,
+                                  timeout=10, check=True).stdout.strip()
+        facts["git_commit"] = git("rev-parse", "--short", "HEAD")
+        facts["git_dirty"] = bool(git("status", "--porcelain", "--", "server", "client", "protos"))
+    return facts
+
+
+def service_facts(service: procs.Service) -> dict[str, Any]:
+    lines = service.log_lines()
+    return {"exit_code": service.exit_code, "companions_killed": service.companions_left,
+            "log_lines": len(lines), "log_head": lines[:20]}
+
+
+class Run:
+    """One benchmark run: its services, its results, and the cleanup of everything it started."""
+
+    def __init__(self, settings: Settings, progress: Progress) -> None:
+        self.settings = settings
+        self.progress = progress
+        self.started_at = time.time()
+        self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
+        self.services: list[procs.Service] = []
+        self.strays: list[int] = []
+        self.results: dict[str, Any] = {
+            "benchmark": "isolated-task-runner",
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine_facts(),
+            "settings": settings.as_dict(),
+            "daemon_config": procs.daemon_config(settings.max_running, settings.max_queued),
+        }
+
+    async def attempt(self, key: str, measurement: Awaitable[dict[str, Any]]) -> None:
+        """Run one phase; a failure is recorded and reported, and the next phases still run."""
+        try:
+            self.results[key] = await measurement
+        except Exception as exc:
+            self.results.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"
+            self.progress.note(f"FAILED: {type(exc).__name__}: {exc}")
+
+    async def start(self, kind: str) -> procs.Service:
+        directory = self.workdir / f"{kind}-{len(self.services)}"
+        if kind == "echo":
+            service = await asyncio.to_thread(procs.start_echo, directory)
+        else:
+            config = procs.daemon_config(self.settings.max_running, self.settings.max_queued)
+            service = await asyncio.to_thread(procs.start_daemon, directory, config)
+        self.services.append(service)
+        return service
+
+    async def stop(self, service: procs.Service, key: str) -> None:
+        await asyncio.to_thread(service.stop)
+        self.results.setdefault("services", {})[key] = service_facts(service)
+
+    async def measure(self) -> None:
+        s, progress = self.settings, self.progress
+        progress.phase("starting the bare echo service and the daemon (max_running "
+                       f"{s.max_running}, max_queued {s.max_queued}, log WARNING)")
+        echo, daemon = await self.start("echo"), await self.start("daemon")
+        echo_channel = await open_channel(echo.target(s.transport))
+        daemon_channel = await open_channel(daemon.target(s.transport))
+        try:
+            progress.phase(f"latency one call at a time: {s.latency_calls} echo and {s.latency_calls} Perform "
+                           f"no-op calls, alternating in blocks of {s.latency_block}")
+            await self.attempt("latency", phases.latency(echo_channel, daemon_channel, s))
+            progress.phase(f"throughput at {', '.join(map(str, s.levels))} in flight: echo and Perform no-op, "
+                           f"{s.repeats} x {s.window_s:.1f} s each, alternating")
+            await self.attempt("throughput", phases.throughput(echo_channel, daemon_channel, s, progress))
+            await echo_channel.close(None)
+            await self.stop(echo, "echo")
+            progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x {s.window_s:.1f} s")
+            await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
+            progress.phase(f"baselines: fresh interpreter and ProcessPoolExecutor(max_tasks_per_child=1), "
+                           f"{s.baseline_sequential_calls} calls one at a time, then {s.repeats} x "
+                           f"{s.window_s:.1f} s at {s.baseline_concurrency} in flight")
+            await self.attempt("baselines", phases.baselines(s, progress))
+            progress.phase(f"deadline: stubborn task with timeout {s.deadline_timeout_ms} ms, {s.deadline_runs} "
+                           "runs one at a time, checking every recorded pid is gone")
+            await self.attempt("deadline", phases.deadline(
+                daemon_channel, s, self.workdir / "pids", self.started_at, self.strays,
+            ))
+        finally:
+            await echo_channel.close(None)
+            await daemon_channel.close(None)
+        await self.stop(daemon, "daemon")
+
+        points = s.lean_checkpoints
+        progress.phase(f"leanness: a fresh daemon, {points[-1]:,} no-op tasks at {s.lean_concurrency} in flight, "
+                       f"footprint every {points[0]:,}")
+        lean = await self.start("daemon")
+        lean_channel = await open_channel(lean.target(s.transport))
+        try:
+            await self.attempt("leanness", phases.leanness(lean, lean_channel, s, progress))
+        finally:
+            await lean_channel.close(None)
+        await self.stop(lean, "lean_daemon")
+
+    def cleanup(self) -> None:
+        """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""
+        for service in self.services:
+            if service.exit_code is None:
+                service.stop()
+        leftovers = procs.stop_descendants()
+        leftovers += [f"{pid} (task tree)" for pid in procs.kill_own(self.strays, self.started_at)]
+        if leftovers:
+            self.results["stopped_at_cleanup"] = leftovers
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def run(settings: Settings, out: Path) -> int:
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    if current is not None:
+        loop.add_signal_handler(signal.SIGTERM, current.cancel)
+    progress = Progress(PHASES)
+    bench = Run(settings, progress)
+    begin = time.monotonic()
+    try:
+        await bench.measure()
+    finally:
+        bench.cleanup()
+    results = bench.results
+    results["machine"]["loadavg_end"] = os.getloadavg()[0]
+    results["duration_s"] = time.monotonic() - begin
+    progress.phase(f"report: {out / 'latest.json'} and {out / 'latency.png'}")
+    targets = report.evaluate(results)
+    report.write_json(results, targets, out / "latest.json")
+    report.draw_chart(results, out / "latency.png")
+    print(report.render(results, targets))
+    print(f"\n{settings.mode} run took {results['duration_s']:.0f} s; raw figures in {out / 'latest.json'}, "
+          f"chart in {out / 'latency.png'}")
+    return 1 if results.get("errors") else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return asyncio.run(run(Settings.for_mode(args.quick, args.transport), args.out))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Client loops: N coroutines, each making one call after another, on one grpc.aio channel.
+
+The same loop drives every system measured (the bare echo service, Perform and the two
+process-per-task baselines), and the same `RpcCall` drives both the echo service and Perform,
+so their figures differ only by what answers the call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import grpc.aio
+
+from task_runner.v1.task_runner_pb2 import DESCRIPTOR, PerformRequest, PerformResponse, TaskError
+
+PERFORM_METHOD = f"/{DESCRIPTOR.services_by_name['TaskRunner'].full_name}/Perform"
+Timings = tuple[float, float, float, float]  # queue, start, run, collect (ms), as the daemon reports them
+TIMING_NAMES = ("queue_ms", "start_ms", "run_ms", "collect_ms")
+Outcome = tuple[str | None, Timings | None]  # (what went wrong, None if nothing; the daemon's timings)
+Call = Callable[[], Awaitable[Outcome]]
+MAX_CALLS = 1_000_000  # the count bound of every time-bounded loop
+
+
+@dataclass
+class RunStats:
+    """What one loop saw: per-call latencies, failures by kind, the daemon's timings."""
+
+    concurrency: int
+    calls: int = 0
+    elapsed_s: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    failures: Counter[str] = field(default_factory=Counter)
+    timings: list[Timings] = field(default_factory=list)
+
+    @property
+    def ok(self) -> int:
+        return self.calls - sum(self.failures.values())
+
+    @property
+    def throughput(self) -> float:
+        """Calls answered as expected, per second of the loop's wall time."""
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+def merge(runs: Iterable[RunStats]) -> RunStats:
+    """Pool the calls of several runs (their elapsed times add up)."""
+    runs = list(runs)
+    pooled = RunStats(runs[0].concurrency if runs else 0)
+    for run in runs:
+        pooled.calls += run.calls
+        pooled.elapsed_s += run.elapsed_s
+        pooled.latencies_ms += run.latencies_ms
+        pooled.failures.update(run.failures)
+        pooled.timings += run.timings
+    return pooled
+
+
+async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_seconds: float) -> RunStats:
+    """`concurrency` coroutines call one after another until `max_calls` are started or `max_seconds` pass.
+
+    Every call started is awaited to its end: the elapsed time runs to the last answer.
+    """
+    stats = RunStats(concurrency)
+    started = 0
+    begin = time.perf_counter()
+    end = begin + max_seconds
+
+    async def worker() -> None:
+        nonlocal started
+        while started < max_calls and time.perf_counter() < end:
+            started += 1
+            t0 = time.perf_counter()
+            try:
+                failure, timings = await call()
+            except Exception as exc:  # a broken call is a failure to count, not the end of the benchmark
+                failure, timings = f"{type(exc).__name__}: {exc}"[:120], None
+            stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
+            stats.calls += 1
+            if failure is not None:
+                stats.failures[failure] += 1
+            if timings is not None:
+                stats.timings.append(timings)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    stats.elapsed_s = time.perf_counter() - begin
+    return stats
+
+
+def perform_request(task: str, timeout_ms: int, options: Mapping[str, Any] | None = None) -> bytes:
+    request = PerformRequest(task=task, timeout_ms=timeout_ms)
+    if options:
+        request.options.update(dict(options))
+    return request.SerializeToString()
+
+
+class RpcCall:
+    """One unary call of Perform's method path with a fixed, pre-serialized request.
+
+    The response is parsed as a PerformResponse in every case (the echo service's empty one too);
+    a call fails if its gRPC status is not OK or the answer is not the one expected.
+    """
+
+    def __init__(
+        self, channel: grpc.aio.Channel, request: bytes, *,
+        expect_error: int = 0, expect_outcome: bool = True, timeout_s: float = 60.0,
+    ) -> None:
+        self._method = channel.unary_unary(PERFORM_METHOD)
+        self._request = request
+        self._expect_error = expect_error
+        self._expect_outcome = expect_outcome
+        self._timeout_s = timeout_s
+
+    async def __call__(self) -> Outcome:
+        try:
+            raw = await self._method(self._request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            return f"rpc {exc.code().name}", None
+        response = PerformResponse.FromString(raw)
+        timings = None
+        if response.HasField("timings"):
+            t = response.timings
+            timings = (t.queue_ms, t.start_ms, t.run_ms, t.collect_ms)
+        kind = response.error.kind if response.HasField("error") else 0
+        if kind != self._expect_error:
+            return ("task error " + TaskError.Kind.Name(kind)) if kind else "no task error", timings
+        if not kind and response.outcome != self._expect_outcome:
+            return f"outcome {str(response.outcome).lower()}", timings
+        return None, timings
+
+
+async def open_channel(target: str, timeout_s: float = 10.0) -> grpc.aio.Channel:
+    channel = grpc.aio.insecure_channel(target)
+    try:
+        await asyncio.wait_for(channel.channel_ready(), timeout_s)
+    except BaseException:
+        await channel.close(None)
+        raise
+    return channel
+
+
+def percentile(values: Iterable[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linearly interpolated between ranks; None for no values."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = (len(ordered) - 1) * q / 100
+    low = math.floor(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def median(values: Iterable[float]) -> float | None:
+    values = list(values)
+    return statistics.median(values) if values else None
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, Any]:
+    return {
+        "n": len(latencies_ms),
+        "p50_ms": percentile(latencies_ms, 50),
+        "p90_ms": percentile(latencies_ms, 90),
+        "p99_ms": percentile(latencies_ms, 99),
+        "max_ms": max(latencies_ms) if latencies_ms else None,
+        "mean_ms": statistics.fmean(latencies_ms) if latencies_ms else None,
+    }
+
+
+def timing_medians(stats: RunStats) -> dict[str, float | None]:
+    """Medians of the daemon's timings, of the client's latency, and of what the timings leave out."""
+    columns = list(zip(*stats.timings, strict=True)) if stats.timings else [() for _ in TIMING_NAMES]
+    figures: dict[str, float | None] = {
+        name: median(column) for name, column in zip(TIMING_NAMES, columns, strict=True)
+    }
+    figures["client_ms"] = median(stats.latencies_ms)
+    # Per call, the client's latency minus the daemon's four parts: gRPC, (de)serialization, the client.
+    if len(stats.timings) == len(stats.latencies_ms):
+        rest = [lat - sum(t) for lat, t in zip(stats.latencies_ms, stats.timings, strict=True)]
+        figures["outside_ms"] = median(rest)
+    else:
+        figures["outside_ms"] = None
+    figures["n"] = len(stats.timings)
+    return figures
+
+
+def throughput_summary(runs: list[RunStats]) -> dict[str, Any]:
+    """Median throughput of repeated runs, and what their pooled calls looked like."""
+    pooled = merge(runs)
+    return {
+        "concurrency": pooled.concurrency,
+        "repeats": [run.throughput for run in runs],
+        "median": median(run.throughput for run in runs),
+        "seconds": [run.elapsed_s for run in runs],
+        "calls": pooled.calls,
+        "failures": dict(pooled.failures),
+        "latency": latency_summary(pooled.latencies_ms),
+    }
+
+
+def sample(values: list[float], limit: int) -> list[float]:
+    """At most `limit` values that keep the distribution: every k-th of the sorted values."""
+    ordered = sorted(values)
+    step = max(1, math.ceil(len(ordered) / limit))
+    return [round(v, 4) for v in ordered[::step]]

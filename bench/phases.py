@@ -1,0 +1,312 @@
+"""The measurements, one function per phase; each returns plain, JSON-ready figures.
+
+Every figure is a median over repeated runs, each run warmed up first, and every loop is bounded
+in calls and in time. Echo and Perform runs alternate (and alternate which goes first), so the
+noise of a shared machine falls on both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc.aio
+
+from bench import procs
+from bench.baselines import FreshInterpreter, ProcessPerTaskPool
+from bench.drivers import (
+    MAX_CALLS,
+    Call,
+    RpcCall,
+    RunStats,
+    closed_loop,
+    latency_summary,
+    merge,
+    percentile,
+    perform_request,
+    sample,
+    throughput_summary,
+    timing_medians,
+)
+from task_runner.v1.task_runner_pb2 import TaskError
+
+NOOP_TIMEOUT_MS = 10_000
+SAMPLES_KEPT = 4000  # per-call latencies kept in the results for each plotted distribution
+
+
+@dataclass(frozen=True)
+class Settings:
+    mode: str
+    transport: str
+    latency_calls: int  # one call at a time, per system
+    latency_block: int  # echo and Perform alternate in blocks of this many calls
+    repeats: int  # of each throughput window
+    window_s: float  # length of one throughput window
+    warmup_calls: int
+    warmup_max_s: float
+    levels: tuple[int, ...]  # calls in flight
+    baseline_sequential_calls: int
+    baseline_concurrency: int
+    deadline_runs: int
+    deadline_warmup_runs: int
+    deadline_timeout_ms: int
+    lean_checkpoints: tuple[int, ...]  # cumulative no-op tasks after which the daemon is measured
+    lean_concurrency: int
+    max_running: int
+    max_queued: int
+
+    @classmethod
+    def for_mode(cls, quick: bool, transport: str) -> Settings:
+        lean_first, lean_last = (500, 5_000) if quick else (5_000, 50_000)
+        return cls(
+            mode="quick" if quick else "full",
+            transport=transport,
+            latency_calls=200 if quick else 1000,
+            latency_block=100,
+            repeats=1 if quick else 3,
+            window_s=1.0 if quick else 2.0,
+            warmup_calls=50 if quick else 200,
+            warmup_max_s=1.0 if quick else 3.0,
+            levels=(1, 8, 32, 128),
+            baseline_sequential_calls=10 if quick else 30,
+            baseline_concurrency=32,
+            deadline_runs=10 if quick else 40,
+            deadline_warmup_runs=1,
+            deadline_timeout_ms=100,
+            lean_checkpoints=tuple(range(lean_first, lean_last + 1, lean_first)),
+            lean_concurrency=32,
+            max_running=32,
+            max_queued=1024,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Progress:
+    """One line per phase on stderr, with the time since the start."""
+
+    def __init__(self, phases: int) -> None:
+        self._begin = time.monotonic()
+        self._phases = phases
+        self._n = 0
+
+    def phase(self, text: str) -> None:
+        self._n += 1
+        self._print(f"{self._n}/{self._phases} {text}")
+
+    def note(self, text: str) -> None:
+        self._print(f"    {text}")
+
+    def _print(self, text: str) -> None:
+        print(f"[{time.monotonic() - self._begin:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
+async def warm_up(call: Call, concurrency: int, settings: Settings) -> RunStats:
+    return await closed_loop(
+        call, concurrency, max_calls=settings.warmup_calls, max_seconds=settings.warmup_max_s,
+    )
+
+
+async def _window(call: Call, concurrency: int, settings: Settings) -> RunStats:
+    return await closed_loop(call, concurrency, max_calls=MAX_CALLS, max_seconds=settings.window_s)
+
+
+def _noop_calls(echo: grpc.aio.Channel, daemon: grpc.aio.Channel) -> dict[str, RpcCall]:
+    """The same client code for both: only the channel and the expected answer differ."""
+    return {
+        "echo": RpcCall(echo, perform_request("noop", NOOP_TIMEOUT_MS), expect_outcome=False),  # an empty answer
+        "perform": RpcCall(daemon, perform_request("noop", NOOP_TIMEOUT_MS), expect_outcome=True),
+    }
+
+
+async def latency(echo: grpc.aio.Channel, daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any]:
+    """One call at a time: echo and Perform alternate in blocks until each has made `latency_calls`."""
+    calls = _noop_calls(echo, daemon)
+    warmups = {name: await warm_up(call, 1, settings) for name, call in calls.items()}
+    runs: dict[str, list[RunStats]] = {name: [] for name in calls}
+    blocks = -(-settings.latency_calls // settings.latency_block)
+    for block in range(blocks):
+        order = list(calls) if block % 2 == 0 else list(reversed(calls))
+        size = min(settings.latency_block, settings.latency_calls - block * settings.latency_block)
+        for name in order:
+            runs[name].append(await closed_loop(calls[name], 1, max_calls=size, max_seconds=60))
+    result = {}
+    for name, stats in runs.items():
+        pooled = merge(stats)
+        result[name] = {
+            **latency_summary(pooled.latencies_ms),
+            "failures": dict(pooled.failures),
+            "warmup_failures": dict(warmups[name].failures),
+            "samples_ms": sample(pooled.latencies_ms, SAMPLES_KEPT),
+        }
+        if pooled.timings:
+            result[name]["timings"] = timing_medians(pooled)
+    return result
+
+
+async def throughput(
+    echo: grpc.aio.Channel, daemon: grpc.aio.Channel, settings: Settings, progress: Progress,
+) -> dict[str, Any]:
+    """Calls per second at each level of calls in flight, echo and Perform alternating window by window."""
+    calls = _noop_calls(echo, daemon)
+    result: dict[str, Any] = {name: {} for name in calls}
+    timings: dict[str, Any] = {}
+    for level in settings.levels:
+        warmups = {name: await warm_up(call, level, settings) for name, call in calls.items()}
+        runs: dict[str, list[RunStats]] = {name: [] for name in calls}
+        for repeat in range(settings.repeats):
+            for name in list(calls) if repeat % 2 == 0 else list(reversed(calls)):
+                runs[name].append(await _window(calls[name], level, settings))
+        for name, stats in runs.items():
+            summary = throughput_summary(stats)
+            summary["warmup_failures"] = dict(warmups[name].failures)
+            if level == settings.baseline_concurrency:
+                summary["samples_ms"] = sample(merge(stats).latencies_ms, SAMPLES_KEPT)
+            result[name][str(level)] = summary
+        timings[str(level)] = timing_medians(merge(runs["perform"]))
+        echo_rate, perform_rate = result["echo"][str(level)]["median"], result["perform"][str(level)]["median"]
+        progress.note(f"{level:>3} in flight: echo {echo_rate:,.0f}/s, Perform no-op {perform_rate:,.0f}/s")
+    return {"echo": result["echo"], "perform": result["perform"], "timings": timings}
+
+
+async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any]:
+    """The 10 ms task at `baseline_concurrency` in flight; ideal = max_running / 10 ms."""
+    call = RpcCall(daemon, perform_request("sleep10", NOOP_TIMEOUT_MS))
+    concurrency = settings.baseline_concurrency
+    warmup = await warm_up(call, concurrency, settings)
+    runs = [await _window(call, concurrency, settings) for _ in range(settings.repeats)]
+    summary = throughput_summary(runs)
+    ideal = min(concurrency, settings.max_running) / 0.010
+    return {
+        **summary,
+        "ideal": ideal,
+        "ratio_to_ideal": summary["median"] / ideal if summary["median"] is not None else None,
+        "timings": timing_medians(merge(runs)),
+        "warmup_failures": dict(warmup.failures),
+    }
+
+
+async def baselines(settings: Settings, progress: Progress) -> dict[str, Any]:
+    """The same no-op, one fresh process per task: one call at a time, then at `baseline_concurrency` in flight."""
+    concurrency = settings.baseline_concurrency
+    result: dict[str, Any] = {}
+    makers: dict[str, Callable[[], FreshInterpreter | ProcessPerTaskPool]] = {
+        "fresh_interpreter": FreshInterpreter,
+        "process_pool": lambda: ProcessPerTaskPool(concurrency),
+    }
+    for name, make in makers.items():
+        system = make()
+        try:
+            sequential = await closed_loop(
+                system, 1, max_calls=settings.baseline_sequential_calls, max_seconds=30,
+            )
+            warmup = await warm_up(system, concurrency, settings)
+            runs = [await _window(system, concurrency, settings) for _ in range(settings.repeats)]
+        finally:
+            await asyncio.wait_for(asyncio.to_thread(system.close), 60)
+        summary = throughput_summary(runs)
+        summary.update({
+            "label": system.label,
+            "sequential": {**latency_summary(sequential.latencies_ms), "failures": dict(sequential.failures),
+                           "samples_ms": sample(sequential.latencies_ms, SAMPLES_KEPT)},
+            "samples_ms": sample(merge(runs).latencies_ms, SAMPLES_KEPT),
+            "warmup_failures": dict(warmup.failures),
+        })
+        if isinstance(system, ProcessPerTaskPool):
+            summary["start_method"] = system.start_method
+        result[name] = summary
+        progress.note(f"{system.label}: {summary['median']:,.1f} tasks/s at {concurrency} in flight, "
+                      f"{summary['sequential']['p50_ms']:.1f} ms one at a time")
+    return result
+
+
+async def deadline(
+    daemon: grpc.aio.Channel, settings: Settings, directory: Path, started_at: float, strays: list[int],
+) -> dict[str, Any]:
+    """The stubborn task under a 100 ms timeout, one at a time: answer time past the timeout, processes left."""
+    directory.mkdir(parents=True, exist_ok=True)
+    overshoots: list[float] = []
+    gone_after: list[float] = []
+    left_behind: list[int] = []
+    pids_seen: list[int] = []
+    failures: dict[str, int] = {}
+    runs = settings.deadline_warmup_runs + settings.deadline_runs
+    for i in range(runs):
+        pidfile = directory / f"stubborn-{i}.pids"
+        request = perform_request("stubborn", settings.deadline_timeout_ms, {"pidfile": str(pidfile)})
+        call = RpcCall(daemon, request, expect_error=TaskError.Kind.TIMEOUT, timeout_s=30)
+        stats = await closed_loop(call, 1, max_calls=1, max_seconds=60)
+        answered = time.perf_counter()
+        pids = [int(p) for p in pidfile.read_text().split()] if pidfile.exists() else []
+        left = await asyncio.to_thread(procs.wait_gone, pids, 5.0)
+        all_gone_ms = (time.perf_counter() - answered) * 1e3
+        if left:
+            left_behind += left
+            strays += procs.kill_own(left, started_at)
+        for failure, count in stats.failures.items():
+            failures[failure] = failures.get(failure, 0) + count
+        if i < settings.deadline_warmup_runs:
+            continue
+        pids_seen.append(len(pids))
+        overshoots.append(stats.latencies_ms[0] - settings.deadline_timeout_ms)
+        if not left:
+            gone_after.append(all_gone_ms)
+    return {
+        "timeout_ms": settings.deadline_timeout_ms,
+        "runs": settings.deadline_runs,
+        "warmup_runs": settings.deadline_warmup_runs,
+        "overshoot_ms": {
+            "median": percentile(overshoots, 50), "p99": percentile(overshoots, 99),
+            "max": max(overshoots, default=None), "min": min(overshoots, default=None),
+            "samples": [round(v, 3) for v in overshoots],
+        },
+        "tree_gone_after_answer_ms": {"median": percentile(gone_after, 50), "max": max(gone_after, default=None)},
+        "pids_per_run": {"min": min(pids_seen, default=0), "max": max(pids_seen, default=0)},
+        "left_behind": len(left_behind),
+        "left_behind_pids": left_behind,
+        "failures": failures,
+    }
+
+
+async def leanness(daemon: procs.Service, channel: grpc.aio.Channel, settings: Settings,
+                   progress: Progress) -> dict[str, Any]:
+    """No-op tasks at `lean_concurrency` in flight on a fresh daemon; its footprint at each checkpoint."""
+    call = RpcCall(channel, perform_request("noop", NOOP_TIMEOUT_MS))
+    checkpoints = [{"tasks": 0, **await _settled_footprint(daemon.pid)}]
+    done = 0
+    runs: list[RunStats] = []
+    for target in settings.lean_checkpoints:
+        stats = await closed_loop(call, settings.lean_concurrency, max_calls=target - done, max_seconds=300)
+        runs.append(stats)
+        done += stats.calls
+        checkpoints.append({"tasks": done, "throughput": stats.throughput, **await _settled_footprint(daemon.pid)})
+        last = checkpoints[-1]
+        progress.note(f"after {done:>6,} tasks: RSS {last['rss_mib']:.1f} MiB, {last['threads']:.0f} threads, "
+                      f"{last['fds']:.0f} fds ({stats.throughput:,.0f} tasks/s)")
+        if done < target:
+            break  # out of time: report what was reached
+    pooled = merge(runs)
+    return {
+        "concurrency": settings.lean_concurrency,
+        "checkpoints": checkpoints,
+        "tasks": done,
+        "throughput": pooled.ok / pooled.elapsed_s if pooled.elapsed_s else None,
+        "failures": dict(pooled.failures),
+    }
+
+
+async def _settled_footprint(pid: int) -> dict[str, float]:
+    """The median of three footprints taken after the last tasks' processes have had time to be reaped."""
+    await asyncio.sleep(0.5)
+    samples = []
+    for _ in range(3):
+        samples.append(await asyncio.to_thread(procs.footprint, pid))
+        await asyncio.sleep(0.1)
+    return {key: statistics.median(s[key] for s in samples if key in s) for key in samples[-1]}

@@ -1,0 +1,301 @@
+"""The results as a table, a verdict on each target, a JSON file and a chart of latency distributions."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SYSTEMS = {
+    "echo": "bare echo (transport floor)",
+    "perform": "Perform no-op",
+    "fresh_interpreter": "fresh interpreter per task",
+    "process_pool": "ProcessPoolExecutor(max_tasks_per_child=1)",
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    claim: str
+    measured: str
+    met: bool | None  # None: not measured
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    """results[path[0]][path[1]]...; None if any step is missing."""
+    node: Any = results
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return None
+        node = node[key]
+    return node
+
+
+def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _x(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}x"
+
+
+def _checkpoint(results: dict[str, Any], tasks: int) -> dict[str, Any] | None:
+    for checkpoint in _get(results, "leanness", "checkpoints") or []:
+        if checkpoint["tasks"] == tasks:
+            return dict(checkpoint)
+    return None
+
+
+def perform_failures(results: dict[str, Any]) -> dict[str, int]:
+    """Non-OK answers to Perform, per phase (the deadline phase: answers other than TIMEOUT)."""
+    counts: dict[str, int] = {}
+
+    def add(phase: str, *failure_maps: dict[str, int] | None) -> None:
+        counts[phase] = counts.get(phase, 0) + sum(sum((m or {}).values()) for m in failure_maps)
+
+    if "latency" in results:
+        add("latency", _get(results, "latency", "perform", "failures"),
+            _get(results, "latency", "perform", "warmup_failures"))
+    for level in (_get(results, "throughput", "perform") or {}).values():
+        add("throughput", level.get("failures"), level.get("warmup_failures"))
+    if "sleep10" in results:
+        add("sleep10", _get(results, "sleep10", "failures"), _get(results, "sleep10", "warmup_failures"))
+    if "deadline" in results:
+        add("deadline", _get(results, "deadline", "failures"))
+    if "leanness" in results:
+        add("leanness", _get(results, "leanness", "failures"))
+    return counts
+
+
+def evaluate(results: dict[str, Any]) -> list[Target]:
+    """Each target of the brief, with the figure measured in this run."""
+    targets = []
+    echo_p50, perform_p50 = _get(results, "latency", "echo", "p50_ms"), _get(results, "latency", "perform", "p50_ms")
+    ratio = _ratio(perform_p50, echo_p50)
+    targets.append(Target(
+        "no-op Perform p50 latency <= 2.0 x bare echo p50",
+        f"{_x(ratio)} ({_num(perform_p50, 2)} ms vs {_num(echo_p50, 2)} ms)",
+        None if ratio is None else ratio <= 2.0,
+    ))
+    perform32 = _get(results, "throughput", "perform", "32", "median")
+    echo32 = _get(results, "throughput", "echo", "32", "median")
+    targets.append(Target(
+        "no-op throughput at 32 in flight >= 1,000 tasks/s",
+        f"{_num(perform32, 0)} tasks/s", None if perform32 is None else perform32 >= 1000,
+    ))
+    ratio = _ratio(perform32, echo32)
+    targets.append(Target(
+        "no-op throughput at 32 in flight >= 0.5 x bare echo at 32",
+        f"{_x(ratio)} ({_num(perform32, 0)}/s vs {_num(echo32, 0)}/s)", None if ratio is None else ratio >= 0.5,
+    ))
+    for key, factor in (("fresh_interpreter", 15), ("process_pool", 30)):
+        base = _get(results, "baselines", key, "median")
+        ratio = _ratio(perform32, base)
+        targets.append(Target(
+            f"throughput at 32 >= {factor} x {SYSTEMS[key]}",
+            f"{_x(ratio, 1)} ({_num(perform32, 0)}/s vs {_num(base, 1)}/s)", None if ratio is None else ratio >= factor,
+        ))
+    p99 = _get(results, "deadline", "overshoot_ms", "p99")
+    targets.append(Target(
+        "deadline overshoot p99 <= 30 ms (stubborn task, timeout 100 ms)",
+        f"{_num(p99, 1)} ms", None if p99 is None else p99 <= 30,
+    ))
+    left = _get(results, "deadline", "left_behind")
+    targets.append(Target(
+        "zero processes left behind by timed-out task trees", "-" if left is None else f"{left}",
+        None if left is None else left == 0,
+    ))
+    points = list(_get(results, "settings", "lean_checkpoints") or [])
+    first, last = (_checkpoint(results, points[0]), _checkpoint(results, points[-1])) if points else (None, None)
+    if first and last:
+        growth = last["rss_mib"] - first["rss_mib"]
+        d_threads, d_fds = last["threads"] - first["threads"], last["fds"] - first["fds"]
+        span = f"{points[0]:,} -> {points[-1]:,} tasks"
+        targets.append(Target(f"daemon RSS growth <= 10 MiB ({span})", f"{growth:+.1f} MiB", growth <= 10))
+        targets.append(Target(
+            f"daemon threads and descriptors flat, within +-2 ({span})",
+            f"threads {d_threads:+.0f}, fds {d_fds:+.0f}", abs(d_threads) <= 2 and abs(d_fds) <= 2,
+        ))
+    else:
+        targets.append(Target("daemon RSS growth <= 10 MiB; threads and descriptors flat", "-", None))
+    failures = perform_failures(results)
+    total = sum(failures.values())
+    detail = ", ".join(f"{phase} {count}" for phase, count in failures.items())
+    targets.append(Target(
+        "no rejected or failed Perform calls", f"{total} ({detail})", total == 0 if failures else None,
+    ))
+    return targets
+
+
+def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """Plain text columns: the first left-aligned, the others right-aligned."""
+    rows = [list(headers), *(list(r) for r in rows)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(headers))]
+    lines = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0]), *(cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def render(results: dict[str, Any], targets: list[Target]) -> str:
+    s = results["settings"]
+    m = results["machine"]
+    out = [
+        f"isolated-task-runner benchmark ({s['mode']}), {results['date']}, git {m.get('git_commit', '?')}"
+        f"{' (uncommitted changes)' if m.get('git_dirty') else ''}",
+        f"machine: {m['nproc']} CPUs ({m.get('cpu_model', '?')}), Linux {m['kernel']}, Python {m['python']}, "
+        f"grpcio {m.get('grpcio', '?')}; load average {_num(m.get('loadavg_start'), 2)} at the start, "
+        f"{_num(m.get('loadavg_end'), 2)} at the end",
+        f"daemon: max_running {s['max_running']}, max_queued {s['max_queued']}, log WARNING; "
+        f"client: one grpc.aio channel over {s['transport']}, N coroutines each calling in a loop",
+        f"throughput: median of {s['repeats']} windows of {s['window_s']:.1f} s after {s['warmup_calls']} "
+        "warm-up calls; every ratio is to a figure of this same run",
+    ]
+    for key, error in (results.get("errors") or {}).items():
+        out.append(f"ERROR in phase {key}: {error}")
+
+    out += ["", *_table(
+        ["Latency, one call at a time", "calls", "p50 ms", "p99 ms", "max ms", "p50 / echo"],
+        _latency_rows(results),
+    )]
+    levels = [str(level) for level in s["levels"]]
+    rows = []
+    for key in ("echo", "perform"):
+        rows.append([SYSTEMS[key], *(_num(_get(results, "throughput", key, lv, "median"), 0) for lv in levels)])
+    rows.append(["Perform / echo", *(_x(_ratio(
+        _get(results, "throughput", "perform", lv, "median"), _get(results, "throughput", "echo", lv, "median"),
+    )) for lv in levels)])
+    rows.append(["Perform p50 latency, ms", *(
+        _num(_get(results, "throughput", "perform", lv, "latency", "p50_ms"), 2) for lv in levels)])
+    out += ["", *_table(["Throughput, calls/s, at N in flight", *levels], rows)]
+
+    n = s["baseline_concurrency"]
+    perform_n = _get(results, "throughput", "perform", str(n), "median")
+    rows = [[SYSTEMS["perform"] + " (from above)", _num(perform_n, 1), "1.0x"]]
+    for key in ("fresh_interpreter", "process_pool"):
+        base = _get(results, "baselines", key, "median")
+        rows.append([SYSTEMS[key], _num(base, 1), _x(_ratio(perform_n, base), 1)])
+    out += ["", *_table([f"One process per task, same no-op, {n} in flight", "tasks/s", "Perform / it"], rows)]
+
+    sleep = results.get("sleep10") or {}
+    out += ["", *_table(
+        [f"Perform sleep10 (10 ms), {n} in flight, max_running {s['max_running']}", "tasks/s", "ideal/s", "of ideal",
+         "run_ms p50", "queue_ms p50"],
+        [["", _num(sleep.get("median"), 0), _num(sleep.get("ideal"), 0),
+          _num(None if sleep.get("ratio_to_ideal") is None else 100 * sleep["ratio_to_ideal"], 0, "%"),
+          _num(_get(sleep, "timings", "run_ms"), 2), _num(_get(sleep, "timings", "queue_ms"), 2)]],
+    )]
+
+    rows = []
+    for level in ("1", str(n)):
+        t = _get(results, "throughput", "timings", level) or {}
+        rows.append([f"{level} in flight", *(_num(t.get(k), 3) for k in
+                     ("client_ms", "queue_ms", "start_ms", "run_ms", "collect_ms", "outside_ms"))])
+    out += ["", *_table(
+        ["Where a no-op Perform's time goes, median ms", "client", "queue", "start", "run", "collect", "outside"],
+        rows,
+    ), "  (outside = client latency minus the daemon's four timings: gRPC both ways, parsing, the client loop)"]
+
+    d = results.get("deadline") or {}
+    o = d.get("overshoot_ms") or {}
+    out += ["", *_table(
+        [f"Deadline: stubborn task, timeout {s['deadline_timeout_ms']} ms, {s['deadline_runs']} runs one at a time",
+         "median", "p99", "max"],
+        [["answer time past the timeout, ms", _num(o.get("median"), 1), _num(o.get("p99"), 1), _num(o.get("max"), 1)],
+         ["whole tree gone, ms after the answer", _num(_get(d, "tree_gone_after_answer_ms", "median"), 1), "",
+          _num(_get(d, "tree_gone_after_answer_ms", "max"), 1)]],
+    ), f"  processes left behind: {d.get('left_behind', '-')} "
+       f"(pids recorded per run: {_get(d, 'pids_per_run', 'min')}-{_get(d, 'pids_per_run', 'max')})"]
+
+    rows = []
+    for c in _get(results, "leanness", "checkpoints") or []:
+        rows.append([f"{c['tasks']:,}", _num(c.get("rss_mib"), 1), _num(c.get("threads"), 0), _num(c.get("fds"), 0),
+                     _num(c.get("forkserver_rss_mib"), 1), _num(c.get("forkserver_fds"), 0),
+                     _num(c.get("throughput"), 0)])
+    out += ["", *_table(
+        [f"Leanness: daemon after N no-op tasks ({s['lean_concurrency']} in flight)", "RSS MiB", "threads", "fds",
+         "forkserver RSS MiB", "forkserver fds", "tasks/s"],
+        rows,
+    )]
+
+    out += ["", "Targets"]
+    for target in targets:
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target.met]
+        out.append(f"  {verdict:<12}  {target.claim}: {target.measured}")
+    return "\n".join(out)
+
+
+def _latency_rows(results: dict[str, Any]) -> list[list[str]]:
+    echo_p50 = _get(results, "latency", "echo", "p50_ms")
+    rows = []
+    for key, path in (("echo", ("latency", "echo")), ("perform", ("latency", "perform")),
+                      ("fresh_interpreter", ("baselines", "fresh_interpreter", "sequential")),
+                      ("process_pool", ("baselines", "process_pool", "sequential"))):
+        figures = _get(results, *path) or {}
+        rows.append([SYSTEMS[key], str(figures.get("n", "-")), _num(figures.get("p50_ms"), 2),
+                     _num(figures.get("p99_ms"), 2), _num(figures.get("max_ms"), 2),
+                     _x(_ratio(figures.get("p50_ms"), echo_p50))])
+    return rows
+
+
+def write_json(results: dict[str, Any], targets: list[Target], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {**results, "targets": [asdict(t) for t in targets]}
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(document, indent=1, allow_nan=False, default=str) + "\n")
+    temporary.replace(path)
+
+
+def draw_chart(results: dict[str, Any], path: Path) -> None:
+    """Empirical CDFs of per-call latency: one call at a time, and at the baselines' concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = results["settings"]["baseline_concurrency"]
+    panels = [
+        ("one call at a time", {
+            "echo": _get(results, "latency", "echo", "samples_ms"),
+            "perform": _get(results, "latency", "perform", "samples_ms"),
+            "fresh_interpreter": _get(results, "baselines", "fresh_interpreter", "sequential", "samples_ms"),
+            "process_pool": _get(results, "baselines", "process_pool", "sequential", "samples_ms"),
+        }),
+        (f"{n} calls in flight", {
+            "echo": _get(results, "throughput", "echo", str(n), "samples_ms"),
+            "perform": _get(results, "throughput", "perform", str(n), "samples_ms"),
+            "fresh_interpreter": _get(results, "baselines", "fresh_interpreter", "samples_ms"),
+            "process_pool": _get(results, "baselines", "process_pool", "samples_ms"),
+        }),
+    ]
+    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    for axis, (title, series) in zip(axes, panels, strict=True):
+        for key, samples in series.items():
+            if not samples:
+                continue
+            ordered = sorted(samples)
+            fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
+            axis.step(ordered, fractions, where="post", label=f"{SYSTEMS[key]} (n={len(ordered)})")
+        axis.set_xscale("log")
+        axis.set_title(f"Per-call latency, {title}")
+        axis.set_xlabel("latency seen by the client, ms (log scale)")
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(loc="lower right", fontsize=8)
+    axes[0].set_ylabel("fraction of calls at or below")
+    m = results["machine"]
+    figure.suptitle(f"isolated-task-runner, {results['settings']['mode']} run {results['date']} "
+                    f"({m['nproc']} CPUs, Python {m['python']}, {results['settings']['transport']})", fontsize=10)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

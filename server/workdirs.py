@@ -1,0 +1,58 @@
+"""A fresh, empty working directory for each task, removed once its process is reaped."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("task_runner.server")
+
+
+class Workdirs:
+    """Task directories live in `<base>/<daemon pid>/<task pid>-<serial>`.
+
+    The daemon's own directory is mode 0711, so a task can reach its directory but cannot list
+    its neighbours'; each task's directory is 0700 and belongs to the user tasks run as.
+    """
+
+    def __init__(self, base: str | None, owner: tuple[int, int] | None) -> None:
+        self.base = Path(base) if base else Path(tempfile.gettempdir()) / "task-runner"
+        self.root = self.base / str(os.getpid())
+        self._owner = owner
+        self._serial = itertools.count()
+
+    def start(self) -> None:
+        """Create the daemon's directory, and remove what dead daemons left behind."""
+        self.base.mkdir(mode=0o711, parents=True, exist_ok=True)
+        for entry in self.base.iterdir():
+            if entry.name.isdigit() and not _alive(int(entry.name)):
+                log.info("removing %s, left behind by a daemon that is gone", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        self.root.mkdir(mode=0o711, exist_ok=True)
+        os.chmod(self.root, 0o711)
+
+    def create(self, pid: int) -> str:
+        path = self.root / f"{pid}-{next(self._serial)}"
+        path.mkdir(mode=0o700)
+        if self._owner is not None:
+            os.chown(path, *self._owner)
+        return str(path)
+
+    @staticmethod
+    def remove(path: str) -> None:
+        shutil.rmtree(path, ignore_errors=True)
+
+    def stop(self) -> None:
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, 0)
+        return True
+    return False
