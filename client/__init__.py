@@ -9,7 +9,7 @@ Also `AsyncClient` (asyncio), and the original library's callback style:
 """
 
 from task_runner.client.aio import AsyncClient
-from task_runner.client.channel import DEFAULT, DEFAULT_TARGET, TARGET_ENV
+from task_runner.client.channel import DEFAULT, DEFAULT_TARGET, TARGET_ENV, Security
 from task_runner.client.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -21,6 +21,7 @@ from task_runner.client.errors import (
     TaskCrashed,
     TaskException,
     TaskFailed,
+    TaskLimitExceeded,
     TaskNotFound,
     TaskResultInvalid,
     TaskResultTooLarge,
@@ -34,8 +35,8 @@ from task_runner.client.sync import Callback, Client, perform
 
 __all__ = [
     "DEFAULT", "DEFAULT_TARGET", "TARGET_ENV", "AsyncClient", "Callback", "Cancelled", "Client",
-    "DeadlineExceeded", "InvalidRequest", "Overloaded", "PermissionDenied", "RpcError", "TaskCancelled",
-    "TaskCrashed", "TaskException", "TaskFailed", "TaskInfo", "TaskNotFound", "TaskResult",
+    "DeadlineExceeded", "InvalidRequest", "Overloaded", "PermissionDenied", "RpcError", "Security", "TaskCancelled",
+    "TaskCrashed", "TaskException", "TaskFailed", "TaskLimitExceeded", "TaskInfo", "TaskNotFound", "TaskResult",
     "TaskResultInvalid", "TaskResultTooLarge", "TaskRunnerError", "TaskTimeout", "Timings",
     "Unauthenticated", "Unavailable", "Usage", "perform",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
+from task_runner.client.channel import DEFAULT, Security, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
 from task_runner.client.sync import Callback
@@ -22,9 +22,13 @@ log = logging.getLogger("task_runner.client")
 class AsyncClient:
     """An asyncio client; create and use it inside a running event loop. See `Client` for arguments."""
 
-    def __init__(self, target: Target = None) -> None:
+    def __init__(self, target: Target = None, security: Security | None = None) -> None:
         address, options = resolve_target(target)
-        self._channel = grpc.aio.insecure_channel(address, options=options)
+        security = security or Security()
+        credentials = security.credentials()
+        self._channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
+                         else grpc.aio.insecure_channel(address, options=options))
+        self._metadata = security.metadata()
         self._stub = TaskRunnerStub(self._channel)
 
     async def call(
@@ -40,7 +44,7 @@ class AsyncClient:
         request = build_request(task, timeout_ms, options, request_id)
         try:
             response: PerformResponse = await self._stub.Perform(
-                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc_error(exc) from exc
@@ -69,7 +73,7 @@ class AsyncClient:
         """The tasks the daemon serves."""
         try:
             response: ListTasksResponse = await self._stub.ListTasks(
-                ListTasksRequest(), timeout=rpc_timeout,
+                ListTasksRequest(), timeout=rpc_timeout, metadata=self._metadata,
             )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc_error(exc) from exc

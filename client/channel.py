@@ -6,13 +6,61 @@ import ipaddress
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Final
+
+import grpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 TARGET_ENV: Final = "TASK_RUNNER_TARGET"
 SERVICE: Final = "task_runner.v1.TaskRunner"
 # Time allowed beyond the task's own timeout for queueing and transport, when the caller sets none.
 DEFAULT_GRACE_S: Final = 60.0
+TOKEN_ENV: Final = "TASK_RUNNER_TOKEN"
+TOKEN_FILE_ENV: Final = "TASK_RUNNER_TOKEN_FILE"
+TLS_CA_ENV: Final = "TASK_RUNNER_TLS_CA"
+TLS_CERT_ENV: Final = "TASK_RUNNER_TLS_CERT"
+TLS_KEY_ENV: Final = "TASK_RUNNER_TLS_KEY"
+
+
+@dataclass(frozen=True)
+class Security:
+    """How a client proves itself and checks the daemon: TLS files and a bearer token.
+
+    Each falls back to an environment variable: TASK_RUNNER_TLS_CA, TASK_RUNNER_TLS_CERT,
+    TASK_RUNNER_TLS_KEY, TASK_RUNNER_TOKEN (or TASK_RUNNER_TOKEN_FILE).
+    """
+
+    tls: bool | None = None  # None: TLS when any TLS file is given
+    root_certs_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    token: str | None = None
+    token_file: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials for TLS (with a client certificate for mTLS), or None for plaintext."""
+        roots = self.root_certs_file or os.environ.get(TLS_CA_ENV)
+        cert = self.cert_file or os.environ.get(TLS_CERT_ENV)
+        key = self.key_file or os.environ.get(TLS_KEY_ENV)
+        if not (self.tls or roots or cert):
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(roots), private_key=_read(key), certificate_chain=_read(cert),
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """The call metadata carrying the bearer token, if there is one."""
+        token = self.token or os.environ.get(TOKEN_ENV)
+        token_file = self.token_file or os.environ.get(TOKEN_FILE_ENV)
+        if not token and token_file:
+            token = Path(token_file).read_text().strip()
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 class _Default:

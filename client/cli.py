@@ -131,7 +131,8 @@ def _perform(args: argparse.Namespace) -> int:
         except TaskFailed as exc:
             out: dict[str, Any] = exc.answer.to_json() if exc.answer else {}
             out["error"] = {"kind": exc.kind, "type": exc.type, "message": exc.message,
-                            "traceback": exc.traceback, "exit_code": exc.exit_code, "signal": exc.signal}
+                            "traceback": exc.traceback, "exit_code": exc.exit_code, "signal": exc.signal,
+                            "limit": exc.limit}
             print(json.dumps(out, indent=2))
             return 2
         except RpcError as exc:

@@ -3,7 +3,7 @@
     TaskRunnerError
     +-- TaskFailed           the task failed non-deterministically: may be retried
     |   +-- TaskException, TaskTimeout, TaskCrashed, TaskCancelled,
-    |       TaskResultInvalid, TaskResultTooLarge
+    |       TaskResultInvalid, TaskResultTooLarge, TaskLimitExceeded
     +-- RpcError             the request failed: carries the gRPC status code
         +-- TaskNotFound, InvalidRequest, Overloaded, Unavailable, DeadlineExceeded,
             Unauthenticated, PermissionDenied, Cancelled
@@ -37,7 +37,7 @@ class TaskFailed(TaskRunnerError):
 
     def __init__(
         self, message: str, *, type: str = "", traceback: str = "", exit_code: int = 0, signal: int = 0,
-        answer: TaskResult | None = None,
+        limit: str = "", answer: TaskResult | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -45,6 +45,7 @@ class TaskFailed(TaskRunnerError):
         self.traceback = traceback
         self.exit_code = exit_code
         self.signal = signal
+        self.limit = limit  # for LIMIT_EXCEEDED: which limit
         self.answer = answer  # the whole answer: usage, output tails, timings
 
     def __str__(self) -> str:
@@ -87,6 +88,12 @@ class TaskResultTooLarge(TaskFailed):
     kind = "RESULT_TOO_LARGE"
 
 
+class TaskLimitExceeded(TaskFailed):
+    """The task exceeded a resource limit; `limit` names it ("memory", "cpu_time", ...)."""
+
+    kind = "LIMIT_EXCEEDED"
+
+
 _BY_KIND: dict[int, type[TaskFailed]] = {
     TaskError.EXCEPTION: TaskException,
     TaskError.TIMEOUT: TaskTimeout,
@@ -94,6 +101,7 @@ _BY_KIND: dict[int, type[TaskFailed]] = {
     TaskError.CANCELLED: TaskCancelled,
     TaskError.RESULT_INVALID: TaskResultInvalid,
     TaskError.RESULT_TOO_LARGE: TaskResultTooLarge,
+    TaskError.LIMIT_EXCEEDED: TaskLimitExceeded,
 }
 
 
@@ -102,7 +110,7 @@ def from_task_error(error: TaskError, answer: TaskResult | None = None) -> TaskF
     cls = _BY_KIND.get(error.kind, TaskFailed)
     return cls(
         error.message, type=error.type, traceback=error.traceback, exit_code=error.exit_code,
-        signal=error.signal, answer=answer,
+        signal=error.signal, limit=error.limit, answer=answer,
     )
 
 

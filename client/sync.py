@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Target, _Default, resolve_target, rpc_timeout_s
+from task_runner.client.channel import DEFAULT, Security, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
 from task_runner.v1.task_runner_pb2 import ListTasksRequest, PerformResponse
@@ -26,11 +26,16 @@ class Client:
 
     Args:
         target: "host:port", "unix:/path", or several "ip:port"; None: $TASK_RUNNER_TARGET or 127.0.0.1:50051.
+        security: TLS files and bearer token (each also read from the environment; see `Security`).
     """
 
-    def __init__(self, target: Target = None) -> None:
+    def __init__(self, target: Target = None, security: Security | None = None) -> None:
         address, options = resolve_target(target)
-        self._channel = grpc.insecure_channel(address, options=options)
+        security = security or Security()
+        credentials = security.credentials()
+        self._channel = (grpc.secure_channel(address, credentials, options=options) if credentials
+                         else grpc.insecure_channel(address, options=options))
+        self._metadata = security.metadata()
         self._stub = TaskRunnerStub(self._channel)
 
     def call(
@@ -61,7 +66,9 @@ class Client:
         """
         request = build_request(task, timeout_ms, options, request_id)
         try:
-            response: PerformResponse = self._stub.Perform(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout))
+            response: PerformResponse = self._stub.Perform(
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
+            )
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         return read_response(response)
@@ -86,7 +93,9 @@ class Client:
         except TaskRunnerError as exc:
             once(exc, None, None)
             return
-        future = self._stub.Perform.future(request, timeout=rpc_timeout_s(timeout_ms, DEFAULT))
+        future = self._stub.Perform.future(
+            request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
+        )
 
         def done(f: grpc.Future[PerformResponse]) -> None:
             try:
@@ -103,7 +112,7 @@ class Client:
     def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""
         try:
-            return read_tasks(self._stub.ListTasks(ListTasksRequest(), timeout=rpc_timeout))
+            return read_tasks(self._stub.ListTasks(ListTasksRequest(), timeout=rpc_timeout, metadata=self._metadata))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
 

@@ -7,6 +7,7 @@ protocol), so the fixtures wait on an event, not on a sleep.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import re
 import select
@@ -22,16 +23,15 @@ from pathlib import Path
 import pytest
 
 from task_runner.client import Client
+from tests.tasks import faults
 
 REPO = Path(__file__).resolve().parent.parent
 FAULTS = "tests.tasks.faults"
-TEST_TASKS = [
-    "echo", "reject", "bare_true", "raise_now", "callback_error_later", "callback_later", "callback_twice",
-    "callback_then_hang", "callback_never", "thread_error", "asyncio_callback_error", "async_echo", "sleep",
-    "write_pid_and_sleep", "stubborn_tree", "exit_hard", "sys_exit", "segfault", "kill_self", "big_output",
-    "big_result", "set_result", "datetime_result", "huge_int_result", "outcome_yes", "touch_state",
-    "environment", "open_fds", "print_then_answer", "close_stdio", "fork_bomb", "write_cwd",
-]
+# Every public function of tests/tasks/faults.py is registered under its own name.
+TEST_TASKS = sorted(
+    name for name, obj in vars(faults).items()
+    if inspect.isfunction(obj) and obj.__module__ == faults.__name__ and not name.startswith("_")
+)
 
 
 @dataclass

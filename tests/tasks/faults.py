@@ -212,3 +212,90 @@ def fork_bomb(options):
 def write_cwd(options):
     Path("scratch.txt").write_text("scratch")
     return True, {"cwd": os.getcwd()}
+
+
+def allocate(options):
+    """Allocate options["mb"] MiB and touch it."""
+    block = bytearray(options["mb"] << 20)
+    return True, {"allocated": len(block)}
+
+
+def spin(options):
+    while True:
+        pass
+
+
+def write_file(options):
+    """Write options["mb"] MiB into a file in the working directory."""
+    with open("big.bin", "wb") as f:
+        for _ in range(options["mb"]):
+            f.write(b"z" * (1 << 20))
+    return True, {}
+
+
+def open_many(options):
+    files = [open(os.devnull) for _ in range(options.get("n", 100_000))]  # noqa: SIM115
+    return True, {"opened": len(files)}
+
+
+def fork_until_refused(options):
+    """Fork sleeping children until the process limit refuses (the children are left behind)."""
+    while True:
+        if os.fork() == 0:
+            time.sleep(600)
+            os._exit(0)
+
+
+def delete_cwd(options):
+    import shutil
+
+    shutil.rmtree(os.getcwd())
+    return True, {}
+
+
+def whoami(options):
+    cwd = os.getcwd()
+    return True, {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "cwd": cwd,
+                  "entries": os.listdir(cwd), "mode": oct(os.stat(cwd).st_mode & 0o777)}
+
+
+def find_secrets(options):
+    """Search the environment, open descriptors and this process's own memory for secrets.
+
+    Each secret is described by a short prefix, its length and its sha256, so that this task
+    never holds the secret itself unless it is really there to be found.
+    """
+    import hashlib
+    import re
+
+    found = []
+    env_blob = "\n".join(f"{k}={v}" for k, v in os.environ.items()).encode()
+    fd_targets = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    memory = []
+    with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if "r" not in line.split()[1] or end - start > 1 << 30:
+                continue
+            try:
+                mem.seek(start)
+                memory.append(mem.read(end - start))
+            except (OSError, ValueError, OverflowError):
+                continue
+    for secret in options["secrets"]:
+        prefix, length, digest = secret["prefix"].encode(), secret["length"], secret["sha256"]
+        for blob_name, blob in [("environment", env_blob), *(("memory", m) for m in memory)]:
+            for match in re.finditer(re.escape(prefix), blob):
+                candidate = blob[match.start():match.start() + length]
+                if hashlib.sha256(candidate).hexdigest() == digest:
+                    found.append(f"{secret['name']} in {blob_name}")
+                    break
+        for target in fd_targets:
+            if secret.get("path") and secret["path"] in target:
+                found.append(f"{secret['name']} as an open descriptor")
+    return True, {"found": sorted(set(found)), "scanned_bytes": sum(map(len, memory)), "fds": fd_targets}

@@ -1,0 +1,263 @@
+"""What a task can reach and who may call: limits, working directories, secrets, token, TLS, exposure."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from task_runner.client import Client, Security, TaskFailed, Unauthenticated, Unavailable
+from tests.conftest import REPO, Daemon, start_daemon, wait_until
+
+TOKEN = "s3cret-token-0123456789abcdef"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = start_daemon(tmp_path_factory.mktemp("limited"), (
+        "[limits]\nmemory_mb = 400\ncpu_s = 1\nfile_size_mb = 1\nopen_files = 64\n"
+    ) + "\n")
+    yield d
+    assert d.stop() == 0
+
+
+def limit_error(client: Client, task: str, options: dict[str, object], timeout_ms: int = 20_000) -> TaskFailed:
+    with pytest.raises(TaskFailed) as caught:
+        client.call(task, timeout_ms, options)
+    assert caught.value.kind == "LIMIT_EXCEEDED", caught.value
+    return caught.value
+
+
+def test_memory_limit(limited: Daemon) -> None:
+    with limited.client() as client:
+        error = limit_error(client, "allocate", {"mb": 1000})
+        assert "memory limit" in error.message and error.type == "MemoryError"
+        assert client.call("allocate", 10_000, {"mb": 10}).outcome  # within the limit
+
+
+def test_cpu_time_limit(limited: Daemon) -> None:
+    with limited.client() as client:
+        error = limit_error(client, "spin", {})
+        assert "cpu_time limit" in error.message and error.signal == signal.SIGXCPU
+
+
+def test_file_size_limit(limited: Daemon) -> None:
+    with limited.client() as client:
+        error = limit_error(client, "write_file", {"mb": 5})
+        assert "file_size limit" in error.message
+
+
+def test_open_files_limit(limited: Daemon) -> None:
+    with limited.client() as client:
+        error = limit_error(client, "open_many", {"n": 1000})
+        assert "open_files limit" in error.message
+
+
+def test_fresh_working_directory_removed_afterwards(limited: Daemon) -> None:
+    with limited.client() as client:
+        first = client.call("whoami", 5000).result
+        client.call("write_cwd", 5000)
+        second = client.call("whoami", 5000).result
+        assert first["cwd"] != second["cwd"]
+        assert first["entries"] == [] and first["mode"] == "0o700"
+        assert wait_until(lambda: not Path(first["cwd"]).exists(), 5)
+        assert client.call("delete_cwd", 5000).outcome  # a task may even delete its own
+        assert client.call("echo", 5000).outcome
+
+
+def test_per_task_limits_override_the_global_ones(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, (
+        '[limits]\nmemory_mb = 2000\n[tasks.small]\ntarget = "tests.tasks.faults:allocate"\n'
+        "[tasks.small.limits]\nmemory_mb = 200\n"
+    ))
+    try:
+        with daemon.client() as client:
+            assert limit_error(client, "small", {"mb": 500}).limit == "memory"
+            assert client.call("allocate", 20_000, {"mb": 500}).outcome  # under the global limit
+    finally:
+        assert daemon.stop() == 0
+
+
+def run_as_nobody_possible() -> bool:
+    probe = subprocess.run(["su", "nobody", "-s", "/bin/sh", "-c", f"{sys.executable} -c 'import task_runner'"],
+                           capture_output=True, timeout=30, cwd="/", env={"PYTHONPATH": str(REPO)})
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_tasks_run_as_the_configured_user(tmp_path: Path) -> None:
+    if not run_as_nobody_possible():
+        pytest.skip(f"user nobody cannot run {sys.executable} (its installation is not readable to others)")
+    tmp_path.chmod(0o755)
+    daemon = start_daemon(tmp_path, 'run_as_user = "nobody"\n')
+    try:
+        with daemon.client() as client:
+            me = client.call("whoami", 5000).result
+        assert (me["uid"], me["gid"], me["groups"]) == (65534, 65534, [65534])
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl."""
+    d = tmp_path_factory.mktemp("pki")
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", "/CN=test-ca")
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}")
+        (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return {name: d / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory, certificates: dict[str, Path]) -> Iterator[Daemon]:
+    d = tmp_path_factory.mktemp("secured")
+    (d / "token").write_text(TOKEN + "\n")
+    metrics_port = free_port()
+    daemon = start_daemon(d, (
+        f'unix_socket_mode = "0600"\nmetrics_listen = "127.0.0.1:{metrics_port}"\n'
+        f'[auth]\ntoken_file = "{d / "token"}"\n'
+        f'[tls]\ncert_file = "{certificates["server.pem"]}"\nkey_file = "{certificates["server.key"]}"\n'
+        f'client_ca_file = "{certificates["ca.pem"]}"\n'
+    ))
+    daemon.metrics_port = metrics_port  # type: ignore[attr-defined]
+    yield daemon
+    assert daemon.stop() == 0
+
+
+def mtls(certificates: dict[str, Path], token: str | None = TOKEN) -> Security:
+    return Security(root_certs_file=str(certificates["ca.pem"]), cert_file=str(certificates["client.pem"]),
+                    key_file=str(certificates["client.key"]), token=token)
+
+
+def test_token_required(secured: Daemon) -> None:
+    with Client(secured.unix) as client, pytest.raises(Unauthenticated):
+        client.call("echo", 5000)
+    with Client(secured.unix, Security(token="wrong-token-0123456789")) as client, pytest.raises(Unauthenticated):
+        client.call("echo", 5000)
+    with Client(secured.unix, Security(token=TOKEN)) as client:
+        assert client.call("echo", 5000).outcome
+
+
+def test_token_from_the_environment(secured: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASK_RUNNER_TOKEN", TOKEN)
+    with Client(secured.unix) as client:
+        assert client.call("echo", 5000).outcome
+
+
+def test_health_needs_no_token(secured: Daemon) -> None:
+    with grpc.insecure_channel(secured.unix) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_mutual_tls(secured: Daemon, certificates: dict[str, Path]) -> None:
+    with Client(secured.tcp, mtls(certificates)) as client:
+        assert client.call("echo", 5000, {"over": "tls"}).result == {"options": {"over": "tls"}}
+    no_client_cert = Security(root_certs_file=str(certificates["ca.pem"]), token=TOKEN)
+    with Client(secured.tcp, no_client_cert) as client, pytest.raises(Unavailable):
+        client.call("echo", 5000, rpc_timeout=5)
+    with Client(secured.tcp, Security(token=TOKEN)) as client, pytest.raises(Unavailable):  # plaintext to TLS
+        client.call("echo", 5000, rpc_timeout=5)
+
+
+def test_unix_socket_mode(secured: Daemon) -> None:
+    mode = os.stat(secured.unix.removeprefix("unix:")).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+
+
+def secret(name: str, value: str, path: Path | None = None) -> dict[str, object]:
+    return {"name": name, "prefix": value[:6], "length": len(value.encode()),
+            "sha256": hashlib.sha256(value.encode()).hexdigest(), "path": str(path) if path else ""}
+
+
+def test_tasks_cannot_find_the_daemons_secrets(secured: Daemon, certificates: dict[str, Path]) -> None:
+    key = certificates["server.key"].read_text()
+    key_body = key.split("-----\n", 1)[1][:64]  # a piece of the private key's base64 body
+    secrets = [secret("token", TOKEN, secured.log.parent / "token"), secret("tls key", key_body,
+               certificates["server.key"]), secret("notify socket", str(secured.log.parent / "notify"))]
+    with Client(secured.unix, Security(token=TOKEN)) as client:
+        control = client.call("find_secrets", 30_000, {"secrets": [secret("planted", "planted-" + "x" * 20)]})
+        found = client.call("find_secrets", 30_000, {"secrets": secrets}).result
+    assert control.result["found"] == []  # the search itself is sound: it does not find what isn't there
+    assert found["scanned_bytes"] > 1 << 20  # it did read its memory
+    assert found["found"] == [], found["found"]
+
+
+def test_search_finds_what_is_there(client: Client) -> None:
+    """The secret search does find a secret that really is in the task's environment."""
+    answer = client.call("find_secrets", 30_000, {"secrets": [secret("test secret", "hunter2")]})
+    assert answer.result["found"] == []  # the shared daemon filters TASK_RUNNER_TEST_SECRET out
+    planted = secret("path", "PATH=" + os.environ["PATH"][:20])
+    assert "path in environment" in client.call("find_secrets", 30_000, {"secrets": [planted]}).result["found"]
+
+
+def test_metrics(secured: Daemon) -> None:
+    with Client(secured.unix, Security(token=TOKEN)) as client:
+        client.call("echo", 5000)
+        with pytest.raises(TaskFailed):
+            client.call("raise_now", 5000)
+    with Client(secured.unix) as client, pytest.raises(Unauthenticated):
+        client.call("echo", 5000)
+    port = secured.metrics_port  # type: ignore[attr-defined]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert 'task_runner_tasks_finished_total{error_kind="",outcome="true",task="echo"}' in text
+    assert 'task_runner_tasks_finished_total{error_kind="EXCEPTION",outcome="",task="raise_now"}' in text
+    assert "task_runner_queue_wait_seconds_bucket" in text and "task_runner_tasks_running" in text
+
+
+def test_refuses_to_expose_itself_without_tls_or_token(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "task_runner.server", "--listen", "0.0.0.0:0"],
+        capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 1
+    assert "refusing to listen on 0.0.0.0:0 without TLS or a token" in done.stderr
+
+
+def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
+    package = tmp_path / "reloadable"
+    package.mkdir()
+    module = package / "version_task.py"
+    module.write_text("def version(options):\n    return True, {'version': 1}\n")
+    directory = tmp_path / "d"
+    daemon = start_daemon(directory, '[tasks.version]\ntarget = "version_task:version"\n',
+                          env={"PYTHONPATH": f"{REPO}:{package}"})
+    try:
+        with daemon.client() as client:
+            assert client.call("version", 5000).result == {"version": 1}
+            module.write_text("def version(options):\n    return True, {'version': 20}\n")  # another size: no stale .pyc
+            config = directory / "config.toml"
+            config.write_text(config.read_text() + '[tasks.added]\ntarget = "version_task:version"\n')
+            daemon.process.send_signal(signal.SIGHUP)
+            assert wait_until(lambda: "reloaded" in daemon.log_text(), 15), daemon.log_text()
+            assert client.call("version", 5000).result == {"version": 20}
+            assert client.call("added", 5000).result == {"version": 20}
+    finally:
+        assert daemon.stop() == 0
