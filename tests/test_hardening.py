@@ -252,7 +252,8 @@ def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
     try:
         with daemon.client() as client:
             assert client.call("version", 5000).result == {"version": 1}
-            module.write_text("def version(options):\n    return True, {'version': 20}\n")  # another size: no stale .pyc
+            # Another size than before, so that a .pyc written in the same second is not taken for current.
+            module.write_text("def version(options):\n    return True, {'version': 20}\n")
             config = directory / "config.toml"
             config.write_text(config.read_text() + '[tasks.added]\ntarget = "version_task:version"\n')
             daemon.process.send_signal(signal.SIGHUP)

@@ -7,6 +7,7 @@ tests can check that every one of them is gone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import datetime
 import os
@@ -272,10 +273,8 @@ def find_secrets(options):
     env_blob = "\n".join(f"{k}={v}" for k, v in os.environ.items()).encode()
     fd_targets = []
     for fd in os.listdir("/proc/self/fd"):
-        try:
+        with contextlib.suppress(OSError):
             fd_targets.append(os.readlink(f"/proc/self/fd/{fd}"))
-        except OSError:
-            pass
     memory = []
     with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", buffering=0) as mem:
         for line in maps:
