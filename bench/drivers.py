@@ -27,6 +27,7 @@ TIMING_NAMES = ("queue_ms", "start_ms", "run_ms", "collect_ms")
 Outcome = tuple[str | None, Timings | None]  # (what went wrong, None if nothing; the daemon's timings)
 Call = Callable[[], Awaitable[Outcome]]
 MAX_CALLS = 1_000_000  # the count bound of every time-bounded loop
+WARMUP_MAX_S = 30.0  # the longest warm-up of a throughput window
 
 
 @dataclass
@@ -63,10 +64,29 @@ def merge(runs: Iterable[RunStats]) -> RunStats:
     return pooled
 
 
+async def _attempt(call: Call) -> tuple[float, str | None, Timings | None]:
+    """Make one call: its latency in ms, what went wrong (None if nothing), the daemon's timings."""
+    t0 = time.perf_counter()
+    try:
+        failure, timings = await call()
+    except Exception as exc:  # a broken call is a failure to count, not the end of the benchmark
+        failure, timings = f"{type(exc).__name__}: {exc}"[:120], None
+    return (time.perf_counter() - t0) * 1e3, failure, timings
+
+
+def _record(stats: RunStats, latency_ms: float, failure: str | None, timings: Timings | None) -> None:
+    stats.latencies_ms.append(latency_ms)
+    stats.calls += 1
+    if failure is not None:
+        stats.failures[failure] += 1
+    if timings is not None:
+        stats.timings.append(timings)
+
+
 async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_seconds: float) -> RunStats:
     """`concurrency` coroutines call one after another until `max_calls` are started or `max_seconds` pass.
 
-    Every call started is awaited to its end: the elapsed time runs to the last answer.
+    Every call started is awaited and counted: the elapsed time runs to the last answer.
     """
     stats = RunStats(concurrency)
     started = 0
@@ -77,21 +97,49 @@ async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_secon
         nonlocal started
         while started < max_calls and time.perf_counter() < end:
             started += 1
-            t0 = time.perf_counter()
-            try:
-                failure, timings = await call()
-            except Exception as exc:  # a broken call is a failure to count, not the end of the benchmark
-                failure, timings = f"{type(exc).__name__}: {exc}"[:120], None
-            stats.latencies_ms.append((time.perf_counter() - t0) * 1e3)
-            stats.calls += 1
-            if failure is not None:
-                stats.failures[failure] += 1
-            if timings is not None:
-                stats.timings.append(timings)
+            _record(stats, *await _attempt(call))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     stats.elapsed_s = time.perf_counter() - begin
     return stats
+
+
+async def steady_window(
+    call: Call, concurrency: int, *, warmup_calls: int, warmup_s: float, window_s: float,
+) -> tuple[RunStats, RunStats]:
+    """Throughput in steady state: (the window's calls, the warm-up's calls).
+
+    `concurrency` coroutines call one after another. The first answers are the warm-up: at least
+    `warmup_calls` of them, or, once `warmup_s` has passed, at least one per coroutine (so every
+    coroutine has turned over once), and never more than WARMUP_MAX_S. Then the window counts the
+    calls answered in the next `window_s` seconds, whenever they started; calls still running at its
+    end are awaited but not counted. So ramp-up and drain stay out of the figure.
+    """
+    window, warmup = RunStats(concurrency), RunStats(concurrency)
+    begin = time.perf_counter()
+    opened: float | None = None
+    closes = begin + WARMUP_MAX_S + window_s  # until the warm-up ends and sets the real close
+
+    async def worker() -> None:
+        nonlocal opened, closes
+        for _ in range(MAX_CALLS):
+            if time.perf_counter() >= closes:
+                return
+            latency_ms, failure, timings = await _attempt(call)
+            now = time.perf_counter()
+            if opened is None:
+                _record(warmup, latency_ms, failure, timings)
+                waited = now - begin
+                if (warmup.calls >= warmup_calls or (waited >= warmup_s and warmup.calls >= concurrency)
+                        or waited >= WARMUP_MAX_S):
+                    opened, closes = now, now + window_s
+            elif now <= closes:
+                _record(window, latency_ms, failure, timings)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    window.elapsed_s = closes - opened if opened is not None else 0.0
+    warmup.elapsed_s = (opened or time.perf_counter()) - begin
+    return window, warmup
 
 
 def perform_request(task: str, timeout_ms: int, options: Mapping[str, Any] | None = None) -> bytes:

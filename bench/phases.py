@@ -11,17 +11,18 @@ import asyncio
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc.aio
+import psutil
 
 from bench import procs
 from bench.baselines import FreshInterpreter, ProcessPerTaskPool
 from bench.drivers import (
-    MAX_CALLS,
     Call,
     RpcCall,
     RunStats,
@@ -31,6 +32,7 @@ from bench.drivers import (
     percentile,
     perform_request,
     sample,
+    steady_window,
     throughput_summary,
     timing_medians,
 )
@@ -48,8 +50,9 @@ class Settings:
     latency_block: int  # echo and Perform alternate in blocks of this many calls
     repeats: int  # of each throughput window
     window_s: float  # length of one throughput window
-    warmup_calls: int
-    warmup_max_s: float
+    baseline_window_s: float  # the same, for the (slower) process-per-task baselines
+    warmup_calls: int  # before every measurement: this many calls, or fewer once warmup_s has passed
+    warmup_s: float
     levels: tuple[int, ...]  # calls in flight
     baseline_sequential_calls: int
     baseline_concurrency: int
@@ -58,6 +61,7 @@ class Settings:
     deadline_timeout_ms: int
     lean_checkpoints: tuple[int, ...]  # cumulative no-op tasks after which the daemon is measured
     lean_concurrency: int
+    lean_max_s: float  # the leanness phase stops here, at whatever count it reached
     max_running: int
     max_queued: int
 
@@ -70,9 +74,10 @@ class Settings:
             latency_calls=200 if quick else 1000,
             latency_block=100,
             repeats=1 if quick else 3,
-            window_s=1.0 if quick else 2.0,
+            window_s=1.0 if quick else 1.5,
+            baseline_window_s=1.5 if quick else 3.0,
             warmup_calls=50 if quick else 200,
-            warmup_max_s=1.0 if quick else 3.0,
+            warmup_s=0.3 if quick else 0.5,
             levels=(1, 8, 32, 128),
             baseline_sequential_calls=10 if quick else 30,
             baseline_concurrency=32,
@@ -81,6 +86,7 @@ class Settings:
             deadline_timeout_ms=100,
             lean_checkpoints=tuple(range(lean_first, lean_last + 1, lean_first)),
             lean_concurrency=32,
+            lean_max_s=120.0 if quick else 420.0,
             max_running=32,
             max_queued=1024,
         )
@@ -108,14 +114,20 @@ class Progress:
         print(f"[{time.monotonic() - self._begin:6.1f} s] {text}", file=sys.stderr, flush=True)
 
 
-async def warm_up(call: Call, concurrency: int, settings: Settings) -> RunStats:
-    return await closed_loop(
-        call, concurrency, max_calls=settings.warmup_calls, max_seconds=settings.warmup_max_s,
+async def warm_up(call: Call, settings: Settings) -> RunStats:
+    """Calls one at a time before a latency measurement."""
+    return await closed_loop(call, 1, max_calls=settings.warmup_calls, max_seconds=max(settings.warmup_s, 5.0))
+
+
+async def _window(call: Call, concurrency: int, settings: Settings, warmup_failures: Counter[str],
+                  window_s: float | None = None) -> RunStats:
+    """One throughput window, after its own warm-up at the same concurrency (whose failures are tallied)."""
+    window, warmup = await steady_window(
+        call, concurrency, warmup_calls=settings.warmup_calls, warmup_s=settings.warmup_s,
+        window_s=settings.window_s if window_s is None else window_s,
     )
-
-
-async def _window(call: Call, concurrency: int, settings: Settings) -> RunStats:
-    return await closed_loop(call, concurrency, max_calls=MAX_CALLS, max_seconds=settings.window_s)
+    warmup_failures.update(warmup.failures)
+    return window
 
 
 def _noop_calls(echo: grpc.aio.Channel, daemon: grpc.aio.Channel) -> dict[str, RpcCall]:
@@ -129,7 +141,7 @@ def _noop_calls(echo: grpc.aio.Channel, daemon: grpc.aio.Channel) -> dict[str, R
 async def latency(echo: grpc.aio.Channel, daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any]:
     """One call at a time: echo and Perform alternate in blocks until each has made `latency_calls`."""
     calls = _noop_calls(echo, daemon)
-    warmups = {name: await warm_up(call, 1, settings) for name, call in calls.items()}
+    warmups = {name: await warm_up(call, settings) for name, call in calls.items()}
     runs: dict[str, list[RunStats]] = {name: [] for name in calls}
     blocks = -(-settings.latency_calls // settings.latency_block)
     for block in range(blocks):
@@ -159,14 +171,14 @@ async def throughput(
     result: dict[str, Any] = {name: {} for name in calls}
     timings: dict[str, Any] = {}
     for level in settings.levels:
-        warmups = {name: await warm_up(call, level, settings) for name, call in calls.items()}
+        warmup_failures: dict[str, Counter[str]] = {name: Counter() for name in calls}
         runs: dict[str, list[RunStats]] = {name: [] for name in calls}
         for repeat in range(settings.repeats):
             for name in list(calls) if repeat % 2 == 0 else list(reversed(calls)):
-                runs[name].append(await _window(calls[name], level, settings))
+                runs[name].append(await _window(calls[name], level, settings, warmup_failures[name]))
         for name, stats in runs.items():
             summary = throughput_summary(stats)
-            summary["warmup_failures"] = dict(warmups[name].failures)
+            summary["warmup_failures"] = dict(warmup_failures[name])
             if level == settings.baseline_concurrency:
                 summary["samples_ms"] = sample(merge(stats).latencies_ms, SAMPLES_KEPT)
             result[name][str(level)] = summary
@@ -180,8 +192,8 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
     """The 10 ms task at `baseline_concurrency` in flight; ideal = max_running / 10 ms."""
     call = RpcCall(daemon, perform_request("sleep10", NOOP_TIMEOUT_MS))
     concurrency = settings.baseline_concurrency
-    warmup = await warm_up(call, concurrency, settings)
-    runs = [await _window(call, concurrency, settings) for _ in range(settings.repeats)]
+    warmup_failures: Counter[str] = Counter()
+    runs = [await _window(call, concurrency, settings, warmup_failures) for _ in range(settings.repeats)]
     summary = throughput_summary(runs)
     ideal = min(concurrency, settings.max_running) / 0.010
     return {
@@ -189,7 +201,7 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
         "ideal": ideal,
         "ratio_to_ideal": summary["median"] / ideal if summary["median"] is not None else None,
         "timings": timing_medians(merge(runs)),
-        "warmup_failures": dict(warmup.failures),
+        "warmup_failures": dict(warmup_failures),
     }
 
 
@@ -207,8 +219,9 @@ async def baselines(settings: Settings, progress: Progress) -> dict[str, Any]:
             sequential = await closed_loop(
                 system, 1, max_calls=settings.baseline_sequential_calls, max_seconds=30,
             )
-            warmup = await warm_up(system, concurrency, settings)
-            runs = [await _window(system, concurrency, settings) for _ in range(settings.repeats)]
+            warmup_failures: Counter[str] = Counter()
+            runs = [await _window(system, concurrency, settings, warmup_failures, settings.baseline_window_s)
+                    for _ in range(settings.repeats)]
         finally:
             await asyncio.wait_for(asyncio.to_thread(system.close), 60)
         summary = throughput_summary(runs)
@@ -217,7 +230,7 @@ async def baselines(settings: Settings, progress: Progress) -> dict[str, Any]:
             "sequential": {**latency_summary(sequential.latencies_ms), "failures": dict(sequential.failures),
                            "samples_ms": sample(sequential.latencies_ms, SAMPLES_KEPT)},
             "samples_ms": sample(merge(runs).latencies_ms, SAMPLES_KEPT),
-            "warmup_failures": dict(warmup.failures),
+            "warmup_failures": dict(warmup_failures),
         })
         if isinstance(system, ProcessPerTaskPool):
             summary["start_method"] = system.start_method
@@ -279,27 +292,53 @@ async def leanness(daemon: procs.Service, channel: grpc.aio.Channel, settings: S
                    progress: Progress) -> dict[str, Any]:
     """No-op tasks at `lean_concurrency` in flight on a fresh daemon; its footprint at each checkpoint."""
     call = RpcCall(channel, perform_request("noop", NOOP_TIMEOUT_MS))
-    checkpoints = [{"tasks": 0, **await _settled_footprint(daemon.pid)}]
+    me = psutil.Process()
+    checkpoints = [{"tasks": 0, **await _settled_footprint(daemon.pid), "client_cpu_s": _cpu_s(me)}]
     done = 0
     runs: list[RunStats] = []
+    deadline = time.monotonic() + settings.lean_max_s
     for target in settings.lean_checkpoints:
-        stats = await closed_loop(call, settings.lean_concurrency, max_calls=target - done, max_seconds=300)
+        stats = await closed_loop(call, settings.lean_concurrency, max_calls=target - done,
+                                  max_seconds=max(0.0, deadline - time.monotonic()))
         runs.append(stats)
         done += stats.calls
-        checkpoints.append({"tasks": done, "throughput": stats.throughput, **await _settled_footprint(daemon.pid)})
+        client_cpu_s = _cpu_s(me)
+        checkpoints.append({"tasks": done, "throughput": stats.throughput, **await _settled_footprint(daemon.pid),
+                            "client_cpu_s": client_cpu_s})
         last = checkpoints[-1]
         progress.note(f"after {done:>6,} tasks: RSS {last['rss_mib']:.1f} MiB, {last['threads']:.0f} threads, "
                       f"{last['fds']:.0f} fds ({stats.throughput:,.0f} tasks/s)")
         if done < target:
-            break  # out of time: report what was reached
+            progress.note(f"out of time ({settings.lean_max_s:.0f} s) before {target:,} tasks: stopping here")
+            break
     pooled = merge(runs)
     return {
         "concurrency": settings.lean_concurrency,
         "checkpoints": checkpoints,
         "tasks": done,
         "throughput": pooled.ok / pooled.elapsed_s if pooled.elapsed_s else None,
+        "cpu_ms_per_task": _cpu_per_task(checkpoints[1] if len(checkpoints) > 2 else checkpoints[0], checkpoints[-1]),
         "failures": dict(pooled.failures),
     }
+
+
+def _cpu_s(process: psutil.Process) -> float:
+    times = process.cpu_times()
+    return times.user + times.system
+
+
+def _cpu_per_task(first: dict[str, float], last: dict[str, float]) -> dict[str, float | None]:
+    """CPU milliseconds per task between two checkpoints: daemon, fork server, task processes, the client."""
+    tasks = last["tasks"] - first["tasks"]
+    keys = {"daemon": "cpu_s", "forkserver": "forkserver_cpu_s", "task_process": "tasks_cpu_s",
+            "client": "client_cpu_s"}
+    figures: dict[str, float | None] = {
+        name: (last[key] - first[key]) / tasks * 1e3 if tasks > 0 and key in first and key in last else None
+        for name, key in keys.items()
+    }
+    server_side = [figures[name] for name in ("daemon", "forkserver", "task_process")]
+    figures["server_total"] = sum(v for v in server_side if v is not None) if None not in server_side else None
+    return figures
 
 
 async def _settled_footprint(pid: int) -> dict[str, float]:

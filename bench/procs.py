@@ -177,19 +177,25 @@ def forkserver_of(daemon_pid: int) -> psutil.Process | None:
 
 
 def footprint(daemon_pid: int) -> dict[str, float]:
-    """The daemon's RSS (MiB), threads and open descriptors; its fork server's RSS, descriptors and children."""
+    """The daemon's RSS (MiB), threads, descriptors and CPU time; the same of its fork server and reaped tasks."""
     daemon = psutil.Process(daemon_pid)
+    cpu = daemon.cpu_times()
     figures: dict[str, float] = {
         "rss_mib": daemon.memory_info().rss / MIB,
         "threads": daemon.num_threads(),
         "fds": daemon.num_fds(),
+        "cpu_s": cpu.user + cpu.system,
     }
     forkserver = forkserver_of(daemon_pid)
     if forkserver is not None:
         with contextlib.suppress(psutil.Error):
+            cpu = forkserver.cpu_times()
             figures["forkserver_rss_mib"] = forkserver.memory_info().rss / MIB
             figures["forkserver_fds"] = forkserver.num_fds()
             figures["forkserver_children"] = len(forkserver.children())
+            figures["forkserver_cpu_s"] = cpu.user + cpu.system
+            # The task processes it reaped (wait4 adds their usage to the fork server's children times).
+            figures["tasks_cpu_s"] = cpu.children_user + cpu.children_system
     return figures
 
 

@@ -158,8 +158,9 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
         f"{_num(m.get('loadavg_end'), 2)} at the end",
         f"daemon: max_running {s['max_running']}, max_queued {s['max_queued']}, log WARNING; "
         f"client: one grpc.aio channel over {s['transport']}, N coroutines each calling in a loop",
-        f"throughput: median of {s['repeats']} windows of {s['window_s']:.1f} s after {s['warmup_calls']} "
-        "warm-up calls; every ratio is to a figure of this same run",
+        f"throughput: median of {s['repeats']} windows of {s['window_s']:.1f} s ({s['baseline_window_s']:.1f} s for "
+        f"the baselines), each after a warm-up of {s['warmup_calls']} calls (or {s['warmup_s']:.1f} s); "
+        "every ratio is to a figure of this same run",
     ]
     for key, error in (results.get("errors") or {}).items():
         out.append(f"ERROR in phase {key}: {error}")
@@ -227,6 +228,16 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
          "forkserver RSS MiB", "forkserver fds", "tasks/s"],
         rows,
     )]
+    cpu = _get(results, "leanness", "cpu_ms_per_task") or {}
+    if cpu.get("server_total") is not None:
+        spent = cpu["server_total"] + (cpu.get("client") or 0.0)
+        out.append(
+            f"  CPU per no-op task, ms: daemon {_num(cpu.get('daemon'), 2)}, "
+            f"fork server {_num(cpu.get('forkserver'), 2)}, "
+            f"task process {_num(cpu.get('task_process'), 2)}, benchmark client {_num(cpu.get('client'), 2)}: "
+            f"{spent:.2f} ms in all, so at most {_num(1e3 * results['machine']['nproc'] / spent, 0)} tasks/s "
+            f"on {results['machine']['nproc']} CPUs if nothing else ran"
+        )
 
     out += ["", "Targets"]
     for target in targets:
@@ -250,10 +261,21 @@ def _latency_rows(results: dict[str, Any]) -> list[list[str]]:
 
 def write_json(results: dict[str, Any], targets: list[Target], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {**results, "targets": [asdict(t) for t in targets]}
+    document = _rounded({**results, "targets": [asdict(t) for t in targets]})
     temporary = path.with_suffix(".tmp")
     temporary.write_text(json.dumps(document, indent=1, allow_nan=False, default=str) + "\n")
     temporary.replace(path)
+
+
+def _rounded(value: Any) -> Any:
+    """Floats to 4 decimals (microseconds, for milliseconds), all the way down."""
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_rounded(v) for v in value]
+    return value
 
 
 def draw_chart(results: dict[str, Any], path: Path) -> None:
@@ -285,12 +307,12 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
                 continue
             ordered = sorted(samples)
             fractions = [(i + 1) / len(ordered) for i in range(len(ordered))]
-            axis.step(ordered, fractions, where="post", label=f"{SYSTEMS[key]} (n={len(ordered)})")
+            axis.step(ordered, fractions, where="post", label=f"{SYSTEMS[key]} ({len(ordered):,})")
         axis.set_xscale("log")
         axis.set_title(f"Per-call latency, {title}")
         axis.set_xlabel("latency seen by the client, ms (log scale)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(loc="lower right", fontsize=8)
+        axis.legend(loc="upper left", fontsize=8, title="(n = calls)", title_fontsize=8)
     axes[0].set_ylabel("fraction of calls at or below")
     m = results["machine"]
     figure.suptitle(f"isolated-task-runner, {results['settings']['mode']} run {results['date']} "

@@ -25,6 +25,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from task_runner.server import cgroups
 from task_runner.server.config import Config
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
@@ -76,6 +77,7 @@ class Daemon:
         self._service: TaskRunnerService | None = None
         self._health = health_aio.HealthServicer()
         self._owner = task_owner(config)
+        self._cgroup: str | None = None
         self._workdirs = Workdirs(config.workdir_base, self._owner)
         self.metrics = Metrics()
 
@@ -89,6 +91,7 @@ class Daemon:
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         self._workdirs.start()
+        self._cgroup = cgroups.prepare(self.config.cgroup, self._owner)
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         forkserver = await self._start_forkserver(self.config)
@@ -119,7 +122,7 @@ class Daemon:
 
     async def _start_forkserver(self, config: Config) -> ForkServerClient:
         tasks = {name: task.target for name, task in config.all_tasks().items()}
-        forkserver = ForkServerClient(config, tasks, self._owner)
+        forkserver = ForkServerClient(config, tasks, self._owner, self._cgroup)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()
@@ -222,6 +225,7 @@ class Daemon:
         for forkserver in list(self._forkservers):
             await forkserver.close()
         self._workdirs.stop()
+        cgroups.remove_base(self._cgroup)
         self.notifier.close()
         log.info("stopped")
 

@@ -15,8 +15,8 @@ Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON
     daemon -> F <u32 n>              fork n more spare task processes
     daemon -> K <u32 pid> <u8 why>   kill that task process's tree now
     fork server -> H <json>          hello: pid and each task's description or import error
-    fork server -> R <u32 pid>       a spare is ready; SCM_RIGHTS: channel, stdout, stderr
-    fork server -> X <pid status utime stime maxrss why>   a task process was reaped
+    fork server -> R <u32 pid> <cgroup path>   a spare is ready; SCM_RIGHTS: channel, stdout, stderr
+    fork server -> X <pid status utime stime maxrss why oom>   a task process was reaped
 End of file from the daemon ends the fork server, after killing every task process.
 """
 
@@ -35,12 +35,13 @@ import sys
 from typing import Any, NoReturn
 
 from task_runner.server import child
+from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
 FORK = struct.Struct("!cI")
 KILL = struct.Struct("!cIB")
 READY = struct.Struct("!cI")
-EXITED = struct.Struct("!cIiddqB")
+EXITED = struct.Struct("!cIiddqBB")
 MAX_PACKET = 1 << 16
 
 PR_SET_PDEATHSIG = 1
@@ -53,8 +54,10 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
-def kill_tree(pid: int) -> None:
-    """SIGKILL a task process and its process group; tolerate those already gone."""
+def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
+    """SIGKILL a task process, its process group and its cgroup; tolerate those already gone."""
+    if cgroups is not None:
+        cgroups.kill(pid)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
@@ -65,6 +68,7 @@ class ForkServer:
     def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
         self._sock = sock
         self._result_max_bytes: int = spec["result_max_bytes"]
+        self._cgroups = TaskCgroups(spec.get("cgroup"))
         self._registry: dict[str, Loaded | str] = {}
         self._live: set[int] = set()  # task processes forked here and not yet reaped
         self._kill_reason: dict[int, int] = {}
@@ -124,7 +128,7 @@ class ForkServer:
             _, pid, reason = KILL.unpack(message)
             if pid in self._live:
                 self._kill_reason.setdefault(pid, reason)
-                kill_tree(pid)
+                kill_tree(pid, self._cgroups)
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -137,11 +141,13 @@ class ForkServer:
             finally:
                 os._exit(70)
         self._live.add(pid)
+        cgroup = self._cgroups.add(pid) or ""
         for fd in (child_end.fileno(), out_w, err_w):
             os.close(fd)
         child_end.detach()
         try:
-            socket.send_fds(self._sock, [READY.pack(b"R", pid)], [parent_end.fileno(), out_r, err_r])
+            ready = READY.pack(b"R", pid) + cgroup.encode()
+            socket.send_fds(self._sock, [ready], [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
             os.close(out_r)
@@ -178,12 +184,15 @@ class ForkServer:
             reaped = True
             if pid in self._live:
                 self._live.discard(pid)
+                oom = self._cgroups.oom_killed(pid)
+                self._cgroups.release(pid)
                 self._sock.send(EXITED.pack(
                     b"X", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss,
-                    self._kill_reason.pop(pid, 0),
+                    self._kill_reason.pop(pid, 0), oom,
                 ))
         if reaped:
             self._kill_orphans()
+            self._cgroups.sweep()
 
     def _children(self) -> set[int]:
         with open(f"/proc/self/task/{self._pid}/children") as f:
@@ -198,13 +207,15 @@ class ForkServer:
 
     def _shutdown(self) -> None:
         for pid in list(self._live):
-            kill_tree(pid)
+            kill_tree(pid, self._cgroups)
         while True:
             try:
-                os.wait4(-1, 0)
+                pid, _ = os.waitpid(-1, 0)
             except ChildProcessError:
                 break
+            self._cgroups.release(pid)
             self._kill_orphans()
+        self._cgroups.sweep()
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
 
+from task_runner.server import cgroups
 from task_runner.server.child import NO_LIMIT, pack_assignment
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
@@ -54,6 +55,7 @@ class _Task:
     default_timeout_ms: int
     max_timeout_ms: int
     limits: tuple[int, int, int, int, int]  # as child.ASSIGNMENT packs them
+    cgroup_limits: tuple[int | None, int | None]  # memory.max and pids.max
 
 
 def _limit_values(limits: Limits) -> tuple[int, int, int, int, int]:
@@ -140,10 +142,12 @@ class TaskRunnerService:
 
     @staticmethod
     def _resolve(config: Config) -> dict[str, _Task]:
-        return {
-            name: _Task(name, *config.timeouts_ms(task), _limit_values(config.limits.merged(task.limits)))
-            for name, task in config.all_tasks().items()
-        }
+        tasks = {}
+        for name, task in config.all_tasks().items():
+            limits = config.limits.merged(task.limits)
+            memory = limits.memory_mb * MIB if limits.memory_mb is not None else None
+            tasks[name] = _Task(name, *config.timeouts_ms(task), _limit_values(limits), (memory, limits.processes))
+        return tasks
 
     def reload(self, config: Config, forkserver: ForkServerClient) -> ForkServerClient:
         """Serve new calls with a new fork server and task list; returns the old fork server."""
@@ -214,6 +218,8 @@ class TaskRunnerService:
         if parsed.request_id:
             self._cache.add(execution)
         workdir = self._workdirs.create(process.pid)
+        if process.cgroup and task.cgroup_limits != (None, None):
+            cgroups.set_limits(process.cgroup, *task.cgroup_limits)
         execution.run = Run(forkserver, process, self._config)
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")

@@ -57,6 +57,7 @@ class Exit:
     max_rss_kib: int
     stop: Stop
     at: float  # loop time of the report
+    oom_killed: bool = False  # the kernel killed something in the task's cgroup for memory
 
 
 class Tail:
@@ -83,6 +84,7 @@ class TaskProcess:
     channel: socket.socket
     stdout: int
     stderr: int
+    cgroup: str  # its own cgroup v2 directory, or "" where there is none
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -101,8 +103,10 @@ class TaskInfo:
 class ForkServerClient:
     """One fork server process and the task processes it forked."""
 
-    def __init__(self, config: Config, tasks: dict[str, str], owner: tuple[int, int] | None = None) -> None:
+    def __init__(self, config: Config, tasks: dict[str, str], owner: tuple[int, int] | None = None,
+                 cgroup: str | None = None) -> None:
         self._config = config
+        self._cgroup = cgroup
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
         self._sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -127,7 +131,8 @@ class ForkServerClient:
         self.closed = asyncio.Event()
 
     async def start(self) -> None:
-        spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes}
+        spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
+                "cgroup": self._cgroup}
         await self._loop.sock_sendall(self._sock, json.dumps(spec).encode())
         hello = await self._loop.sock_recv(self._sock, 1 << 22)
         if hello[:1] != b"H":
@@ -177,7 +182,7 @@ class ForkServerClient:
     def _on_readable(self) -> None:
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(self._sock, 64, 3)
+                message, fds, _, _ = socket.recv_fds(self._sock, 4096, 3)
             except BlockingIOError:
                 return
             except OSError:
@@ -186,18 +191,19 @@ class ForkServerClient:
                 self._on_closed()
                 return
             if message[:1] == b"R":
-                self._on_ready(forkserver.READY.unpack(message)[1], fds)
+                pid = forkserver.READY.unpack_from(message)[1]
+                self._on_ready(pid, fds, message[forkserver.READY.size:].decode())
             elif message[:1] == b"X":
-                _, pid, status, user_s, system_s, max_rss, stop = forkserver.EXITED.unpack(message)
-                self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time()))
+                _, pid, status, user_s, system_s, max_rss, stop, oom = forkserver.EXITED.unpack(message)
+                self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time(), bool(oom)))
 
-    def _on_ready(self, pid: int, fds: list[int]) -> None:
+    def _on_ready(self, pid: int, fds: list[int], cgroup: str) -> None:
         self._forking -= 1
         channel = socket.socket(fileno=fds[0])
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, channel, fds[1], fds[2])
+        process = TaskProcess(pid, channel, fds[1], fds[2], cgroup)
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -383,6 +389,8 @@ class Run:
                 exit_.status,
             )
         limit = LIMIT_SIGNALS.get(os.WTERMSIG(exit_.status)) if os.WIFSIGNALED(exit_.status) else None
+        if exit_.oom_killed:
+            limit = "memory"
         if limit is not None:
             response = error_response(
                 Kind.LIMIT_EXCEEDED, "LimitExceeded",

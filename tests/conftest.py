@@ -117,7 +117,26 @@ def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | 
 @pytest.fixture(scope="session")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """One daemon shared by the tests that do not change its configuration."""
-    d = start_daemon(tmp_path_factory.mktemp("daemon"), env={"TASK_RUNNER_TEST_SECRET": "hunter2"})
+    d = start_daemon(tmp_path_factory.mktemp("daemon"), 'cgroup = "off"\n',
+                     env={"TASK_RUNNER_TEST_SECRET": "hunter2"})
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+def cgroup_v2_writable() -> bool:
+    from task_runner.server.cgroups import own_cgroup
+
+    own = own_cgroup()
+    return own is not None and os.access(own, os.W_OK)
+
+
+@pytest.fixture(scope="session", params=["off", "auto"], ids=["process-groups", "cgroup-v2"])
+def tree_daemon(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    """A daemon that ends process trees with process groups and the subreaper, or with cgroup v2."""
+    if request.param == "auto" and not cgroup_v2_writable():
+        pytest.skip("no writable cgroup v2 hierarchy on this machine")
+    d = start_daemon(tmp_path_factory.mktemp(f"tree-{request.param}"), f'cgroup = "{request.param}"\n')
+    d.cgroup_mode = request.param  # type: ignore[attr-defined]
     yield d
     assert d.stop() == 0, d.log_text()
 

@@ -15,7 +15,7 @@ from task_runner.client import (
     TaskResultTooLarge,
     TaskTimeout,
 )
-from tests.conftest import REPO, read_pids, wait_gone, wait_until
+from tests.conftest import REPO, Daemon, read_pids, wait_gone, wait_until
 
 FAULTS_FILE = REPO / "tests" / "tasks" / "faults.py"
 
@@ -106,13 +106,22 @@ def test_short_timeout_against_a_longer_task(client: Client) -> None:
     assert answer is not None and answer.usage.wall_ms < 1000  # a generous bound: honoured well within 1 s
 
 
-def test_timeout_kills_a_stubborn_tree(client: Client, tmp_path: Path) -> None:
+def test_timeout_kills_a_stubborn_tree(tree_daemon: Daemon, tmp_path: Path) -> None:
     pidfile = tmp_path / "pids"
-    with pytest.raises(TaskTimeout):
+    with tree_daemon.client() as client, pytest.raises(TaskTimeout):
         client.call("stubborn_tree", 1500, {"pidfile": str(pidfile)})
     pids = read_pids(pidfile)
     assert len(pids) == 4, pids  # the task, two grandchildren, one orphaned great-grandchild
     assert wait_gone(pids) == []
+
+
+def test_each_task_has_its_own_cgroup_when_available(tree_daemon: Daemon) -> None:
+    with tree_daemon.client() as client:
+        first, second = (client.call("my_cgroup", 5000).result["cgroup"] for _ in range(2))
+    if tree_daemon.cgroup_mode == "auto":  # type: ignore[attr-defined]
+        assert re.search(r"/task-runner-\d+/t\d+-\d+$", first) and first != second
+    else:
+        assert "task-runner" not in first
 
 
 @pytest.mark.parametrize(("task", "exit_code", "signal", "text"), [
@@ -195,10 +204,10 @@ def test_task_sees_no_daemon_secrets_and_no_extra_fds(client: Client) -> None:
     assert len(fds) <= 5 and fds[:4] == [0, 1, 2, 3], fds
 
 
-def test_fork_bomb_is_cleaned_up(client: Client, daemon) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(TaskTimeout):
+def test_fork_bomb_is_cleaned_up(tree_daemon: Daemon) -> None:
+    with tree_daemon.client() as client, pytest.raises(TaskTimeout):
         client.call("fork_bomb", 500, {"width": 4, "depth": 3})
-    assert wait_until(lambda: leftovers(daemon) == [], 5), leftovers(daemon)
+    assert wait_until(lambda: leftovers(tree_daemon) == [], 5), leftovers(tree_daemon)
 
 
 def leftovers(daemon) -> list[int]:  # type: ignore[no-untyped-def]

@@ -1,0 +1,195 @@
+"""One cgroup v2 per task, where a writable (delegated) cgroup v2 subtree is available.
+
+The daemon finds or creates the subtree once (`prepare`); the fork server puts each task
+process into its own cgroup as it forks it, ends the whole tree with `cgroup.kill` (which no
+setsid() or double fork escapes) and removes the cgroup once it is empty. Where the memory and
+pids controllers are enabled, `memory.max` and `pids.max` carry the task's limits.
+Elsewhere the fork server falls back to process groups and subreaper tracking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import time
+
+log = logging.getLogger("task_runner.server")
+
+
+def own_cgroup() -> str | None:
+    """The directory of this process's cgroup in the cgroup v2 hierarchy, if it is mounted."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            path = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
+    except OSError:
+        return None
+    if path is None or mount is None:
+        return None
+    return os.path.join(mount, path.lstrip("/"))
+
+
+def prepare(setting: str, owner: tuple[int, int] | None) -> str | None:
+    """The directory to create task cgroups in, or None to use the fallback.
+
+    Args:
+        setting: "off", "auto" (a subtree of this process's own cgroup, if writable) or a path.
+        owner: the (uid, gid) the fork server runs as, who must be able to write there.
+    """
+    if setting == "off":
+        return None
+    parent = own_cgroup() if setting == "auto" else setting
+    if parent is None or not os.path.isfile(os.path.join(parent, "cgroup.procs")):
+        if setting != "auto":
+            log.warning("cgroup %s is not a cgroup v2 directory: using process groups instead", setting)
+        return None
+    _remove_stale(parent)
+    base = os.path.join(parent, f"task-runner-{os.getpid()}")
+    try:
+        os.mkdir(base)
+    except OSError as exc:
+        if setting != "auto" or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            log.warning("cannot create a cgroup in %s (%s): using process groups instead", parent, exc.strerror)
+        return None
+    _enable_controllers(parent, base)
+    if owner is not None:
+        for name in ("", "cgroup.procs", "cgroup.subtree_control"):
+            with contextlib.suppress(OSError):
+                os.chown(os.path.join(base, name), *owner)
+    log.info("tasks run in cgroups under %s (controllers: %s)", base, " ".join(controllers(base)) or "none")
+    return base
+
+
+def _remove_stale(parent: str) -> None:
+    """Kill and remove the task cgroups of daemons that are gone (a SIGKILLed one leaves them)."""
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(parent):
+            pid = entry.name.removeprefix("task-runner-")
+            if entry.name.startswith("task-runner-") and pid.isdigit() and not _alive(int(pid)):
+                log.info("removing %s, left behind by a daemon that is gone", entry.path)
+                _kill(entry.path)
+                for task in os.scandir(entry.path):
+                    if task.is_dir():
+                        _remove_when_empty(task.path)
+                _remove_when_empty(entry.path)
+
+
+def _remove_when_empty(path: str, attempts: int = 100) -> None:
+    for _ in range(attempts):  # cgroup.kill is asynchronous: the processes take a moment to go
+        try:
+            os.rmdir(path)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                return
+        time.sleep(0.01)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _enable_controllers(parent: str, base: str) -> None:
+    """Make memory and pids available to the task cgroups, where the parent has them to give."""
+    available = set(controllers(parent, "cgroup.controllers")) & {"memory", "pids"}
+    for where in (parent, base):
+        for controller in sorted(available):
+            with contextlib.suppress(OSError), open(os.path.join(where, "cgroup.subtree_control"), "w") as f:
+                f.write(f"+{controller}")
+
+
+def controllers(directory: str, name: str = "cgroup.subtree_control") -> list[str]:
+    try:
+        with open(os.path.join(directory, name)) as f:
+            return f.read().split()
+    except OSError:
+        return []
+
+
+def remove_base(base: str | None) -> None:
+    if base is not None:
+        with contextlib.suppress(OSError):
+            os.rmdir(base)
+
+
+def _kill(path: str) -> None:
+    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as f:
+        f.write("1")
+
+
+class TaskCgroups:
+    """The fork server's side: a cgroup per task process, killed and removed with it."""
+
+    def __init__(self, base: str | None) -> None:
+        self.base = base
+        self._paths: dict[int, str] = {}  # task process -> its cgroup
+        self._serial = 0
+        self._pending: set[str] = set()  # killed, not yet empty
+
+    def add(self, pid: int) -> str | None:
+        """Put a task process, just forked, into a cgroup of its own; its path, or None."""
+        if self.base is None:
+            return None
+        self._serial += 1  # a pid may come back while its old cgroup is still being emptied
+        path = os.path.join(self.base, f"t{pid}-{self._serial}")
+        try:
+            os.mkdir(path)
+            with open(os.path.join(path, "cgroup.procs"), "w") as f:
+                f.write(str(pid))
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.rmdir(path)
+            return None  # this task goes without: process groups and the subreaper still hold it
+        self._paths[pid] = path
+        return path
+
+    def kill(self, pid: int) -> None:
+        path = self._paths.get(pid)
+        if path is not None:
+            _kill(path)
+
+    def oom_killed(self, pid: int) -> bool:
+        """Whether the kernel killed something in the task's cgroup for want of memory."""
+        path = self._paths.get(pid)
+        if path is None:
+            return False
+        try:
+            with open(os.path.join(path, "memory.events")) as f:
+                return any(line.startswith("oom_kill ") and line.split()[1] != "0" for line in f)
+        except OSError:
+            return False
+
+    def release(self, pid: int) -> None:
+        """The task process was reaped: kill whatever is left in its cgroup, and remove it when empty."""
+        path = self._paths.pop(pid, None)
+        if path is not None:
+            _kill(path)
+            self._pending.add(path)
+            self.sweep()
+
+    def sweep(self) -> None:
+        for path in list(self._pending):
+            try:
+                os.rmdir(path)
+            except OSError as exc:
+                if exc.errno == errno.EBUSY:
+                    continue  # its last processes are still dying
+            self._pending.discard(path)
+
+
+def set_limits(path: str, memory_bytes: int | None, pids: int | None) -> None:
+    """Write a task cgroup's memory.max and pids.max (where those controllers are enabled)."""
+    for name, value in (("memory.max", memory_bytes), ("pids.max", pids)):
+        target = os.path.join(path, name)
+        if value is not None and os.path.exists(target):  # the controller is enabled here
+            with open(target, "w") as f:
+                f.write(str(value))
