@@ -10,12 +10,13 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from task_runner.server.registry import installed_tasks, parse_target
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_TIMEOUT_MS = 2**32 - 1  # what PerformRequest.timeout_ms can carry
+_T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
@@ -165,17 +166,17 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
 
 
 def _build(data: dict[str, Any], where: str) -> Config:
-    config = _dataclass(Config, data, "", where)
+    config: Config = _dataclass(Config, data, "", where)
     _validate(config, where)
     return config
 
 
-def _dataclass(cls: type[Any], data: Any, prefix: str, where: str) -> Any:
+def _dataclass(cls: type[_T], data: Any, prefix: str, where: str) -> _T:
     """Build a config dataclass from a TOML table, refusing unknown keys and wrong types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'!r} must be a table")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is always a dataclass
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
@@ -195,7 +196,7 @@ def _value(value: Any, hint: Any, key: str, where: str) -> Any:
     if origin in (types.UnionType, typing.Union):
         options = [option for option in typing.get_args(hint) if option is not type(None)]
         return _value(value, options[0], key, where) if len(options) == 1 else value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _dataclass(hint, value, key + ".", where)
     if origin is Mapping:  # tasks: name = "module:function" or a [tasks.NAME] table
         if not isinstance(value, dict):

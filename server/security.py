@@ -77,7 +77,7 @@ def load_token(config: Config) -> bytes | None:
     return token.encode()
 
 
-class TokenAuth(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TokenAuth(grpc.aio.ServerInterceptor[Any, Any]):
     """Requires `authorization: Bearer <token>` on every call but health checks; compared in constant time."""
 
     def __init__(self, token: bytes) -> None:

@@ -33,7 +33,7 @@ log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
 READ_CHUNK = 1 << 16
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
-LIMIT_SIGNALS = {signal.SIGXCPU: "cpu_time", signal.SIGXFSZ: "file_size"}
+LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
 
 
 class Stop(enum.IntEnum):
