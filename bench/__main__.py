@@ -129,7 +129,6 @@ class Run:
             progress.phase(f"throughput at {', '.join(map(str, s.levels))} in flight: echo and Perform no-op, "
                            f"{s.repeats} x {s.window_s:.1f} s each, alternating")
             await self.attempt("throughput", phases.throughput(echo_channel, daemon_channel, s, progress))
-            await echo_channel.close(None)
             await self.stop(echo, "echo")
             progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x {s.window_s:.1f} s")
             await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
@@ -150,13 +149,18 @@ class Run:
         points = s.lean_checkpoints
         progress.phase(f"leanness: a fresh daemon, {points[-1]:,} no-op tasks at {s.lean_concurrency} in flight, "
                        f"footprint every {points[0]:,}")
+        await self.attempt("leanness", self.leanness())
+
+    async def leanness(self) -> dict[str, Any]:
         lean = await self.start("daemon")
-        lean_channel = await open_channel(lean.target(s.transport))
         try:
-            await self.attempt("leanness", phases.leanness(lean, lean_channel, s, progress))
+            channel = await open_channel(lean.target(self.settings.transport))
+            try:
+                return await phases.leanness(lean, channel, self.settings, self.progress)
+            finally:
+                await channel.close(None)
         finally:
-            await lean_channel.close(None)
-        await self.stop(lean, "lean_daemon")
+            await self.stop(lean, "lean_daemon")
 
     def cleanup(self) -> None:
         """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""
@@ -180,6 +184,9 @@ async def run(settings: Settings, out: Path) -> int:
     begin = time.monotonic()
     try:
         await bench.measure()
+    except Exception as exc:  # reported with whatever was measured before it
+        bench.results.setdefault("errors", {})["run"] = f"{type(exc).__name__}: {exc}"
+        progress.note(f"FAILED: {type(exc).__name__}: {exc}")
     finally:
         bench.cleanup()
     results = bench.results

@@ -7,7 +7,7 @@ import ipaddress
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import grpc.aio
@@ -77,7 +77,13 @@ def load_token(config: Config) -> bytes | None:
     return token.encode()
 
 
-class TokenAuth(grpc.aio.ServerInterceptor[Any, Any]):
+if TYPE_CHECKING:  # generic in the type stubs only
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _Interceptor = grpc.aio.ServerInterceptor
+
+
+class TokenAuth(_Interceptor):
     """Requires `authorization: Bearer <token>` on every call but health checks; compared in constant time."""
 
     def __init__(self, token: bytes) -> None:
