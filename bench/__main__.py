@@ -148,7 +148,7 @@ class Run:
 
         points = s.lean_checkpoints
         progress.phase(f"leanness: a fresh daemon, {points[-1]:,} no-op tasks at {s.lean_concurrency} in flight, "
-                       f"footprint every {points[0]:,}")
+                       f"footprint after {', '.join(f'{p:,}' for p in points)}")
         await self.attempt("leanness", self.leanness())
 
     async def leanness(self) -> dict[str, Any]:

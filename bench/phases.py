@@ -67,7 +67,8 @@ class Settings:
 
     @classmethod
     def for_mode(cls, quick: bool, transport: str) -> Settings:
-        lean_first, lean_last = (500, 5_000) if quick else (5_000, 50_000)
+        # The footprint is taken after the first checkpoint and the last (and at a few between).
+        lean = (500, 2_000, 3_500, 5_000) if quick else tuple(range(5_000, 50_001, 5_000))
         return cls(
             mode="quick" if quick else "full",
             transport=transport,
@@ -79,12 +80,12 @@ class Settings:
             warmup_calls=50 if quick else 200,
             warmup_s=0.3 if quick else 0.5,
             levels=(1, 8, 32, 128),
-            baseline_sequential_calls=10 if quick else 30,
+            baseline_sequential_calls=5 if quick else 30,
             baseline_concurrency=32,
             deadline_runs=10 if quick else 40,
             deadline_warmup_runs=1,
             deadline_timeout_ms=100,
-            lean_checkpoints=tuple(range(lean_first, lean_last + 1, lean_first)),
+            lean_checkpoints=lean,
             lean_concurrency=32,
             lean_max_s=120.0 if quick else 420.0,
             max_running=32,

@@ -216,7 +216,7 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
          ["whole tree gone, ms after the answer", _num(_get(d, "tree_gone_after_answer_ms", "median"), 1), "",
           _num(_get(d, "tree_gone_after_answer_ms", "max"), 1)]],
     ), f"  processes left behind: {d.get('left_behind', '-')} "
-       f"(pids recorded per run: {_get(d, 'pids_per_run', 'min')}-{_get(d, 'pids_per_run', 'max')})"]
+       f"(pids recorded per run: {_get(d, 'pids_per_run', 'min') or '-'} to {_get(d, 'pids_per_run', 'max') or '-'})"]
 
     rows = []
     for c in _get(results, "leanness", "checkpoints") or []:

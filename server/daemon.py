@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from task_runner.server import cgroups
 from task_runner.server.config import Config
+from task_runner.server.forkserver import prctl
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
 from task_runner.server.security import TokenAuth, check_exposure, load_token, server_credentials
@@ -35,6 +36,7 @@ from task_runner.server.supervisor import ForkServerClient, Stop
 from task_runner.server.workdirs import Workdirs
 
 log = logging.getLogger("task_runner.server")
+PR_SET_DUMPABLE = 4
 
 
 class ListenError(RuntimeError):
@@ -88,6 +90,9 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         check_exposure(self.config)
+        # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
+        # the TLS key). exec() resets it, so the fork server and the tasks are unaffected.
+        prctl(PR_SET_DUMPABLE, 0)
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         self._workdirs.start()

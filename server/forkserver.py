@@ -49,7 +49,7 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _prctl(option: int, value: int) -> None:
+def prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
@@ -95,7 +95,7 @@ class ForkServer:
         return {"pid": self._pid, "tasks": infos}
 
     def serve(self) -> None:
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self._wakeup_w)
@@ -155,10 +155,10 @@ class ForkServer:
 
     def _become_task_process(self, channel: int, out_w: int, err_w: int) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
-        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != self._pid:  # the fork server died before prctl took effect
             os._exit(0)
-        _prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree
+        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, signal.SIG_DFL)
