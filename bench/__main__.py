@@ -71,8 +71,8 @@ def machine_facts() -> dict[str, Any]:
 
 def service_facts(service: procs.Service) -> dict[str, Any]:
     lines = service.log_lines()
-    return {"exit_code": service.exit_code, "companions_killed": service.companions_left,
-            "log_lines": len(lines), "log_head": lines[:20]}
+    return {"pid": service.pid, **service.facts, "exit_code": service.exit_code,
+            "companions_killed": service.companions_left, "log_lines": len(lines), "log_head": lines[:20]}
 
 
 class Run:

@@ -75,8 +75,8 @@ class Settings:
             latency_calls=200 if quick else 1000,
             latency_block=100,
             repeats=1 if quick else 3,
-            window_s=1.0 if quick else 1.5,
-            baseline_window_s=1.5 if quick else 3.0,
+            window_s=0.8 if quick else 1.5,
+            baseline_window_s=1.2 if quick else 3.0,
             warmup_calls=50 if quick else 200,
             warmup_s=0.3 if quick else 0.5,
             levels=(1, 8, 32, 128),
@@ -344,7 +344,7 @@ def _cpu_per_task(first: dict[str, float], last: dict[str, float]) -> dict[str, 
 
 async def _settled_footprint(pid: int) -> dict[str, float]:
     """The median of three footprints taken after the last tasks' processes have had time to be reaped."""
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.3)
     samples = []
     for _ in range(3):
         samples.append(await asyncio.to_thread(procs.footprint, pid))

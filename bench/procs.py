@@ -43,6 +43,7 @@ class Service:
     companions: list[psutil.Process] = field(default_factory=list)  # e.g. the daemon's fork server
     exit_code: int | None = None
     companions_left: int = 0
+    facts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def pid(self) -> int:
@@ -155,6 +156,8 @@ def start_daemon(directory: Path, config: dict[str, Any]) -> Service:
     forkserver = forkserver_of(daemon.pid)
     if forkserver is not None:
         daemon.companions.append(forkserver)
+    daemon.facts["task_cgroups"] = task_cgroup_base(daemon.pid)
+    daemon.facts["forkserver_pid"] = forkserver.pid if forkserver is not None else None
     return daemon
 
 
@@ -174,6 +177,21 @@ def forkserver_of(daemon_pid: int) -> psutil.Process | None:
                 if any(FORKSERVER_MODULE in part for part in child.cmdline()):
                     return child
     return None
+
+
+def task_cgroup_base(daemon_pid: int) -> str | None:
+    """The cgroup v2 directory the daemon makes task cgroups in, if it made one (else it uses process groups)."""
+    try:
+        with open(f"/proc/{daemon_pid}/cgroup") as f:
+            path = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
+        with open("/proc/self/mountinfo") as f:
+            mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
+    except OSError:
+        return None
+    if path is None or mount is None:
+        return None
+    base = os.path.join(mount, path.lstrip("/"), f"task-runner-{daemon_pid}")
+    return base if os.path.isdir(base) else None
 
 
 def footprint(daemon_pid: int) -> dict[str, float]:

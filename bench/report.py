@@ -239,6 +239,19 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
             f"on {results['machine']['nproc']} CPUs if nothing else ran"
         )
 
+    out += ["", "Notes"]
+    for key, service in (results.get("services") or {}).items():
+        line = f"  {key}: exit code {service.get('exit_code')}, {service.get('log_lines', 0)} log lines"
+        if key != "echo":
+            cgroups = service.get("task_cgroups")
+            line += f" at WARNING or above; tasks in {'cgroups under ' + cgroups if cgroups else 'process groups'}"
+            line += f"; fork server killed at stop: {service.get('companions_killed', 0)}"
+        out.append(line)
+        out += [f"      | {text[:150]}" for text in service.get("log_head", [])[:5]]
+    stopped = results.get("stopped_at_cleanup") or []
+    out.append(f"  processes still running at the end, stopped by the cleanup: {len(stopped)}")
+    out += [f"      | {text}" for text in stopped[:5]]
+
     out += ["", "Targets"]
     for target in targets:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[target.met]

@@ -31,11 +31,13 @@ from task_runner.client.errors import (
     Unavailable,
 )
 from task_runner.client.results import TaskInfo, TaskResult, Timings, Usage
+from task_runner.client.retry import NO_RETRY, RetryPolicy
 from task_runner.client.sync import Callback, Client, perform
 
 __all__ = [
     "DEFAULT",
     "DEFAULT_TARGET",
+    "NO_RETRY",
     "TARGET_ENV",
     "AsyncClient",
     "Callback",
@@ -45,6 +47,7 @@ __all__ = [
     "InvalidRequest",
     "Overloaded",
     "PermissionDenied",
+    "RetryPolicy",
     "RpcError",
     "Security",
     "TaskCancelled",

@@ -12,6 +12,7 @@ import grpc
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
+from task_runner.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
 from task_runner.client.sync import Callback
 from task_runner.v1.task_runner_pb2 import ListTasksRequest, ListTasksResponse, PerformResponse
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
@@ -22,13 +23,15 @@ log = logging.getLogger("task_runner.client")
 class AsyncClient:
     """An asyncio client; create and use it inside a running event loop. See `Client` for arguments."""
 
-    def __init__(self, target: Target = None, security: Security | None = None) -> None:
+    def __init__(self, target: Target = None, security: Security | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         address, options = resolve_target(target)
         security = security or Security()
         credentials = security.credentials()
         self._channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
                          else grpc.aio.insecure_channel(address, options=options))
         self._metadata = security.metadata()
+        self._retry = retry
         self._stub = TaskRunnerStub(self._channel)
 
     async def call(
@@ -39,16 +42,26 @@ class AsyncClient:
         *,
         request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
+        retries: int = 0,
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
         request = build_request(task, timeout_ms, options, request_id)
-        try:
-            response: PerformResponse = await self._stub.Perform(
-                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
-            )
-        except grpc.aio.AioRpcError as exc:
-            raise from_grpc_error(exc) from exc
-        return read_response(response)
+        attempts = Attempts(self._retry, retries, request_id)
+        while True:
+            request.request_id = attempts.request_id
+            try:
+                try:
+                    response: PerformResponse = await self._stub.Perform(
+                        request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
+                    )
+                except grpc.aio.AioRpcError as exc:
+                    raise from_grpc_error(exc) from exc
+                return read_response(response)
+            except TaskRunnerError as exc:
+                delay = attempts.next_delay(exc)
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
 
     def perform(
         self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,

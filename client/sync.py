@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -12,6 +13,7 @@ import grpc
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, resolve_target, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
+from task_runner.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
 from task_runner.v1.task_runner_pb2 import ListTasksRequest, PerformResponse
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
 
@@ -27,15 +29,18 @@ class Client:
     Args:
         target: "host:port", "unix:/path", or several "ip:port"; None: $TASK_RUNNER_TARGET or 127.0.0.1:50051.
         security: TLS files and bearer token (each also read from the environment; see `Security`).
+        retry: how transport failures are retried (`NO_RETRY` to turn that off); see `RetryPolicy`.
     """
 
-    def __init__(self, target: Target = None, security: Security | None = None) -> None:
+    def __init__(self, target: Target = None, security: Security | None = None,
+                 retry: RetryPolicy = DEFAULT_RETRY) -> None:
         address, options = resolve_target(target)
         security = security or Security()
         credentials = security.credentials()
         self._channel = (grpc.secure_channel(address, credentials, options=options) if credentials
                          else grpc.insecure_channel(address, options=options))
         self._metadata = security.metadata()
+        self._retry = retry
         self._stub = TaskRunnerStub(self._channel)
 
     def call(
@@ -46,6 +51,7 @@ class Client:
         *,
         request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
+        retries: int = 0,
     ) -> TaskResult:
         """Run a task and return its answer.
 
@@ -53,9 +59,11 @@ class Client:
             task: a task name the daemon serves.
             timeout_ms: the task's time limit; None for the task's default.
             options: the task's input, JSON-like.
-            request_id: an idempotency key; the daemon assigns one if None.
-            rpc_timeout: the call's deadline in seconds; by default the timeout plus a
+            request_id: an idempotency key, kept across retries; one is generated if None.
+            rpc_timeout: each attempt's deadline in seconds; by default the timeout plus a
                 minute's grace (none when timeout_ms is None); None for no deadline.
+            retries: how many times to run the task again after a task failure (TaskFailed).
+                Transport failures are retried regardless, per the client's RetryPolicy.
 
         Returns:
             The answer; `outcome` False is a deterministic failure, not an exception.
@@ -65,13 +73,22 @@ class Client:
             RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
         """
         request = build_request(task, timeout_ms, options, request_id)
-        try:
-            response: PerformResponse = self._stub.Perform(
-                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise from_grpc_error(exc) from exc
-        return read_response(response)
+        attempts = Attempts(self._retry, retries, request_id)
+        while True:
+            request.request_id = attempts.request_id
+            try:
+                try:
+                    response: PerformResponse = self._stub.Perform(
+                        request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
+                    )
+                except grpc.RpcError as exc:
+                    raise from_grpc_error(exc) from exc
+                return read_response(response)
+            except TaskRunnerError as exc:
+                delay = attempts.next_delay(exc)
+                if delay is None:
+                    raise
+                time.sleep(delay)
 
     def perform(
         self,
@@ -81,11 +98,13 @@ class Client:
         callback: Callback,
         *,
         request_id: str | None = None,
+        retries: int = 0,
     ) -> None:
         """The original library's style: returns at once; `callback(err, outcome, result)` runs exactly once.
 
-        The callback runs on a gRPC thread, or at once in this thread if the request is
-        invalid before it is sent. An exception raised by the callback is logged.
+        Retries as `call` does, without blocking any thread while it waits. The callback runs on
+        a gRPC (or timer) thread, or at once in this thread if the request is invalid before it
+        is sent. An exception raised by the callback is logged.
         """
         once = _Once(callback)
         try:
@@ -93,21 +112,33 @@ class Client:
         except TaskRunnerError as exc:
             once(exc, None, None)
             return
-        future = self._stub.Perform.future(
-            request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
-        )
+        attempts = Attempts(self._retry, retries, request_id)
+
+        def attempt() -> None:
+            request.request_id = attempts.request_id
+            future = self._stub.Perform.future(
+                request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
+            )
+            future.add_done_callback(done)
 
         def done(f: grpc.Future[PerformResponse]) -> None:
             try:
-                answer = read_response(f.result())
-            except grpc.RpcError as exc:
-                once(from_grpc_error(exc), None, None)
+                try:
+                    answer = read_response(f.result())
+                except grpc.RpcError as exc:
+                    raise from_grpc_error(exc) from exc
             except TaskRunnerError as exc:
-                once(exc, None, None)
+                delay = attempts.next_delay(exc)
+                if delay is None:
+                    once(exc, None, None)
+                else:
+                    timer = threading.Timer(delay, attempt)
+                    timer.daemon = True
+                    timer.start()
             else:
                 once(None, answer.outcome, answer.result)
 
-        future.add_done_callback(done)
+        attempt()
 
     def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""

@@ -95,6 +95,9 @@ class Config:
     # How many tasks run at once, and how many more may wait for a slot.
     max_running: int = field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1)))
     max_queued: int = 1024
+    # Calls gRPC has accepted but the daemon has not yet looked at (a burst). Beyond this gRPC
+    # itself cancels new calls (status CANCELLED) before the daemon can answer RESOURCE_EXHAUSTED.
+    max_pending_rpcs: int = 10_000
     # Task processes forked ahead of demand, so a task does not wait for fork().
     spare_processes: int = 4
     default_timeout_ms: int = 30_000
@@ -223,7 +226,8 @@ def _value(value: Any, hint: Any, key: str, where: str) -> Any:
 
 
 def _validate(config: Config, where: str) -> None:
-    positive = ("max_running", "result_max_bytes", "max_request_bytes", "default_timeout_ms", "max_timeout_ms")
+    positive = ("max_pending_rpcs", "max_running", "result_max_bytes", "max_request_bytes", "default_timeout_ms",
+                "max_timeout_ms")
     for key in positive:
         if getattr(config, key) <= 0:
             raise ConfigError(f"{where}: {key!r} must be above 0")

@@ -108,6 +108,10 @@ class Daemon:
                 ("grpc.max_receive_message_length", self.config.max_request_bytes),
                 ("grpc.max_send_message_length", message_cap),
                 ("grpc.so_reuseport", 0),
+                # gRPC's default (1000, then random cancellation up to 3000) would cancel a burst
+                # before the daemon could answer it with RESOURCE_EXHAUSTED.
+                ("grpc.server.max_pending_requests", self.config.max_pending_rpcs),
+                ("grpc.server.max_pending_requests_hard_limit", self.config.max_pending_rpcs),
             ],
         )
         self._server = server

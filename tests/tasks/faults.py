@@ -303,3 +303,26 @@ def find_secrets(options):
 def my_cgroup(options):
     with open("/proc/self/cgroup") as f:
         return True, {"cgroup": next(line.split("::", 1)[1].strip() for line in f if line.startswith("0::"))}
+
+
+def count_runs(options):
+    """Append a line to options["file"] per run, wait options["ms"], answer with a fresh random token."""
+    with open(options["file"], "a") as f:
+        f.write("run\n")
+    time.sleep(options.get("ms", 0) / 1e3)
+    return True, {"token": os.urandom(8).hex()}
+
+
+def flaky(options):
+    """Fail until it has run options["fail_times"] times (counted in options["file"])."""
+    with open(options["file"], "a+") as f:
+        f.seek(0)
+        runs = len(f.read().split())
+        f.write("run\n")
+    if runs < options["fail_times"]:
+        raise ConnectionError(f"flaky failure {runs + 1}")
+    return True, {"runs": runs + 1}
+
+
+def abort(options):
+    os.abort()

@@ -1,0 +1,71 @@
+"""When and how the clients retry: one policy, used by the blocking and the asyncio client alike.
+
+Transport failures (UNAVAILABLE) and refusals before running (RESOURCE_EXHAUSTED) are retried
+always, with exponential backoff and full jitter, under the same request_id: should the daemon
+have run the call after all, it answers the retry from its idempotency cache instead of running
+the task again. Task failures are retried only when the caller asks (`retries=N`); each such
+retry is a new execution, under the request_id suffixed "#retry1", "#retry2", ... An answer
+with outcome false is never retried: it is deterministic.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from task_runner.client.errors import Overloaded, TaskFailed, TaskRunnerError, Unavailable
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How many times and how soon to try again.
+
+    Args:
+        transport_attempts: tries in all for one execution when the daemon is unreachable or full.
+        initial_backoff_s, max_backoff_s, multiplier: the backoff before each retry is drawn
+            uniformly from [0, min(max, initial * multiplier**n)] ("full jitter").
+    """
+
+    transport_attempts: int = 5
+    initial_backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+    multiplier: float = 2.0
+
+    def backoffs(self) -> Iterator[float]:
+        ceiling = self.initial_backoff_s
+        while True:
+            yield random.uniform(0, ceiling)
+            ceiling = min(self.max_backoff_s, ceiling * self.multiplier)
+
+
+DEFAULT_RETRY = RetryPolicy()
+NO_RETRY = RetryPolicy(transport_attempts=1)
+
+
+class Attempts:
+    """The attempts of one call: which request_id each uses, and whether an error gets another try."""
+
+    def __init__(self, policy: RetryPolicy, task_retries: int, request_id: str | None) -> None:
+        self._policy = policy
+        self._task_retries = task_retries
+        self._base_id = request_id or uuid.uuid4().hex
+        self._task_attempt = 0
+        self._transport_attempt = 1
+        self._backoffs = policy.backoffs()
+
+    @property
+    def request_id(self) -> str:
+        return self._base_id if self._task_attempt == 0 else f"{self._base_id}#retry{self._task_attempt}"
+
+    def next_delay(self, error: TaskRunnerError) -> float | None:
+        """The pause before the next attempt, or None if `error` is final."""
+        if isinstance(error, Unavailable | Overloaded) and self._transport_attempt < self._policy.transport_attempts:
+            self._transport_attempt += 1
+            return next(self._backoffs)
+        if isinstance(error, TaskFailed) and self._task_attempt < self._task_retries:
+            self._task_attempt += 1
+            self._transport_attempt = 1
+            return next(self._backoffs)
+        return None
