@@ -77,8 +77,9 @@ Target = str | Sequence[str] | None
 def resolve_target(target: Target) -> tuple[str, list[tuple[str, Any]]]:
     """The gRPC target string and channel options for a target.
 
-    A target is "host:port", "unix:/path", or several "ip:port" (a list, or one string
-    separated by commas); several are balanced round-robin over the healthy ones.
+    A target is "host:port", "unix:/path", "dns:///name:port", or several "ip:port" (a list,
+    or one string separated by commas). Several addresses, or a dns: name that resolves to
+    several, are balanced round-robin over the healthy ones.
     None means $TASK_RUNNER_TARGET, else 127.0.0.1:50051.
     """
     if target is None:
@@ -91,11 +92,12 @@ def resolve_target(target: Target) -> tuple[str, list[tuple[str, Any]]]:
         ("grpc.max_receive_message_length", 256 << 20),
         ("grpc.max_send_message_length", 256 << 20),
     ]
-    if len(targets) == 1:
+    if len(targets) == 1 and not targets[0].startswith("dns:"):
         return targets[0], options
+    # Several daemons (listed, or one DNS name with several addresses): balance per call over the healthy.
     config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE}}
     options += [("grpc.service_config", json.dumps(config)), ("grpc.lb_policy_name", "round_robin")]
-    return _multi_address(targets), options
+    return (targets[0] if len(targets) == 1 else _multi_address(targets)), options
 
 
 def _multi_address(targets: list[str]) -> str:

@@ -10,6 +10,7 @@ import asyncio
 import collections
 import logging
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +138,8 @@ class TaskRunnerService:
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: set[Run] = set()
         self._executing: set[asyncio.Future[None]] = set()
+        # One thread removes finished tasks' directories, off the event loop (a task may leave many files).
+        self._remover = ThreadPoolExecutor(1, thread_name_prefix="workdir-remover")
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
 
@@ -297,7 +300,7 @@ class TaskRunnerService:
         """The task's process is gone: its slot is free, its directory goes."""
         self._runs.discard(run)
         self.slots.release()
-        asyncio.get_running_loop().run_in_executor(None, self._workdirs.remove, workdir)
+        asyncio.get_running_loop().run_in_executor(self._remover, self._workdirs.remove, workdir)
 
     def _record(
         self, execution: Execution, response: PerformResponse | None, received_at: float, admitted_at: float,
