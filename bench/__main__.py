@@ -134,8 +134,9 @@ class Run:
             await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
             progress.phase(f"baselines: fresh interpreter and ProcessPoolExecutor(max_tasks_per_child=1), "
                            f"{s.baseline_sequential_calls} calls one at a time, then {s.repeats} x "
-                           f"{s.baseline_window_s:.1f} s at {s.baseline_concurrency} in flight")
-            await self.attempt("baselines", phases.baselines(s, progress))
+                           f"{s.baseline_window_s:.1f} s at {s.baseline_concurrency} in flight, each beside a "
+                           f"{s.window_s:.1f} s Perform no-op window")
+            await self.attempt("baselines", phases.baselines(daemon_channel, s, progress))
             progress.phase(f"deadline: stubborn task with timeout {s.deadline_timeout_ms} ms, {s.deadline_runs} "
                            "runs one at a time, checking every recorded pid is gone")
             await self.attempt("deadline", phases.deadline(

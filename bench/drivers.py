@@ -28,6 +28,7 @@ Outcome = tuple[str | None, Timings | None]  # (what went wrong, None if nothing
 Call = Callable[[], Awaitable[Outcome]]
 MAX_CALLS = 1_000_000  # the count bound of every time-bounded loop
 WARMUP_MAX_S = 30.0  # the longest warm-up of a throughput window
+WINDOW_MAX_S = 20.0  # the longest a throughput window is stretched to hold its minimum of answers
 
 
 @dataclass
@@ -105,25 +106,32 @@ async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_secon
 
 
 async def steady_window(
-    call: Call, concurrency: int, *, warmup_calls: int, warmup_s: float, window_s: float,
+    call: Call, concurrency: int, *, warmup_calls: int, warmup_s: float, window_s: float, min_calls: int,
 ) -> tuple[RunStats, RunStats]:
     """Throughput in steady state: (the window's calls, the warm-up's calls).
 
     `concurrency` coroutines call one after another. The first answers are the warm-up: at least
     `warmup_calls` of them, or, once `warmup_s` has passed, at least one per coroutine (so every
-    coroutine has turned over once), and never more than WARMUP_MAX_S. Then the window counts the
-    calls answered in the next `window_s` seconds, whenever they started; calls still running at its
-    end are awaited but not counted. So ramp-up and drain stay out of the figure.
+    coroutine has turned over once), and never longer than WARMUP_MAX_S. Then the window counts the
+    answers that arrive in the next `window_s` seconds, whenever their call started; it is stretched
+    until it holds `min_calls` answers (so slow systems are not measured on a handful), but never
+    beyond WINDOW_MAX_S. Calls still running when it closes are awaited, not counted: ramp-up and
+    drain stay out of the figure.
     """
-    window, warmup = RunStats(concurrency), RunStats(concurrency)
+    warmup = RunStats(concurrency)
+    answers: list[tuple[float, float, str | None, Timings | None]] = []  # (when, latency, failure, timings)
     begin = time.perf_counter()
     opened: float | None = None
-    closes = begin + WARMUP_MAX_S + window_s  # until the warm-up ends and sets the real close
+
+    def closed(now: float) -> bool:
+        if opened is None:
+            return now >= begin + WARMUP_MAX_S + WINDOW_MAX_S
+        return (now >= opened + window_s and len(answers) >= min_calls) or now >= opened + WINDOW_MAX_S
 
     async def worker() -> None:
-        nonlocal opened, closes
+        nonlocal opened
         for _ in range(MAX_CALLS):
-            if time.perf_counter() >= closes:
+            if closed(time.perf_counter()):
                 return
             latency_ms, failure, timings = await _attempt(call)
             now = time.perf_counter()
@@ -132,12 +140,21 @@ async def steady_window(
                 waited = now - begin
                 if (warmup.calls >= warmup_calls or (waited >= warmup_s and warmup.calls >= concurrency)
                         or waited >= WARMUP_MAX_S):
-                    opened, closes = now, now + window_s
-            elif now <= closes:
-                _record(window, latency_ms, failure, timings)
+                    opened = now
+            else:
+                answers.append((now, latency_ms, failure, timings))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    window.elapsed_s = closes - opened if opened is not None else 0.0
+    window = RunStats(concurrency)
+    if opened is not None:
+        ends = [when for when, *_ in answers]
+        close = opened + WINDOW_MAX_S
+        if len(ends) >= min_calls:
+            close = min(close, max(opened + window_s, ends[min_calls - 1]))
+        for when, latency_ms, failure, timings in answers:
+            if when <= close:
+                _record(window, latency_ms, failure, timings)
+        window.elapsed_s = close - opened
     warmup.elapsed_s = (opened or time.perf_counter()) - begin
     return window, warmup
 

@@ -28,6 +28,7 @@ from bench.drivers import (
     RunStats,
     closed_loop,
     latency_summary,
+    median,
     merge,
     percentile,
     perform_request,
@@ -51,6 +52,8 @@ class Settings:
     repeats: int  # of each throughput window
     window_s: float  # length of one throughput window
     baseline_window_s: float  # the same, for the (slower) process-per-task baselines
+    window_min_calls: int  # a window is stretched until it holds this many answers,
+    window_min_per_flight: int  # and this many per call in flight
     warmup_calls: int  # before every measurement: this many calls, or fewer once warmup_s has passed
     warmup_s: float
     levels: tuple[int, ...]  # calls in flight
@@ -77,6 +80,8 @@ class Settings:
             repeats=1 if quick else 3,
             window_s=0.8 if quick else 1.5,
             baseline_window_s=1.2 if quick else 3.0,
+            window_min_calls=20 if quick else 50,
+            window_min_per_flight=1 if quick else 2,
             warmup_calls=50 if quick else 200,
             warmup_s=0.3 if quick else 0.5,
             levels=(1, 8, 32, 128),
@@ -126,6 +131,7 @@ async def _window(call: Call, concurrency: int, settings: Settings, warmup_failu
     window, warmup = await steady_window(
         call, concurrency, warmup_calls=settings.warmup_calls, warmup_s=settings.warmup_s,
         window_s=settings.window_s if window_s is None else window_s,
+        min_calls=max(settings.window_min_calls, settings.window_min_per_flight * concurrency),
     )
     warmup_failures.update(warmup.failures)
     return window
@@ -206,9 +212,15 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
     }
 
 
-async def baselines(settings: Settings, progress: Progress) -> dict[str, Any]:
-    """The same no-op, one fresh process per task: one call at a time, then at `baseline_concurrency` in flight."""
+async def baselines(daemon: grpc.aio.Channel, settings: Settings, progress: Progress) -> dict[str, Any]:
+    """The same no-op, one fresh process per task: one call at a time, then at `baseline_concurrency` in flight.
+
+    Each baseline window is paired with a Perform no-op window next to it (which goes first
+    alternates), and the ratio is taken pair by pair, so a change of load between phases does not
+    tilt it.
+    """
     concurrency = settings.baseline_concurrency
+    perform = RpcCall(daemon, perform_request("noop", NOOP_TIMEOUT_MS))
     result: dict[str, Any] = {}
     makers: dict[str, Callable[[], FreshInterpreter | ProcessPerTaskPool]] = {
         "fresh_interpreter": FreshInterpreter,
@@ -216,27 +228,41 @@ async def baselines(settings: Settings, progress: Progress) -> dict[str, Any]:
     }
     for name, make in makers.items():
         system = make()
+        warmup_failures: Counter[str] = Counter()
+        perform_warmup_failures: Counter[str] = Counter()
+        runs: list[RunStats] = []
+        perform_runs: list[RunStats] = []
         try:
             sequential = await closed_loop(
                 system, 1, max_calls=settings.baseline_sequential_calls, max_seconds=30,
             )
-            warmup_failures: Counter[str] = Counter()
-            runs = [await _window(system, concurrency, settings, warmup_failures, settings.baseline_window_s)
-                    for _ in range(settings.repeats)]
+            for repeat in range(settings.repeats):
+                if repeat % 2 == 0:
+                    perform_runs.append(await _window(perform, concurrency, settings, perform_warmup_failures))
+                runs.append(await _window(system, concurrency, settings, warmup_failures, settings.baseline_window_s))
+                if repeat % 2 == 1:
+                    perform_runs.append(await _window(perform, concurrency, settings, perform_warmup_failures))
         finally:
             await asyncio.wait_for(asyncio.to_thread(system.close), 60)
         summary = throughput_summary(runs)
+        ratios = [p.throughput / b.throughput for p, b in zip(perform_runs, runs, strict=True) if b.throughput > 0]
+        alongside = throughput_summary(perform_runs)
+        alongside["warmup_failures"] = dict(perform_warmup_failures)
         summary.update({
             "label": system.label,
             "sequential": {**latency_summary(sequential.latencies_ms), "failures": dict(sequential.failures),
                            "samples_ms": sample(sequential.latencies_ms, SAMPLES_KEPT)},
             "samples_ms": sample(merge(runs).latencies_ms, SAMPLES_KEPT),
             "warmup_failures": dict(warmup_failures),
+            "perform_alongside": alongside,
+            "paired_ratios": ratios,
+            "ratio": median(ratios),
         })
         if isinstance(system, ProcessPerTaskPool):
             summary["start_method"] = system.start_method
         result[name] = summary
-        progress.note(f"{system.label}: {summary['median']:,.1f} tasks/s at {concurrency} in flight, "
+        progress.note(f"{system.label}: {summary['median']:,.1f} tasks/s at {concurrency} in flight "
+                      f"(Perform beside it: {alongside['median']:,.0f}/s), "
                       f"{summary['sequential']['p50_ms']:.1f} ms one at a time")
     return result
 

@@ -76,6 +76,7 @@ class Daemon:
         self._reloading: asyncio.Task[None] | None = None
         self._server: grpc.aio.Server | None = None
         self._forkservers: set[ForkServerClient] = set()
+        self._watchers: set[asyncio.Future[None]] = set()
         self._service: TaskRunnerService | None = None
         self._health = health_aio.HealthServicer()
         self._owner = task_owner(config)
@@ -142,7 +143,28 @@ class Daemon:
         for name, info in forkserver.info.items():
             if info.import_error:
                 log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)
+        watcher = asyncio.ensure_future(self._replace_if_it_dies(forkserver, config))
+        self._watchers.add(watcher)
+        watcher.add_done_callback(self._watchers.discard)
         return forkserver
+
+    async def _replace_if_it_dies(self, forkserver: ForkServerClient, config: Config) -> None:
+        """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""
+        await forkserver.closed.wait()
+        if forkserver.retired or self._stop_requested.is_set() or self._service is None:
+            return
+        await asyncio.to_thread(forkserver.wait)
+        log.error("the fork server died (exit code %s); starting a new one", forkserver.exit_code)
+        self._forkservers.discard(forkserver)
+        while not self._stop_requested.is_set():
+            try:
+                replacement = await self._start_forkserver(config)
+            except Exception as exc:
+                log.error("cannot start a fork server: %s; trying again in a second", exc)
+                await asyncio.sleep(1.0)
+                continue
+            self._service.reload(config, replacement)
+            return
 
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> str:
@@ -200,6 +222,11 @@ class Daemon:
         old = self._service.reload(config, forkserver)
         log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
         self.notifier.notify("READY=1", "STATUS=reloaded")
+        await self._retire(old)
+
+    async def _retire(self, old: ForkServerClient) -> None:
+        """Close a fork server that no longer gets new tasks, once its running tasks are done."""
+        old.retired = True
         await old.idle()
         await old.close()
         self._forkservers.discard(old)

@@ -12,7 +12,7 @@ import logging
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -79,45 +79,48 @@ class Execution:
     finished_at: float = 0.0
 
 
-class AnswerCache:
-    """Executions by caller-given request_id: running ones, and finished ones for `window_s`.
+class _Kept(NamedTuple):
+    """A finished execution's answer, as little as is needed to give it again."""
 
-    Bounded by entry count and by the bytes of the answers kept; the oldest finished go first.
-    A CANCELLED answer is not kept: the caller went away, and a retry should run the task.
+    task: str
+    options: bytes  # serialized deterministically, to tell a different request under the same id
+    answer: bytes
+    expires: float
+
+
+class AnswerCache:
+    """Executions by caller-given request_id: running ones, and finished ones' answers for `window_s`.
+
+    Bounded by entry count and by the bytes kept; the oldest finished go first. A CANCELLED
+    answer is not kept: the caller went away, and a retry should run the task.
     """
 
     def __init__(self, window_s: float, max_entries: int, max_bytes: int) -> None:
         self.window_s, self.max_entries, self.max_bytes = window_s, max_entries, max_bytes
         self._running: dict[str, Execution] = {}
-        self._finished: collections.OrderedDict[str, tuple[Execution, float, int]] = collections.OrderedDict()
+        self._finished: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
         self._bytes = 0
 
-    def get(self, request_id: str, now: float) -> Execution | None:
-        self._expire(now)
-        found = self._running.get(request_id)
-        if found is None and request_id in self._finished:
-            found = self._finished[request_id][0]
-        return found
+    def get(self, request_id: str, now: float) -> Execution | _Kept | None:
+        while self._finished and next(iter(self._finished.values())).expires <= now:
+            self._drop_oldest()
+        return self._running.get(request_id) or self._finished.get(request_id)
 
     def add(self, execution: Execution) -> None:
         self._running[execution.request_id] = execution
 
     def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
-        self._running.pop(execution.request_id, None)
-        if answer is None or self.window_s <= 0:
+        if self._running.pop(execution.request_id, None) is None or answer is None or self.window_s <= 0:
             return
-        self._finished[execution.request_id] = (execution, now + self.window_s, len(answer))
-        self._bytes += len(answer)
+        options = execution.options.SerializeToString(deterministic=True)
+        self._finished[execution.request_id] = _Kept(execution.task, options, answer, now + self.window_s)
+        self._bytes += len(answer) + len(options)
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
             self._drop_oldest()
 
-    def _expire(self, now: float) -> None:
-        while self._finished and next(iter(self._finished.values()))[1] <= now:
-            self._drop_oldest()
-
     def _drop_oldest(self) -> None:
-        _, (_, _, size) = self._finished.popitem(last=False)
-        self._bytes -= size
+        _, kept = self._finished.popitem(last=False)
+        self._bytes -= len(kept.answer) + len(kept.options)
 
     def __len__(self) -> int:
         return len(self._running) + len(self._finished)
@@ -189,10 +192,14 @@ class TaskRunnerService:
         try:
             parsed, task = self._validate(request)
             if parsed.request_id and (existing := self._cache.get(parsed.request_id, received_at)) is not None:
-                if existing.task != parsed.task or existing.options != parsed.options:
+                if isinstance(existing, _Kept):
+                    same = existing.options == parsed.options.SerializeToString(deterministic=True)
+                else:
+                    same = existing.options == parsed.options
+                if existing.task != parsed.task or not same:
                     raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                        f"request_id {parsed.request_id!r} was used for a different request")
-                return await self._attach(existing)
+                return existing.answer if isinstance(existing, _Kept) else await self._attach(existing)
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
             forkserver = self.forkserver

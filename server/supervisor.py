@@ -129,6 +129,7 @@ class ForkServerClient:
         self._idle = asyncio.Event()
         self._idle.set()
         self.closed = asyncio.Event()
+        self.retired = False  # closed on purpose (a reload, a stop), not died
 
     async def start(self) -> None:
         spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
@@ -244,12 +245,21 @@ class ForkServerClient:
 
     async def close(self) -> None:
         """End the fork server: it kills every task process it forked, then exits."""
+        self.retired = True
         self._on_closed()
         await asyncio.to_thread(self._process.wait)
+
+    def wait(self) -> int:
+        """Block until the fork server process has exited; its exit code."""
+        return self._process.wait()
 
     @property
     def pid(self) -> int:
         return self._process.pid
+
+    @property
+    def exit_code(self) -> int | None:
+        return self._process.poll()
 
 
 def clean_environment(allow: tuple[str, ...]) -> dict[str, str]:

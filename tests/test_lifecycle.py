@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from task_runner.client import TaskCancelled, Unavailable
+from task_runner.client import NO_RETRY, Client, TaskCancelled, Unavailable
 from task_runner.server.config import ConfigError, load
 from tests.conftest import REPO, read_pids, start_daemon, wait_gone, wait_until
 
@@ -36,8 +36,8 @@ def test_sigterm_drains_running_tasks_and_refuses_new_ones(tmp_path: Path) -> No
         assert wait_until(lambda: read_pids(pidfile), 10)
         daemon.process.send_signal(signal.SIGTERM)
         assert wait_until(lambda: "draining" in daemon.log_text(), 10)
-        with pytest.raises(Unavailable, match="shutting down"):
-            client.call("echo", 5000)
+        with Client(daemon.unix, retry=NO_RETRY) as once, pytest.raises(Unavailable, match="shutting down"):
+            once.call("echo", 5000)
         assert running.result(timeout=30).outcome is True  # it was allowed to finish
     assert daemon.process.wait(30) == 0
     daemon.stop()
@@ -116,3 +116,19 @@ def test_listen_failure_is_reported(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     assert done.returncode == 1 and "cannot listen on unix:/nonexistent/dir/x.sock" in done.stderr
+
+
+def test_a_dead_fork_server_is_replaced(tmp_path: Path) -> None:
+    import psutil
+
+    daemon = start_daemon(tmp_path / "d")
+    try:
+        with daemon.client() as client:
+            assert client.call("echo", 5000).outcome
+            zygote = next(p for p in psutil.Process(daemon.process.pid).children()
+                          if "forkserver" in " ".join(p.cmdline()))
+            zygote.kill()
+            assert wait_until(lambda: "starting a new one" in daemon.log_text(), 10), daemon.log_text()
+            assert client.call("echo", 5000, {"after": "replacement"}).outcome  # retried until it is back
+    finally:
+        assert daemon.stop() == 0
