@@ -23,7 +23,7 @@ from typing import Any
 
 from bench import phases, procs, report
 from bench.drivers import open_channel
-from bench.phases import Progress, Settings
+from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = 8

@@ -163,7 +163,8 @@ def perform_request(task: str, timeout_ms: int, options: Mapping[str, Any] | Non
     request = PerformRequest(task=task, timeout_ms=timeout_ms)
     if options:
         request.options.update(dict(options))
-    return request.SerializeToString()
+    serialized: bytes = request.SerializeToString()
+    return serialized
 
 
 class RpcCall:
@@ -177,7 +178,7 @@ class RpcCall:
         self, channel: grpc.aio.Channel, request: bytes, *,
         expect_error: int = 0, expect_outcome: bool = True, timeout_s: float = 60.0,
     ) -> None:
-        self._method = channel.unary_unary(PERFORM_METHOD)
+        self._method = channel.unary_unary(PERFORM_METHOD, request_serializer=None, response_deserializer=None)
         self._request = request
         self._expect_error = expect_error
         self._expect_outcome = expect_outcome

@@ -22,7 +22,7 @@ import grpc.aio
 from task_runner.v1.task_runner_pb2 import DESCRIPTOR, PerformResponse
 
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
-EMPTY_RESPONSE = PerformResponse().SerializeToString()
+EMPTY_RESPONSE: bytes = PerformResponse().SerializeToString()
 
 
 def notify(*states: str) -> None:

@@ -132,3 +132,38 @@ def test_a_dead_fork_server_is_replaced(tmp_path: Path) -> None:
             assert client.call("echo", 5000, {"after": "replacement"}).outcome  # retried until it is back
     finally:
         assert daemon.stop() == 0
+
+
+def test_json_logs_carry_the_request_id(tmp_path: Path) -> None:
+    import json
+
+    daemon = start_daemon(tmp_path / "d", 'log_format = "json"\n')
+    try:
+        with daemon.client() as client:
+            client.call("echo", 5000, request_id="json-log-1")
+        assert wait_until(lambda: "json-log-1" in daemon.log_text(), 5)
+        entries = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+        finished = next(e for e in entries if e.get("request_id") == "json-log-1")
+        assert finished["level"] == "INFO" and "task echo finished: outcome=true" in finished["message"]
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_new_start_cleans_up_after_a_killed_daemon(tmp_path: Path) -> None:
+    base = tmp_path / "work"
+    config = f'workdir_base = "{base}"\n'
+    pidfile = tmp_path / "pids"
+    first = start_daemon(tmp_path / "first", config)
+    with first.client() as client, ThreadPoolExecutor(1) as pool:
+        pool.submit(client.call, "write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60})
+        assert wait_until(lambda: read_pids(pidfile), 10)
+        assert (base / str(first.process.pid)).is_dir()
+        first.process.kill()
+        first.stop()
+    second = start_daemon(tmp_path / "second", config)
+    try:
+        assert not (base / str(first.process.pid)).exists()
+        assert "left behind by a daemon that is gone" in second.log_text()
+        assert wait_gone(read_pids(pidfile)) == []
+    finally:
+        assert second.stop() == 0
