@@ -327,7 +327,7 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
             "process_pool": _get(results, "baselines", "process_pool", "samples_ms"),
         }),
     ]
-    figure, axes = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
     for axis, (title, series) in zip(axes, panels, strict=True):
         for key, samples in series.items():
             if not samples:
@@ -339,7 +339,8 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
         axis.set_title(f"Per-call latency, {title}")
         axis.set_xlabel("latency seen by the client, ms (log scale)")
         axis.grid(True, which="both", alpha=0.3)
-        axis.legend(loc="upper left", fontsize=8, title="(n = calls)", title_fontsize=8)
+        axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8,
+                    title="(calls measured)", title_fontsize=8)
     axes[0].set_ylabel("fraction of calls at or below")
     m = results["machine"]
     figure.suptitle(f"isolated-task-runner, {results['settings']['mode']} run {results['date']} "

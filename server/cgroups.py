@@ -186,6 +186,10 @@ class TaskCgroups:
             self._pending.discard(path)
 
 
+def has_pids_max(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "pids.max"))
+
+
 def set_limits(path: str, memory_bytes: int | None, pids: int | None) -> None:
     """Write a task cgroup's memory.max and pids.max (where those controllers are enabled)."""
     for name, value in (("memory.max", memory_bytes), ("pids.max", pids)):

@@ -42,6 +42,10 @@ RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so
 MIB = 1 << 20
 
 
+def _reused(request_id: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r} was used for a different request")
+
+
 class RequestError(Exception):
     """A request the daemon refuses: carries the gRPC status code to answer with."""
 
@@ -74,9 +78,16 @@ class Execution:
     task: str
     options: Struct
     run: Run | None = None
+    job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
     answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attached: int = 0
-    finished_at: float = 0.0
+
+    def abandon(self) -> None:
+        """Every caller left before the answer: kill the run, or leave the queue."""
+        if self.run is not None:
+            self.run.stop(Stop.CANCELLED)  # the slot is freed once the process is reaped
+        elif self.job is not None:
+            self.job.cancel()
 
 
 class _Kept(NamedTuple):
@@ -109,8 +120,16 @@ class AnswerCache:
     def add(self, execution: Execution) -> None:
         self._running[execution.request_id] = execution
 
+    def forget(self, execution: Execution) -> None:
+        """A running execution no caller waits for any more: a retry must start afresh."""
+        if self._running.get(execution.request_id) is execution:
+            del self._running[execution.request_id]
+
     def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
-        if self._running.pop(execution.request_id, None) is None or answer is None or self.window_s <= 0:
+        if self._running.get(execution.request_id) is not execution:
+            return  # forgotten, or never kept (no caller-given request_id)
+        del self._running[execution.request_id]
+        if answer is None or self.window_s <= 0:
             return
         options = execution.options.SerializeToString(deterministic=True)
         self._finished[execution.request_id] = _Kept(execution.task, options, answer, now + self.window_s)
@@ -189,58 +208,33 @@ class TaskRunnerService:
     async def perform(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         loop = asyncio.get_running_loop()
         received_at = loop.time()
+        remaining = context.time_remaining()
+        rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
         try:
             parsed, task = self._validate(request)
-            if parsed.request_id and (existing := self._cache.get(parsed.request_id, received_at)) is not None:
-                if isinstance(existing, _Kept):
-                    same = existing.options == parsed.options.SerializeToString(deterministic=True)
-                else:
-                    same = existing.options == parsed.options
-                if existing.task != parsed.task or not same:
-                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                       f"request_id {parsed.request_id!r} was used for a different request")
-                return existing.answer if isinstance(existing, _Kept) else await self._attach(existing)
+            found = self._cache.get(parsed.request_id, received_at) if parsed.request_id else None
+            if isinstance(found, _Kept):
+                if found.task != parsed.task or found.options != parsed.options.SerializeToString(deterministic=True):
+                    raise _reused(parsed.request_id)
+                return found.answer
+            if found is not None:
+                if found.task != parsed.task or found.options != parsed.options:
+                    raise _reused(parsed.request_id)
+                return await self._attach(found)
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
-            forkserver = self.forkserver
-            try:
-                await self.slots.acquire()
-            except QueueFull:
-                raise RequestError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
-                ) from None
-            admitted_at = loop.time()
-            try:
-                if self.stopping:
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
-                process = await forkserver.take()
-            except BaseException as exc:
-                self.slots.release()
-                if isinstance(exc, ForkServerDied):
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
-                raise
+            execution = Execution(parsed.request_id or uuid.uuid4().hex, parsed.task, parsed.options)
+            if parsed.request_id:
+                self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
+            execution.job = asyncio.ensure_future(self._execute(
+                execution, task, request, parsed.timeout_ms or task.default_timeout_ms, rpc_deadline, received_at,
+            ))
+            self._executing.add(execution.job)  # a reference, so the job is not collected mid-run
+            execution.job.add_done_callback(self._executing.discard)
+            return await self._attach(execution)
         except RequestError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort raises
-
-        execution = Execution(parsed.request_id or uuid.uuid4().hex, parsed.task, parsed.options)
-        if parsed.request_id:
-            self._cache.add(execution)
-        workdir = self._workdirs.create(process.pid)
-        if process.cgroup and task.cgroup_limits != (None, None):
-            cgroups.set_limits(process.cgroup, *task.cgroup_limits)
-        execution.run = Run(forkserver, process, self._config)
-        remaining = context.time_remaining()
-        rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
-        deadline = min(loop.time() + (parsed.timeout_ms or task.default_timeout_ms) / 1e3, rpc_deadline)
-        assignment = pack_assignment(task.limits, workdir, request)
-        running = asyncio.ensure_future(
-            self._execute(execution, workdir, assignment, deadline, received_at, admitted_at),
-        )
-        self._executing.add(running)  # a reference, so the task is not collected mid-run
-        running.add_done_callback(self._executing.discard)
-        return await self._attach(execution)
 
     async def _attach(self, execution: Execution) -> bytes:
         """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
@@ -249,8 +243,9 @@ class TaskRunnerService:
             return await asyncio.shield(execution.answer)
         except asyncio.CancelledError:
             execution.attached -= 1
-            if execution.attached == 0 and execution.run is not None and not execution.answer.done():
-                execution.run.stop(Stop.CANCELLED)  # the slot is freed once the process is reaped
+            if execution.attached == 0 and not execution.answer.done():
+                self._cache.forget(execution)
+                execution.abandon()
             raise
 
     def _validate(self, request: bytes) -> tuple[PerformRequest, _Task]:
@@ -276,38 +271,77 @@ class TaskRunnerService:
         return parsed, task
 
     async def _execute(
-        self, execution: Execution, workdir: str, assignment: bytes, deadline: float,
-        received_at: float, admitted_at: float,
+        self, execution: Execution, task: _Task, request: bytes, timeout_ms: int, rpc_deadline: float,
+        received_at: float,
     ) -> None:
-        """Run the task to its answer, whatever happens to the callers; log it; free the slot once reaped."""
+        """Admit, run and answer one execution, whatever happens to its callers; log it.
+
+        The slot is held from admission until the task's process is reaped (or, if no process
+        was started, until this ends).
+        """
         loop = asyncio.get_running_loop()
-        run = execution.run
-        assert run is not None
-        self._runs.add(run)
         response: PerformResponse | None = None
         answer: bytes | None = None
+        admitted_at = received_at
+        admitted = False
         try:
-            response, handed_at = await run.execute(assignment, deadline)
+            try:
+                await self.slots.acquire()
+            except QueueFull:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
+                ) from None
+            admitted, admitted_at = True, loop.time()
+            forkserver = self.forkserver  # read once admitted: a reload meanwhile sends us to the new one
+            try:
+                process = await forkserver.take()
+            except ForkServerDied as exc:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
+            run = execution.run = Run(forkserver, process, self._config)
+            self._runs.add(run)
+            run.reaped.add_done_callback(lambda _: self._reaped(run))
+            if self.stopping:
+                run.stop(Stop.CANCELLED)
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
+            run.workdir = self._workdirs.create(process.pid)
+            limits = task.limits
+            if process.cgroup:
+                cgroups.set_limits(process.cgroup, *task.cgroup_limits)
+                if cgroups.has_pids_max(process.cgroup):  # pids.max binds the task's tree: no per-user NPROC
+                    limits = (*limits[:3], NO_LIMIT, limits[4])
+            deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
+            response, handed_at = await run.execute(pack_assignment(limits, run.workdir, request), deadline)
             response.request_id = execution.request_id
-            timings = response.timings
-            timings.queue_ms = (admitted_at - received_at) * 1e3
-            timings.start_ms = (handed_at - admitted_at) * 1e3
+            response.timings.queue_ms = (admitted_at - received_at) * 1e3
+            response.timings.start_ms = (handed_at - admitted_at) * 1e3
             answer = response.SerializeToString()
             execution.answer.set_result(answer)
-        except BaseException as exc:
-            execution.answer.set_exception(exc)
-            log.exception("task %s: the run failed", execution.task, extra={"request_id": execution.request_id})
+        except RequestError as exc:
+            execution.answer.set_exception(exc)  # every caller attached is refused alike
+        except asyncio.CancelledError:
+            execution.answer.cancel()  # every caller left before it ran
+        except Exception:
+            log.exception("task %s: the daemon failed to run it", execution.task,
+                          extra={"request_id": execution.request_id})
+            execution.answer.set_exception(RequestError(grpc.StatusCode.INTERNAL, "the daemon failed to run the task"))
         finally:
-            run.reaped.add_done_callback(lambda _: self._reaped(run, workdir))
+            if execution.run is None:
+                if admitted:
+                    self.slots.release()
+            elif response is None:
+                execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
             cancelled = response is not None and response.error.kind == TaskError.CANCELLED
             self._cache.finish(execution, None if cancelled else answer, loop.time())
-            self._record(execution, response, received_at, admitted_at, loop.time())
+            if admitted:
+                self._record(execution, response, received_at, admitted_at, loop.time())
 
-    def _reaped(self, run: Run, workdir: str) -> None:
+    def _reaped(self, run: Run) -> None:
         """The task's process is gone: its slot is free, its directory goes."""
         self._runs.discard(run)
         self.slots.release()
-        asyncio.get_running_loop().run_in_executor(self._remover, self._workdirs.remove, workdir)
+        if run.workdir is not None:
+            asyncio.get_running_loop().run_in_executor(self._remover, self._workdirs.remove, run.workdir)
 
     def _record(
         self, execution: Execution, response: PerformResponse | None, received_at: float, admitted_at: float,

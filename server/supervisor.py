@@ -153,7 +153,12 @@ class ForkServerClient:
             waiter = self._loop.create_future()
             self._waiters.append(waiter)
             self._want_spares()
-            process = await waiter
+            try:
+                process = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._spares.appendleft(waiter.result())  # handed over just as the caller left
+                raise
         self._want_spares()
         self._running += 1
         self._idle.clear()
@@ -175,7 +180,8 @@ class ForkServerClient:
                 self._sock.send(forkserver.KILL.pack(b"K", process.pid, why))
 
     def _want_spares(self) -> None:
-        wanted = self._config.spare_processes + len(self._waiters) - len(self._spares) - self._forking
+        waiting = sum(1 for waiter in self._waiters if not waiter.done())
+        wanted = self._config.spare_processes + waiting - len(self._spares) - self._forking
         if wanted > 0 and not self.closed.is_set():
             self._forking += wanted
             self._sock.send(forkserver.FORK.pack(b"F", wanted))
@@ -285,6 +291,7 @@ class Run:
         self._timer: asyncio.TimerHandle | None = None
         self._limit = FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
         self.reaped = process.exited
+        self.workdir: str | None = None
 
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)

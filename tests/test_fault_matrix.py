@@ -88,6 +88,8 @@ def test_fault(matrix_daemon: Daemon, tmp_path: Path, task: str, options: dict[s
 def test_daemon_steady_after_the_matrix(matrix_daemon: Daemon) -> None:
     rss, threads, fds = matrix_daemon.baseline  # type: ignore[attr-defined]
     process = psutil.Process(matrix_daemon.process.pid)
-    assert process.num_threads() == threads
-    assert process.num_fds() <= fds + 4
-    assert process.memory_info().rss - rss < 40 << 20  # 100 MB of output and a 50 MB result passed through
+    now = (process.memory_info().rss, process.num_threads(), process.num_fds())
+    message = f"before (rss, threads, fds) = {(rss, threads, fds)}, after = {now}"
+    assert now[1] <= threads + 2, message  # gRPC's core starts a helper thread or two under load
+    assert now[2] <= fds + 4, message
+    assert now[0] - rss < 40 << 20, message  # 100 MB of output and a 50 MB result passed through
