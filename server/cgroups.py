@@ -32,12 +32,14 @@ def own_cgroup() -> str | None:
     return os.path.join(mount, path.lstrip("/"))
 
 
-def prepare(setting: str, owner: tuple[int, int] | None) -> str | None:
+def prepare(setting: str) -> str | None:
     """The directory to create task cgroups in, or None to use the fallback.
+
+    The fork server, which creates the task cgroups, runs as the daemon's user; tasks run as
+    `run_as_user` and so cannot write their own cgroup's limits.
 
     Args:
         setting: "off", "auto" (a subtree of this process's own cgroup, if writable) or a path.
-        owner: the (uid, gid) the fork server runs as, who must be able to write there.
     """
     if setting == "off":
         return None
@@ -55,10 +57,6 @@ def prepare(setting: str, owner: tuple[int, int] | None) -> str | None:
             log.warning("cannot create a cgroup in %s (%s): using process groups instead", parent, exc.strerror)
         return None
     _enable_controllers(parent, base)
-    if owner is not None:
-        for name in ("", "cgroup.procs", "cgroup.subtree_control"):
-            with contextlib.suppress(OSError):
-                os.chown(os.path.join(base, name), *owner)
     log.info("tasks run in cgroups under %s (controllers: %s)", base, " ".join(controllers(base)) or "none")
     return base
 

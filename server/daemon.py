@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from task_runner.server import cgroups
 from task_runner.server.config import Config
-from task_runner.server.forkserver import prctl
+from task_runner.server.forkserver import PR_SET_DUMPABLE, prctl
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
 from task_runner.server.security import TokenAuth, check_exposure, load_token, server_credentials
@@ -36,7 +36,6 @@ from task_runner.server.supervisor import ForkServerClient, Stop
 from task_runner.server.workdirs import Workdirs
 
 log = logging.getLogger("task_runner.server")
-PR_SET_DUMPABLE = 4
 
 
 class ListenError(RuntimeError):
@@ -97,7 +96,7 @@ class Daemon:
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         self._workdirs.start()
-        self._cgroup = cgroups.prepare(self.config.cgroup, self._owner)
+        self._cgroup = cgroups.prepare(self.config.cgroup)
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         forkserver = await self._start_forkserver(self.config)

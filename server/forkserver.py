@@ -45,6 +45,7 @@ EXITED = struct.Struct("!cIiddqBB")
 MAX_PACKET = 1 << 16
 
 PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -69,6 +70,10 @@ class ForkServer:
         self._sock = sock
         self._result_max_bytes: int = spec["result_max_bytes"]
         self._cgroups = TaskCgroups(spec.get("cgroup"))
+        # The user tasks run as, when it is not ours: each task process drops to it right after
+        # fork(), so that no task can signal, stop or trace the fork server or another user's processes.
+        owner = spec.get("owner")
+        self._owner: tuple[int, int] | None = (owner[0], owner[1]) if owner else None
         self._registry: dict[str, Loaded | str] = {}
         self._live: set[int] = set()  # task processes forked here and not yet reaped
         self._kill_reason: dict[int, int] = {}
@@ -155,7 +160,13 @@ class ForkServer:
 
     def _become_task_process(self, channel: int, out_w: int, err_w: int) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if self._owner is not None:
+            uid, gid = self._owner
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            prctl(PR_SET_DUMPABLE, 1)  # changing user made it undumpable: its own /proc would be root's
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which would clear it
         if os.getppid() != self._pid:  # the fork server died before prctl took effect
             os._exit(0)
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree

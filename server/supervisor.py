@@ -115,10 +115,8 @@ class ForkServerClient:
             [sys.executable, "-m", "task_runner.server.forkserver", str(theirs.fileno())],
             pass_fds=(theirs.fileno(),), env=clean_environment(config.env_allow),
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
-            # As root, the fork server (and so every task) runs as the configured user, with no other groups.
-            user=owner[0] if owner else None, group=owner[1] if owner else None,
-            extra_groups=[] if owner else None,
         )
+        self._owner = owner
         theirs.close()
         self.info: dict[str, TaskInfo] = {}
         self._processes: dict[int, TaskProcess] = {}  # unreaped, spare or running
@@ -133,7 +131,7 @@ class ForkServerClient:
 
     async def start(self) -> None:
         spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
-                "cgroup": self._cgroup}
+                "cgroup": self._cgroup, "owner": self._owner}
         await self._loop.sock_sendall(self._sock, json.dumps(spec).encode())
         hello = await self._loop.sock_recv(self._sock, 1 << 22)
         if hello[:1] != b"H":
