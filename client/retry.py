@@ -61,7 +61,9 @@ class Attempts:
 
     def next_delay(self, error: TaskRunnerError) -> float | None:
         """The pause before the next attempt, or None if `error` is final."""
-        if isinstance(error, Unavailable | Overloaded) and self._transport_attempt < self._policy.transport_attempts:
+        # RESOURCE_EXHAUSTED is retried when the queue was full, not when the request is too large.
+        refused = isinstance(error, Unavailable) or (isinstance(error, Overloaded) and "queue full" in error.message)
+        if refused and self._transport_attempt < self._policy.transport_attempts:
             self._transport_attempt += 1
             return next(self._backoffs)
         if isinstance(error, TaskFailed) and self._task_attempt < self._task_retries:

@@ -116,9 +116,13 @@ class Client:
 
         def attempt() -> None:
             request.request_id = attempts.request_id
-            future = self._stub.Perform.future(
-                request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
-            )
+            try:
+                future = self._stub.Perform.future(
+                    request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
+                )
+            except Exception as exc:  # e.g. the channel was closed while we waited to retry
+                once(TaskRunnerError(f"the call could not be sent: {exc}"), None, None)
+                return
             future.add_done_callback(done)
 
         def done(f: grpc.Future[PerformResponse]) -> None:

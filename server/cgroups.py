@@ -66,7 +66,7 @@ def _remove_stale(parent: str) -> None:
     with contextlib.suppress(OSError):
         for entry in os.scandir(parent):
             pid = entry.name.removeprefix("task-runner-")
-            if entry.name.startswith("task-runner-") and pid.isdigit() and not _alive(int(pid)):
+            if entry.name.startswith("task-runner-") and pid.isdigit() and not pid_alive(int(pid)):
                 log.info("removing %s, left behind by a daemon that is gone", entry.path)
                 _kill(entry.path)
                 for task in os.scandir(entry.path):
@@ -86,7 +86,8 @@ def _remove_when_empty(path: str, attempts: int = 100) -> None:
         time.sleep(0.01)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -169,10 +170,13 @@ class TaskCgroups:
     def release(self, pid: int) -> None:
         """The task process was reaped: kill whatever is left in its cgroup, and remove it when empty."""
         path = self._paths.pop(pid, None)
-        if path is not None:
+        if path is None:
+            return
+        try:
+            os.rmdir(path)  # empty already: the usual case, one system call
+        except OSError:
             _kill(path)
             self._pending.add(path)
-            self.sweep()
 
     def sweep(self) -> None:
         for path in list(self._pending):

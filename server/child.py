@@ -213,10 +213,14 @@ def _run_async(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoRe
         exc = context.get("exception")
         answer.exception(exc if isinstance(exc, BaseException) else RuntimeError(context.get("message")))
 
+    async def run_and_answer() -> None:
+        # Answer from inside the loop: threads or tasks the task left behind must not delay it.
+        _returned(answer, await loaded.function(options))
+
     with asyncio.Runner() as runner:
         runner.get_loop().set_exception_handler(on_loop_error)
-        value = runner.run(loaded.function(options))
-    _returned(answer, value)
+        runner.run(run_and_answer())
+    raise AssertionError("unreachable: _returned ends the process")
 
 
 def _run_callback(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoReturn:
@@ -288,7 +292,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
         _apply_limits(tuple(limits))
         entry = registry[request.task]
         loaded = load(entry) if isinstance(entry, str) else entry
-    except Exception as exc:
+    except BaseException as exc:  # even SystemExit at import is the task's error, not an exit
         answer.exception(exc)
     try:
         run_task(answer, loaded, request)

@@ -14,6 +14,7 @@ it dies, which kills every adopted process it did not fork itself. Nothing outli
 Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON spec):
     daemon -> F <u32 n>              fork n more spare task processes
     daemon -> K <u32 pid> <u8 why>   kill that task process's tree now
+    fork server -> E <u32 n>         n of the forks asked for failed (EAGAIN, EMFILE): ask again later
     fork server -> H <json>          hello: pid and each task's description or import error
     fork server -> R <u32 pid> <cgroup path>   a spare is ready; SCM_RIGHTS: channel, stdout, stderr
     fork server -> X <pid status utime stime maxrss why oom>   a task process was reaped
@@ -127,8 +128,13 @@ class ForkServer:
             raise EOFError
         op = message[:1]
         if op == b"F":
-            for _ in range(FORK.unpack(message)[1]):
-                self._spawn()
+            wanted = FORK.unpack(message)[1]
+            for done in range(wanted):
+                try:
+                    self._spawn()
+                except OSError:  # out of processes or descriptors: say so; the daemon asks again later
+                    self._sock.send(FORK.pack(b"E", wanted - done))
+                    break
         elif op == b"K":
             _, pid, reason = KILL.unpack(message)
             if pid in self._live:
@@ -137,9 +143,18 @@ class ForkServer:
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        pid = os.fork()
+        pipes: list[int] = []
+        try:
+            pipes += os.pipe()
+            pipes += os.pipe()
+            pid = os.fork()
+        except OSError:
+            for fd in pipes:
+                os.close(fd)
+            parent_end.close()
+            child_end.close()
+            raise
+        out_r, out_w, err_r, err_w = pipes
         if pid == 0:
             try:
                 self._become_task_process(child_end.fileno(), out_w, err_w)

@@ -22,8 +22,11 @@ class SecurityError(RuntimeError):
 
 
 def is_loopback(address: str) -> bool:
-    """Whether a listen address is reachable from this machine only (unix sockets count)."""
-    if address.startswith(("unix:", "unix-abstract:")):
+    """Whether a listen address is private to this machine's permitted users (unix sockets, loopback).
+
+    An abstract unix socket has no file permissions, so any local process can connect: not private.
+    """
+    if address.startswith("unix:"):
         return True
     host = address.rpartition(":")[0].strip("[]")
     if host == "localhost":

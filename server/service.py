@@ -34,6 +34,7 @@ from task_runner.v1.task_runner_pb2 import (
     TaskError,
     TaskInfo,
 )
+from task_runner.values import NotJsonLike, check_struct
 
 log = logging.getLogger("task_runner.server")
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
@@ -266,6 +267,10 @@ class TaskRunnerService:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"timeout_ms {parsed.timeout_ms} is above the maximum of task {task.name!r} ({task.max_timeout_ms} ms)",
             )
+        try:
+            check_struct(parsed.options)
+        except NotJsonLike as exc:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options{exc}") from None
         if len(parsed.request_id) > MAX_REQUEST_ID:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is longer than {MAX_REQUEST_ID} bytes")
         return parsed, task
@@ -340,7 +345,7 @@ class TaskRunnerService:
         """The task's process is gone: its slot is free, its directory goes."""
         self._runs.discard(run)
         self.slots.release()
-        if run.workdir is not None:
+        if run.workdir is not None and not self._workdirs.remove_if_empty(run.workdir):
             asyncio.get_running_loop().run_in_executor(self._remover, self._workdirs.remove, run.workdir)
 
     def _record(

@@ -32,6 +32,8 @@ from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, Task
 log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
 READ_CHUNK = 1 << 16
+FORKSERVER_START_TIMEOUT_S = 60.0
+FORK_RETRY_S = 0.1
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
 
@@ -133,7 +135,14 @@ class ForkServerClient:
         spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
                 "cgroup": self._cgroup, "owner": self._owner}
         await self._loop.sock_sendall(self._sock, json.dumps(spec).encode())
-        hello = await self._loop.sock_recv(self._sock, 1 << 22)
+        try:  # importing the task modules happens now: a module that hangs must not hang the daemon
+            hello = await asyncio.wait_for(self._loop.sock_recv(self._sock, 1 << 22), FORKSERVER_START_TIMEOUT_S)
+        except TimeoutError:
+            self._process.kill()
+            raise ForkServerDied(
+                f"the fork server did not start within {FORKSERVER_START_TIMEOUT_S:.0f} s "
+                "(does a task module hang at import?)",
+            ) from None
         if hello[:1] != b"H":
             raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})")
         info = json.loads(hello[1:])
@@ -198,6 +207,10 @@ class ForkServerClient:
             if message[:1] == b"R":
                 pid = forkserver.READY.unpack_from(message)[1]
                 self._on_ready(pid, fds, message[forkserver.READY.size:].decode())
+            elif message[:1] == b"E":
+                self._forking -= forkserver.FORK.unpack(message)[1]
+                log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
+                self._loop.call_later(FORK_RETRY_S, self._want_spares)
             elif message[:1] == b"X":
                 _, pid, status, user_s, system_s, max_rss, stop, oom = forkserver.EXITED.unpack(message)
                 self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time(), bool(oom)))
@@ -302,13 +315,13 @@ class Run:
         """
         process, loop = self._process, self._loop
         handed_at = loop.time()
+        self._timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)  # armed first: even the hand-over is timed
+        process.exited.add_done_callback(self._on_exit)
         with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
             await loop.sock_sendall(process.channel, assignment)
         loop.add_reader(process.channel.fileno(), self._read_result)
         loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
         loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
-        self._timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)
-        process.exited.add_done_callback(self._on_exit)
         await self._settled
         settled_at = loop.time()
         self._drain()

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from task_runner.server.cgroups import pid_alive
 
 log = logging.getLogger("task_runner.server")
 
@@ -30,7 +31,7 @@ class Workdirs:
         """Create the daemon's directory, and remove what dead daemons left behind."""
         self.base.mkdir(mode=0o711, parents=True, exist_ok=True)
         for entry in self.base.iterdir():
-            if entry.name.isdigit() and not _alive(int(entry.name)):
+            if entry.name.isdigit() and not pid_alive(int(entry.name)):
                 log.info("removing %s, left behind by a daemon that is gone", entry)
                 shutil.rmtree(entry, ignore_errors=True)
         self.root.mkdir(mode=0o711, exist_ok=True)
@@ -47,12 +48,16 @@ class Workdirs:
     def remove(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
+    @staticmethod
+    def remove_if_empty(path: str) -> bool:
+        """Remove an empty directory at once (the common case); False if it has contents (or is gone)."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return True
+
     def stop(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, 0)
-        return True
-    return False

@@ -137,3 +137,12 @@ def test_rpc_deadline_ends_the_task(client: Client, tmp_path: Path) -> None:
     with pytest.raises((TaskTimeout, DeadlineExceeded)):
         client.call("write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60}, rpc_timeout=0.5)
     assert wait_gone(read_pids(pidfile), timeout=2) == []
+
+
+def test_non_finite_options_from_another_language_are_invalid(daemon: Daemon) -> None:
+    request = pb.PerformRequest(task="echo", timeout_ms=1000)
+    request.options.update({"x": [1, float("nan")]})
+    with pytest.raises(grpc.RpcError) as caught:
+        raw_call(daemon.unix, "Perform", request.SerializeToString())
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "['x'][1]: nan is not a finite number" in caught.value.details()  # type: ignore[attr-defined]

@@ -81,6 +81,32 @@ def _fill_value(value: Value, obj: Any, path: str, depth: int) -> None:
         raise NotJsonLike(f"{path}: {type(obj).__name__} is not JSON-like")
 
 
+def check_struct(struct: Struct, depth: int = 0) -> None:
+    """Check a Struct from another language carries only finite numbers and bounded nesting.
+
+    Raises:
+        NotJsonLike: for NaN or infinity, or nesting deeper than MAX_DEPTH.
+    """
+    if depth > MAX_DEPTH:
+        raise NotJsonLike(f"nested deeper than {MAX_DEPTH} levels")
+    for key, value in struct.fields.items():
+        _check_value(value, f"[{key!r}]", depth + 1)
+
+
+def _check_value(value: Value, path: str, depth: int) -> None:
+    kind = value.WhichOneof("kind")
+    if kind == "number_value" and not math.isfinite(value.number_value):
+        raise NotJsonLike(f"{path}: {value.number_value} is not a finite number")
+    if kind == "struct_value":
+        if depth > MAX_DEPTH:
+            raise NotJsonLike(f"{path}: nested deeper than {MAX_DEPTH} levels")
+        for key, item in value.struct_value.fields.items():
+            _check_value(item, f"{path}[{key!r}]", depth + 1)
+    elif kind == "list_value":
+        for index, item in enumerate(value.list_value.values):
+            _check_value(item, f"{path}[{index}]", depth + 1)
+
+
 def from_struct(struct: Struct) -> dict[str, Any]:
     """Convert a Struct to a dict, whole numbers within +-2^53 as int."""
     return {key: _from_value(value) for key, value in struct.fields.items()}
