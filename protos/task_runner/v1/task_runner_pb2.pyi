@@ -18,7 +18,8 @@ gRPC status codes describe the request, never the task:
   NOT_FOUND           `task` is not registered on this daemon.
   INVALID_ARGUMENT    malformed request: empty task name, options that are not
                       JSON-like, a timeout above the task's maximum.
-  RESOURCE_EXHAUSTED  every slot is busy and the queue is full; retry later.
+  RESOURCE_EXHAUSTED  every slot is busy and the queue is full ("queue full"; retry
+                      later), or the request is larger than the daemon accepts.
   UNAVAILABLE         the daemon is shutting down (or not reachable).
   UNAUTHENTICATED     authentication is configured and the call carries none.
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
@@ -67,9 +68,12 @@ class PerformRequest(_message.Message):
     The RPC's own deadline, if sooner, also ends the task.
     """
     request_id: _builtins.str
-    """Optional idempotency key chosen by the caller (at most 128 bytes).
-    Reserved for at-most-once execution across retries; today it is echoed in
-    the daemon's logs to tie a log line to a call.
+    """Optional idempotency key chosen by the caller (at most 128 bytes). A second
+    Perform with the same id while the first runs attaches to the same execution;
+    after it ends, the same answer is returned for the daemon's idempotency window
+    (300 s by default); the task runs once. Reusing an id for a different task or
+    different options is INVALID_ARGUMENT. A CANCELLED answer is not kept. The id
+    appears in the daemon's log line for the call.
     """
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
@@ -278,7 +282,13 @@ Global___TaskError: _TypeAlias = TaskError  # noqa: Y015
 
 @_typing.final
 class Usage(_message.Message):
-    """Usage: resources of the task's process, from wait4(2)."""
+    """Usage: resources of the task's process.
+
+    For a task that answered, the process measures itself (getrusage(2)) at the
+    moment it answers, then ends itself with exit code 0; wall time runs from the
+    hand-over to the answer. For a task that did not answer (crash, timeout,
+    cancel), the figures come from wait4(2) when the process was reaped.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -289,9 +299,7 @@ class Usage(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
     wall_ms: _builtins.float
-    """From the moment the task's process was handed the task to the moment it
-    was reaped, in milliseconds.
-    """
+    """Wall time in milliseconds (see above)."""
     user_cpu_ms: _builtins.float
     """CPU time in user and kernel mode, in milliseconds (the task process and the
     descendants it waited for).
@@ -362,9 +370,11 @@ class Timings(_message.Message):
     start_ms: _builtins.float
     """Obtaining a ready task process (0 when a pre-started one was waiting)."""
     run_ms: _builtins.float
-    """From handing the task to the process until its answer arrived."""
+    """From handing the task to the process until its answer arrived (or, without
+    an answer, until the process was reaped).
+    """
     collect_ms: _builtins.float
-    """From the answer until the process was reaped and the response built."""
+    """From then until the response was built (output drained, answer decoded)."""
     def __init__(
         self,
         *,

@@ -18,7 +18,8 @@ gRPC status codes describe the request, never the task:
   NOT_FOUND           `task` is not registered on this daemon.
   INVALID_ARGUMENT    malformed request: empty task name, options that are not
                       JSON-like, a timeout above the task's maximum.
-  RESOURCE_EXHAUSTED  every slot is busy and the queue is full; retry later.
+  RESOURCE_EXHAUSTED  every slot is busy and the queue is full ("queue full"; retry
+                      later), or the request is larger than the daemon accepts.
   UNAVAILABLE         the daemon is shutting down (or not reachable).
   UNAUTHENTICATED     authentication is configured and the call carries none.
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
