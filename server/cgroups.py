@@ -121,34 +121,49 @@ def remove_base(base: str | None) -> None:
 
 
 def _kill(path: str) -> None:
-    with contextlib.suppress(OSError), open(os.path.join(path, "cgroup.kill"), "w") as f:
-        f.write("1")
+    with contextlib.suppress(OSError):
+        _write(os.path.join(path, "cgroup.kill"), "1")
 
 
 class TaskCgroups:
-    """The fork server's side: a cgroup per task process, killed and removed with it."""
+    """The fork server's side: a cgroup per task process, emptied (killed) after it and reused.
+
+    Creating and removing a cgroup costs the kernel far more than moving a process into an
+    existing one, so a cgroup found empty once its task is reaped goes back to a free list.
+    """
+
+    MAX_FREE = 64
 
     def __init__(self, base: str | None) -> None:
         self.base = base
         self._paths: dict[int, str] = {}  # task process -> its cgroup
         self._serial = 0
+        self._free: list[str] = []  # empty, ready for the next task
         self._pending: set[str] = set()  # killed, not yet empty
+        self._memory = base is not None and os.path.exists(os.path.join(base, "memory.events"))
+        self._oom_before: dict[int, int] = {}
 
     def add(self, pid: int) -> str | None:
         """Put a task process, just forked, into a cgroup of its own; its path, or None."""
         if self.base is None:
             return None
-        self._serial += 1  # a pid may come back while its old cgroup is still being emptied
-        path = os.path.join(self.base, f"t{pid}-{self._serial}")
+        if self._free:
+            path = self._free.pop()
+        else:
+            self._serial += 1
+            path = os.path.join(self.base, f"s{self._serial}")
+            try:
+                os.mkdir(path)
+            except OSError:
+                return None  # this task goes without: process groups and the subreaper still hold it
         try:
-            os.mkdir(path)
-            with open(os.path.join(path, "cgroup.procs"), "w") as f:
-                f.write(str(pid))
+            _write(os.path.join(path, "cgroup.procs"), str(pid))
         except OSError:
-            with contextlib.suppress(OSError):
-                os.rmdir(path)
-            return None  # this task goes without: process groups and the subreaper still hold it
+            self._remove(path)
+            return None
         self._paths[pid] = path
+        if self._memory:
+            self._oom_before[pid] = _oom_kills(path)
         return path
 
     def kill(self, pid: int) -> None:
@@ -159,33 +174,70 @@ class TaskCgroups:
     def oom_killed(self, pid: int) -> bool:
         """Whether the kernel killed something in the task's cgroup for want of memory."""
         path = self._paths.get(pid)
-        if path is None:
-            return False
-        try:
-            with open(os.path.join(path, "memory.events")) as f:
-                return any(line.startswith("oom_kill ") and line.split()[1] != "0" for line in f)
-        except OSError:
-            return False
+        return path is not None and self._memory and _oom_kills(path) > self._oom_before.get(pid, 0)
 
     def release(self, pid: int) -> None:
-        """The task process was reaped: kill whatever is left in its cgroup, and remove it when empty."""
+        """The task process was reaped: kill whatever is left in its cgroup; reuse it once empty."""
         path = self._paths.pop(pid, None)
+        self._oom_before.pop(pid, None)
         if path is None:
             return
-        try:
-            os.rmdir(path)  # empty already: the usual case, one system call
-        except OSError:
+        if _populated(path):
             _kill(path)
             self._pending.add(path)
+        elif len(self._free) < self.MAX_FREE:
+            self._free.append(path)
+        else:
+            self._remove(path)
 
     def sweep(self) -> None:
+        """Remove the killed cgroups whose last processes are gone."""
         for path in list(self._pending):
-            try:
-                os.rmdir(path)
-            except OSError as exc:
-                if exc.errno == errno.EBUSY:
-                    continue  # its last processes are still dying
-            self._pending.discard(path)
+            if not _populated(path):
+                self._pending.discard(path)
+                self._remove(path)
+
+    def close(self) -> None:
+        self.sweep()
+        for path in self._free:
+            self._remove(path)
+        self._free.clear()
+
+    @staticmethod
+    def _remove(path: str) -> None:
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
+def _write(path: str, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
+def _read(path: str) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 4096).decode()
+    finally:
+        os.close(fd)
+
+
+def _populated(path: str) -> bool:
+    try:
+        return "populated 1" in _read(os.path.join(path, "cgroup.events"))
+    except OSError:
+        return False
+
+
+def _oom_kills(path: str) -> int:
+    try:
+        text = _read(os.path.join(path, "memory.events"))
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
 
 def has_pids_max(path: str) -> bool:
@@ -193,9 +245,11 @@ def has_pids_max(path: str) -> bool:
 
 
 def set_limits(path: str, memory_bytes: int | None, pids: int | None) -> None:
-    """Write a task cgroup's memory.max and pids.max (where those controllers are enabled)."""
+    """Write a task cgroup's memory.max and pids.max ("max" for none), where those controllers are enabled.
+
+    Cgroups are reused, so a limit is always written, to undo the previous task's.
+    """
     for name, value in (("memory.max", memory_bytes), ("pids.max", pids)):
         target = os.path.join(path, name)
-        if value is not None and os.path.exists(target):  # the controller is enabled here
-            with open(target, "w") as f:
-                f.write(str(value))
+        if os.path.exists(target):  # the controller is enabled here
+            _write(target, "max" if value is None else str(value))

@@ -241,7 +241,7 @@ class ForkServer:
                 break
             self._cgroups.release(pid)
             self._kill_orphans()
-        self._cgroups.sweep()
+        self._cgroups.close()
 
 
 def main() -> None:

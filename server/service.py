@@ -312,7 +312,7 @@ class TaskRunnerService:
             run.workdir = self._workdirs.create(process.pid)
             limits = task.limits
             if process.cgroup:
-                cgroups.set_limits(process.cgroup, *task.cgroup_limits)
+                cgroups.set_limits(process.cgroup, *task.cgroup_limits)  # cgroups are reused: always
                 if cgroups.has_pids_max(process.cgroup):  # pids.max binds the task's tree: no per-user NPROC
                     limits = (*limits[:3], NO_LIMIT, limits[4])
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
