@@ -27,7 +27,7 @@ from google.protobuf.message import DecodeError
 from task_runner.server import forkserver
 from task_runner.server.child import FRAME
 from task_runner.server.config import Config
-from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
+from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
 log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
@@ -45,7 +45,7 @@ class Stop(enum.IntEnum):
     TIMEOUT = 1
     CANCELLED = 2
     RESULT_TOO_LARGE = 3
-
+    LINGERED = 4  # it answered, then did not end
 
 class ForkServerDied(RuntimeError):
     """The fork server ended: running tasks are lost, no new one can start until it is back."""
@@ -97,7 +97,9 @@ class TaskProcess:
 
 
 @dataclass(frozen=True)
-class TaskInfo:
+class ModuleInfo:
+    """What the fork server found when it imported a task's module."""
+
     description: str
     import_error: str
 
@@ -120,7 +122,7 @@ class ForkServerClient:
         )
         self._owner = owner
         theirs.close()
-        self.info: dict[str, TaskInfo] = {}
+        self.info: dict[str, ModuleInfo] = {}
         self._processes: dict[int, TaskProcess] = {}  # unreaped, spare or running
         self._spares: collections.deque[TaskProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
@@ -146,7 +148,7 @@ class ForkServerClient:
         if hello[:1] != b"H":
             raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})")
         info = json.loads(hello[1:])
-        self.info = {name: TaskInfo(**task) for name, task in info["tasks"].items()}
+        self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
         self._want_spares()
 
@@ -331,7 +333,7 @@ class Run:
             response.usage.wall_ms = (settled_at - handed_at) * 1e3
             # The process ends itself right after answering; should it linger, it gets a second.
             self._timer.cancel()
-            self._timer = loop.call_later(ANSWER_EXIT_GRACE_S, self.stop, Stop.CANCELLED)
+            self._timer = loop.call_later(ANSWER_EXIT_GRACE_S, self.stop, Stop.LINGERED)
         else:
             exit_ = process.exited.result()
             response = self._failure(exit_, deadline - handed_at)
@@ -487,4 +489,4 @@ def error_response(kind: Any, type_: str, message: str, status: int | None = Non
     return response
 
 
-__all__ = ["ForkServerClient", "ForkServerDied", "PerformRequest", "Run", "Stop", "TaskInfo", "error_response"]
+__all__ = ["ForkServerClient", "ForkServerDied", "ModuleInfo", "Run", "Stop", "error_response"]
