@@ -23,6 +23,8 @@ from typing import Any
 
 import psutil
 
+from task_runner.server.cgroups import own_cgroup
+
 REPO = Path(__file__).resolve().parent.parent
 BENCH_TASKS = {"noop": "bench.tasks:noop", "sleep10": "bench.tasks:sleep10", "stubborn": "bench.tasks:stubborn"}
 FORKSERVER_MODULE = "task_runner.server.forkserver"
@@ -181,16 +183,10 @@ def forkserver_of(daemon_pid: int) -> psutil.Process | None:
 
 def task_cgroup_base(daemon_pid: int) -> str | None:
     """The cgroup v2 directory the daemon makes task cgroups in, if it made one (else it uses process groups)."""
-    try:
-        with open(f"/proc/{daemon_pid}/cgroup") as f:
-            path = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
-        with open("/proc/self/mountinfo") as f:
-            mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
-    except OSError:
+    own = own_cgroup(daemon_pid)
+    if own is None:
         return None
-    if path is None or mount is None:
-        return None
-    base = os.path.join(mount, path.lstrip("/"), f"task-runner-{daemon_pid}")
+    base = os.path.join(own, f"task-runner-{daemon_pid}")
     return base if os.path.isdir(base) else None
 
 

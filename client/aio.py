@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Security, Target, _Default, resolve_target, rpc_timeout_s
+from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
@@ -25,12 +25,8 @@ class AsyncClient:
 
     def __init__(self, target: Target = None, security: Security | None = None,
                  retry: RetryPolicy = DEFAULT_RETRY) -> None:
-        address, options = resolve_target(target)
-        security = security or Security()
-        credentials = security.credentials()
-        self._channel = (grpc.aio.secure_channel(address, credentials, options=options) if credentials
-                         else grpc.aio.insecure_channel(address, options=options))
-        self._metadata = security.metadata()
+        self._channel: grpc.aio.Channel
+        self._channel, self._metadata = connect(target, security, aio=True)
         self._retry = retry
         self._stub = TaskRunnerStub(self._channel)
 

@@ -59,6 +59,17 @@ class Security:
         return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def connect(target: Target, security: Security | None, aio: bool) -> tuple[Any, tuple[tuple[str, str], ...]]:
+    """A channel to `target` (a grpc.aio one if `aio`) and the metadata each call must carry."""
+    address, options = resolve_target(target)
+    security = security or Security()
+    credentials = security.credentials()
+    grpc_module: Any = grpc.aio if aio else grpc
+    if credentials is not None:
+        return grpc_module.secure_channel(address, credentials, options=options), security.metadata()
+    return grpc_module.insecure_channel(address, options=options), security.metadata()
+
+
 def _read(path: str | None) -> bytes | None:
     return Path(path).read_bytes() if path else None
 

@@ -18,10 +18,10 @@ import time
 log = logging.getLogger("task_runner.server")
 
 
-def own_cgroup() -> str | None:
-    """The directory of this process's cgroup in the cgroup v2 hierarchy, if it is mounted."""
+def own_cgroup(pid: int | str = "self") -> str | None:
+    """The directory of a process's (by default this one's) cgroup in the cgroup v2 hierarchy, if mounted."""
     try:
-        with open("/proc/self/cgroup") as f:
+        with open(f"/proc/{pid}/cgroup") as f:
             path = next((line.split("::", 1)[1].strip() for line in f if line.startswith("0::")), None)
         with open("/proc/self/mountinfo") as f:
             mount = next((line.split()[4] for line in f if " - cgroup2 " in line), None)
