@@ -100,7 +100,7 @@ class Daemon:
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         forkserver = await self._start_forkserver(self.config)
-        self._service = TaskRunnerService(self.config, forkserver, self._workdirs, self.metrics)
+        self._service = TaskRunnerService(self.config, forkserver, self.metrics)
         message_cap = self.config.result_max_bytes + 2 * self.config.output_tail_bytes + (1 << 20)
         server = grpc.aio.server(
             interceptors=[TokenAuth(token)] if token else None,
@@ -131,7 +131,7 @@ class Daemon:
 
     async def _start_forkserver(self, config: Config) -> ForkServerClient:
         tasks = {name: task.target for name, task in config.all_tasks().items()}
-        forkserver = ForkServerClient(config, tasks, self._owner, self._cgroup)
+        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, self._cgroup)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()

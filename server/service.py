@@ -10,7 +10,6 @@ import asyncio
 import collections
 import logging
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -24,7 +23,6 @@ from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
 from task_runner.server.supervisor import ForkServerClient, ForkServerDied, Run, Stop
-from task_runner.server.workdirs import Workdirs
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     ListTasksRequest,
@@ -149,10 +147,9 @@ class AnswerCache:
 class TaskRunnerService:
     """Serves Perform and ListTasks with the tasks of the current fork server."""
 
-    def __init__(self, config: Config, forkserver: ForkServerClient, workdirs: Workdirs, metrics: Metrics) -> None:
+    def __init__(self, config: Config, forkserver: ForkServerClient, metrics: Metrics) -> None:
         self._config = config
         self.forkserver = forkserver
-        self._workdirs = workdirs
         self.metrics = metrics
         self.slots = Slots(config.max_running, config.max_queued)
         metrics.running.set_function(lambda: self.slots.running)
@@ -161,8 +158,6 @@ class TaskRunnerService:
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: set[Run] = set()
         self._executing: set[asyncio.Future[None]] = set()
-        # One thread removes finished tasks' directories, off the event loop (a task may leave many files).
-        self._remover = ThreadPoolExecutor(1, thread_name_prefix="workdir-remover")
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
 
@@ -309,14 +304,13 @@ class TaskRunnerService:
             if self.stopping:
                 run.stop(Stop.CANCELLED)
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
-            run.workdir = self._workdirs.create(process.pid)
             limits = task.limits
             if process.cgroup:
                 cgroups.set_limits(process.cgroup, *task.cgroup_limits)  # cgroups are reused: always
                 if cgroups.has_pids_max(process.cgroup):  # pids.max binds the task's tree: no per-user NPROC
                     limits = (*limits[:3], NO_LIMIT, limits[4])
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
-            response, handed_at = await run.execute(pack_assignment(limits, run.workdir, request), deadline)
+            response, handed_at = await run.execute(pack_assignment(limits, process.workdir, request), deadline)
             response.request_id = execution.request_id
             response.timings.queue_ms = (admitted_at - received_at) * 1e3
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
@@ -342,11 +336,9 @@ class TaskRunnerService:
                 self._record(execution, response, received_at, admitted_at, loop.time())
 
     def _reaped(self, run: Run) -> None:
-        """The task's process is gone: its slot is free, its directory goes."""
+        """The task's process is gone: its slot is free."""
         self._runs.discard(run)
         self.slots.release()
-        if run.workdir is not None and not self._workdirs.remove_if_empty(run.workdir):
-            asyncio.get_running_loop().run_in_executor(self._remover, self._workdirs.remove, run.workdir)
 
     def _record(
         self, execution: Execution, response: PerformResponse | None, received_at: float, admitted_at: float,

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from task_runner.server import forkserver
 from task_runner.server.child import FRAME
 from task_runner.server.config import Config
+from task_runner.server.workdirs import Workdirs
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
 log = logging.getLogger("task_runner.server")
@@ -87,6 +88,7 @@ class TaskProcess:
     stdout: int
     stderr: int
     cgroup: str  # its own cgroup v2 directory, or "" where there is none
+    workdir: str  # its working directory, made while it waited, removed once it is reaped
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -107,9 +109,10 @@ class ModuleInfo:
 class ForkServerClient:
     """One fork server process and the task processes it forked."""
 
-    def __init__(self, config: Config, tasks: dict[str, str], owner: tuple[int, int] | None = None,
-                 cgroup: str | None = None) -> None:
+    def __init__(self, config: Config, tasks: dict[str, str], workdirs: Workdirs,
+                 owner: tuple[int, int] | None = None, cgroup: str | None = None) -> None:
         self._config = config
+        self._workdirs = workdirs
         self._cgroup = cgroup
         self._tasks = tasks
         self._loop = asyncio.get_running_loop()
@@ -223,7 +226,7 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, channel, fds[1], fds[2], cgroup)
+        process = TaskProcess(pid, channel, fds[1], fds[2], cgroup, self._workdirs.create(pid))
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -236,6 +239,7 @@ class ForkServerClient:
         process = self._processes.pop(pid, None)
         if process is None:
             return
+        self._workdirs.discard(process.workdir)
         if process in self._spares:  # a spare died before it was used
             self._spares.remove(process)
             process.close()
@@ -251,6 +255,7 @@ class ForkServerClient:
         self._sock.close()  # the fork server sees end of file: it kills what is left and exits
         lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
         for process in self._processes.values():
+            self._workdirs.discard(process.workdir)
             if not process.exited.done():
                 process.exited.set_result(lost)  # killed with the fork server (PR_SET_PDEATHSIG)
         for process in self._spares:
@@ -304,7 +309,6 @@ class Run:
         self._timer: asyncio.TimerHandle | None = None
         self._limit = FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
         self.reaped = process.exited
-        self.workdir: str | None = None
 
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)

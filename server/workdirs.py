@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from task_runner.server.cgroups import pid_alive
@@ -26,6 +27,7 @@ class Workdirs:
         self.root = self.base / str(os.getpid())
         self._owner = owner
         self._serial = itertools.count()
+        self._remover: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         """Create the daemon's directory, and remove what dead daemons left behind."""
@@ -44,20 +46,18 @@ class Workdirs:
             os.chown(path, *self._owner)
         return str(path)
 
-    @staticmethod
-    def remove(path: str) -> None:
-        shutil.rmtree(path, ignore_errors=True)
-
-    @staticmethod
-    def remove_if_empty(path: str) -> bool:
-        """Remove an empty directory at once (the common case); False if it has contents (or is gone)."""
+    def discard(self, path: str) -> None:
+        """Remove a task's directory: at once if empty (the common case), else in a thread of its own."""
         try:
             os.rmdir(path)
         except FileNotFoundError:
-            return True
-        except OSError:
-            return False
-        return True
+            pass
+        except OSError:  # it left files behind, perhaps many: off the event loop
+            if self._remover is None:
+                self._remover = ThreadPoolExecutor(1, thread_name_prefix="workdir-remover")
+            self._remover.submit(shutil.rmtree, path, True)
 
     def stop(self) -> None:
+        if self._remover is not None:
+            self._remover.shutdown(wait=True)
         shutil.rmtree(self.root, ignore_errors=True)
