@@ -171,7 +171,10 @@ class ForkServerClient:
                 if waiter.done() and not waiter.cancelled():
                     self._spares.appendleft(waiter.result())  # handed over just as the caller left
                 raise
-        self._want_spares()
+        if len(self._spares) < (self._config.spare_processes + 1) // 2:
+            self._want_spares()
+        # Otherwise the refill waits for a process to end: forking now would take a CPU from the
+        # task just handed over, and there are spares enough for the next calls.
         self._running += 1
         self._idle.clear()
         process.exited.add_done_callback(self._on_task_reaped)
@@ -243,8 +246,8 @@ class ForkServerClient:
         if process in self._spares:  # a spare died before it was used
             self._spares.remove(process)
             process.close()
-            self._want_spares()
         process.exited.set_result(exit_)
+        self._want_spares()
 
     def _on_closed(self) -> None:
         """The fork server is gone (or being let go): whatever it had forked is dead or dying."""
