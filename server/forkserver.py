@@ -133,13 +133,23 @@ class ForkServer:
                 try:
                     self._spawn()
                 except OSError:  # out of processes or descriptors: say so; the daemon asks again later
-                    self._sock.send(FORK.pack(b"E", wanted - done))
+                    self._send(FORK.pack(b"E", wanted - done))
                     break
         elif op == b"K":
             _, pid, reason = KILL.unpack(message)
             if pid in self._live:
                 self._kill_reason.setdefault(pid, reason)
                 kill_tree(pid, self._cgroups)
+
+    def _send(self, message: bytes, fds: list[int] | None = None) -> None:
+        """Send to the daemon; its socket gone means it is gone: the same as end of file."""
+        try:
+            if fds:
+                socket.send_fds(self._sock, [message], fds)
+            else:
+                self._sock.send(message)
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise EOFError from exc
 
     def _spawn(self) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -167,7 +177,7 @@ class ForkServer:
         child_end.detach()
         try:
             ready = READY.pack(b"R", pid) + cgroup.encode()
-            socket.send_fds(self._sock, [ready], [parent_end.fileno(), out_r, err_r])
+            self._send(ready, [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
             os.close(out_r)
@@ -212,7 +222,7 @@ class ForkServer:
                 self._live.discard(pid)
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
-                self._sock.send(EXITED.pack(
+                self._send(EXITED.pack(
                     b"X", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss,
                     self._kill_reason.pop(pid, 0), oom,
                 ))

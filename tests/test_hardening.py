@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from task_runner.client import Client, Security, TaskFailed, Unauthenticated, Unavailable
 from tests.conftest import REPO, Daemon, start_daemon, wait_until
+from tests.test_contract import leftovers
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -256,5 +257,19 @@ def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
             assert wait_until(lambda: "reloaded" in daemon.log_text(), 15), daemon.log_text()
             assert client.call("version", 5000).result == {"version": 20}
             assert client.call("added", 5000).result == {"version": 20}
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing to another user needs root")
+def test_process_limit(tmp_path: Path) -> None:
+    """RLIMIT_NPROC binds only an unprivileged user: tasks run as nobody here, and fork until refused."""
+    daemon = start_daemon(tmp_path, 'run_as_user = "nobody"\ncgroup = "off"\n[limits]\nprocesses = 24\n')
+    try:
+        with daemon.client() as client:
+            error = limit_error(client, "fork_until_refused", {})
+            assert error.limit == "processes" and error.type == "BlockingIOError"
+            assert wait_until(lambda: leftovers(daemon) == [], 10), leftovers(daemon)  # its children went too
+            assert client.call("whoami", 5000).outcome
     finally:
         assert daemon.stop() == 0
