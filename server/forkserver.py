@@ -13,10 +13,12 @@ it dies, which kills every adopted process it did not fork itself. Nothing outli
 
 Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON spec):
     daemon -> F <u32 n>              fork n more spare task processes
-    daemon -> K <u32 pid> <u8 why>   kill that task process's tree now
+    daemon -> K <u32 pid> <u32 serial> <u8 why>   kill that task process's tree now
     fork server -> E <u32 n>         n of the forks asked for failed (EAGAIN, EMFILE): ask again later
     fork server -> H <json>          hello: pid and each task's description or import error
-    fork server -> R <u32 pid> <cgroup path>   a spare is ready; SCM_RIGHTS: channel, stdout, stderr
+    fork server -> R <u32 pid> <u32 serial> <cgroup path>   a spare is ready; SCM_RIGHTS: channel,
+                                     stdout, stderr. The serial tells this process from a later one
+                                     that gets the same pid, so a late kill never reaches the wrong one.
     fork server -> X <pid status utime stime maxrss why oom>   a task process was reaped
 End of file from the daemon ends the fork server, after killing every task process.
 """
@@ -40,8 +42,8 @@ from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
 FORK = struct.Struct("!cI")
-KILL = struct.Struct("!cIB")
-READY = struct.Struct("!cI")
+KILL = struct.Struct("!cIIB")
+READY = struct.Struct("!cII")
 EXITED = struct.Struct("!cIiddqBB")
 MAX_PACKET = 1 << 16
 
@@ -76,7 +78,8 @@ class ForkServer:
         owner = spec.get("owner")
         self._owner: tuple[int, int] | None = (owner[0], owner[1]) if owner else None
         self._registry: dict[str, Loaded | str] = {}
-        self._live: set[int] = set()  # task processes forked here and not yet reaped
+        self._live: dict[int, int] = {}  # task processes forked here and not yet reaped -> their serial
+        self._serial = 0
         self._kill_reason: dict[int, int] = {}
         self._pid = os.getpid()
         self._devnull = os.open(os.devnull, os.O_RDWR)
@@ -136,8 +139,8 @@ class ForkServer:
                     self._send(FORK.pack(b"E", wanted - done))
                     break
         elif op == b"K":
-            _, pid, reason = KILL.unpack(message)
-            if pid in self._live:
+            _, pid, serial, reason = KILL.unpack(message)
+            if self._live.get(pid) == serial:
                 self._kill_reason.setdefault(pid, reason)
                 kill_tree(pid, self._cgroups)
 
@@ -170,13 +173,14 @@ class ForkServer:
                 self._become_task_process(child_end.fileno(), out_w, err_w)
             finally:
                 os._exit(70)
-        self._live.add(pid)
+        self._serial += 1
+        self._live[pid] = self._serial
         cgroup = self._cgroups.add(pid) or ""
         for fd in (child_end.fileno(), out_w, err_w):
             os.close(fd)
         child_end.detach()
         try:
-            ready = READY.pack(b"R", pid) + cgroup.encode()
+            ready = READY.pack(b"R", pid, self._serial) + cgroup.encode()
             self._send(ready, [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
@@ -219,7 +223,7 @@ class ForkServer:
                 break
             reaped = True
             if pid in self._live:
-                self._live.discard(pid)
+                del self._live[pid]
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
                 self._send(EXITED.pack(
@@ -238,7 +242,7 @@ class ForkServer:
         # A process we did not fork is the remains of a finished task: its task process was a
         # subreaper, so its descendants came to us only when it died. Kill them; their own
         # children come to us in turn and go the same way when we reap these.
-        for pid in self._children() - self._live:
+        for pid in self._children() - self._live.keys():
             kill_tree(pid)
 
     def _shutdown(self) -> None:

@@ -84,6 +84,7 @@ class TaskProcess:
     """A task process the fork server forked, and the daemon's ends of its channel and pipes."""
 
     pid: int
+    serial: int  # the fork server's number for it: a pid can come back, a serial does not
     channel: socket.socket
     stdout: int
     stderr: int
@@ -192,7 +193,7 @@ class ForkServerClient:
     def kill(self, process: TaskProcess, why: Stop) -> None:
         if not process.exited.done() and not self.closed.is_set():
             with contextlib.suppress(OSError):
-                self._sock.send(forkserver.KILL.pack(b"K", process.pid, why))
+                self._sock.send(forkserver.KILL.pack(b"K", process.pid, process.serial, why))
 
     def _want_spares(self) -> None:
         waiting = sum(1 for waiter in self._waiters if not waiter.done())
@@ -213,8 +214,8 @@ class ForkServerClient:
                 self._on_closed()
                 return
             if message[:1] == b"R":
-                pid = forkserver.READY.unpack_from(message)[1]
-                self._on_ready(pid, fds, message[forkserver.READY.size:].decode())
+                _, pid, serial = forkserver.READY.unpack_from(message)
+                self._on_ready(pid, serial, fds, message[forkserver.READY.size:].decode())
             elif message[:1] == b"E":
                 self._forking -= forkserver.FORK.unpack(message)[1]
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
@@ -223,13 +224,21 @@ class ForkServerClient:
                 _, pid, status, user_s, system_s, max_rss, stop, oom = forkserver.EXITED.unpack(message)
                 self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time(), bool(oom)))
 
-    def _on_ready(self, pid: int, fds: list[int], cgroup: str) -> None:
+    def _on_ready(self, pid: int, serial: int, fds: list[int], cgroup: str) -> None:
         self._forking -= 1
+        if len(fds) != 3:  # out of descriptors here (EMFILE): the process cannot be used
+            for fd in fds:
+                os.close(fd)
+            log.error("could not receive a task process's descriptors (out of descriptors?); dropping it")
+            with contextlib.suppress(OSError):
+                self._sock.send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED))
+            self._loop.call_later(FORK_RETRY_S, self._want_spares)
+            return
         channel = socket.socket(fileno=fds[0])
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, channel, fds[1], fds[2], cgroup, self._workdirs.create(pid))
+        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, self._workdirs.create(pid))
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
