@@ -98,12 +98,35 @@ def pid_alive(pid: int) -> bool:
 
 
 def _enable_controllers(parent: str, base: str) -> None:
-    """Make memory and pids available to the task cgroups, where the parent has them to give."""
+    """Make memory and pids available to the task cgroups, where the parent has them to give.
+
+    cgroup v2 lets a non-root cgroup hand controllers to its children only while no process
+    lives in it. Under systemd (Delegate=yes) the daemon itself lives in the service's cgroup,
+    so it first moves itself into a leaf, `daemon`, beside the task cgroups.
+    """
     available = set(controllers(parent, "cgroup.controllers")) & {"memory", "pids"}
-    for where in (parent, base):
-        for controller in sorted(available):
-            with contextlib.suppress(OSError), open(os.path.join(where, "cgroup.subtree_control"), "w") as f:
-                f.write(f"+{controller}")
+    if not available:
+        return
+    if not _enable(parent, available):
+        try:
+            leaf = os.path.join(parent, "daemon")
+            os.makedirs(leaf, exist_ok=True)
+            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        except OSError as exc:
+            log.warning("cannot move the daemon into a leaf cgroup (%s): no memory/pids limits by cgroup",
+                        exc.strerror)
+            return
+        _enable(parent, available)
+    _enable(base, available)
+
+
+def _enable(directory: str, wanted: set[str]) -> bool:
+    """Enable controllers for a cgroup's children; whether all were enabled."""
+    try:
+        _write(os.path.join(directory, "cgroup.subtree_control"), " ".join(f"+{c}" for c in sorted(wanted)))
+    except OSError:
+        return False
+    return True
 
 
 def controllers(directory: str, name: str = "cgroup.subtree_control") -> list[str]:
