@@ -89,6 +89,7 @@ class Config:
     # Listening on a non-loopback TCP address without TLS or a token is refused unless this is set.
     insecure: bool = False
     unix_socket_mode: str = "0660"  # octal, for unix: listeners
+    unix_socket_user: str | None = None  # owner of unix sockets (the daemon's user if unset)
     unix_socket_group: str | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)

@@ -182,15 +182,20 @@ class Daemon:
         return f"{address.rpartition(':')[0]}:{port}"
 
     def _secure_sockets(self) -> None:
-        """Give unix sockets the configured mode and group."""
-        mode = int(self.config.unix_socket_mode, 8)
-        gid = grp.getgrnam(self.config.unix_socket_group).gr_gid if self.config.unix_socket_group else -1
+        """Give unix sockets the configured mode, owner and group."""
+        config = self.config
+        mode = int(config.unix_socket_mode, 8)
+        try:
+            uid = pwd.getpwnam(config.unix_socket_user).pw_uid if config.unix_socket_user else -1
+            gid = grp.getgrnam(config.unix_socket_group).gr_gid if config.unix_socket_group else -1
+        except KeyError as exc:
+            raise ListenError(f"unix_socket_user/unix_socket_group: no such user or group: {exc}") from None
         for address in self.addresses:
             if address.startswith("unix:"):
                 path = address.removeprefix("unix:").removeprefix("//")
                 os.chmod(path, mode)
-                if gid != -1:
-                    os.chown(path, -1, gid)
+                if uid != -1 or gid != -1:
+                    os.chown(path, uid, gid)
 
     def request_stop(self) -> None:
         """A signal arrived: drain on the first, force on the second."""

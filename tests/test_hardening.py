@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -189,6 +190,16 @@ def test_unix_socket_mode(secured: Daemon) -> None:
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a socket to another user needs root")
+def test_unix_socket_owner_and_group(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, 'unix_socket_user = "nobody"\nunix_socket_group = "nogroup"\n')
+    try:
+        info = os.stat(daemon.unix.removeprefix("unix:"))
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (65534, 65534, 0o660)
+    finally:
+        assert daemon.stop() == 0
+
+
 def secret(name: str, value: str, path: Path | None = None) -> dict[str, object]:
     return {"name": name, "prefix": value[:6], "length": len(value.encode()),
             "sha256": hashlib.sha256(value.encode()).hexdigest(), "path": str(path) if path else ""}
@@ -242,13 +253,24 @@ def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
     package = tmp_path / "reloadable"
     package.mkdir()
     module = package / "version_task.py"
-    module.write_text("def version(options):\n    return True, {'version': 1}\n")
+    module.write_text(
+        "import time\n"
+        "def version(options):\n    return True, {'version': 1}\n"
+        "def version_slow(options):\n    open(options['marker'], 'w').close()\n    time.sleep(1.5)\n"
+        "    return True, {'version': 1}\n"
+    )
+    marker = tmp_path / "started"
     directory = tmp_path / "d"
-    daemon = start_daemon(directory, '[tasks.version]\ntarget = "version_task:version"\n',
-                          env={"PYTHONPATH": f"{REPO}:{package}"})
+    daemon = start_daemon(
+        directory, '[tasks.version]\ntarget = "version_task:version"\n'
+        '[tasks.version_slow]\ntarget = "version_task:version_slow"\n',
+        env={"PYTHONPATH": f"{REPO}:{package}"},
+    )
     try:
-        with daemon.client() as client:
+        with daemon.client() as client, ThreadPoolExecutor(1) as pool:
             assert client.call("version", 5000).result == {"version": 1}
+            in_flight = pool.submit(client.call, "version_slow", 10_000, {"marker": str(marker)})
+            assert wait_until(marker.exists, 10)  # running on the old fork server across the reload
             # Another size than before, so that a .pyc written in the same second is not taken for current.
             module.write_text("def version(options):\n    return True, {'version': 20}\n")
             config = directory / "config.toml"
@@ -257,6 +279,7 @@ def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
             assert wait_until(lambda: "reloaded" in daemon.log_text(), 15), daemon.log_text()
             assert client.call("version", 5000).result == {"version": 20}
             assert client.call("added", 5000).result == {"version": 20}
+            assert in_flight.result(timeout=30).result == {"version": 1}  # untouched by the reload
     finally:
         assert daemon.stop() == 0
 
