@@ -199,8 +199,14 @@ class ForkServerClient:
         waiting = sum(1 for waiter in self._waiters if not waiter.done())
         wanted = self._config.spare_processes + waiting - len(self._spares) - self._forking
         if wanted > 0 and not self.closed.is_set():
-            self._forking += wanted
-            self._sock.send(forkserver.FORK.pack(b"F", wanted))
+            try:
+                self._sock.send(forkserver.FORK.pack(b"F", wanted))
+            except BlockingIOError:  # the fork server is behind on its messages: ask again shortly
+                self._loop.call_later(FORK_RETRY_S, self._want_spares)
+            except OSError:
+                pass  # it is gone: its end of file comes next
+            else:
+                self._forking += wanted
 
     def _on_readable(self) -> None:
         while True:
