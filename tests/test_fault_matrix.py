@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from task_runner.client import TaskFailed
-from tests.conftest import Daemon, start_daemon, wait_until
+from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
 from tests.test_contract import leftovers
 
 OK = "OK"
@@ -31,10 +31,11 @@ CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
     ("sigsegv", "segfault", {}, 5000, "CRASHED", "killed by SIGSEGV (signal 11)"),
     ("abort", "abort", {}, 5000, "CRASHED", "killed by SIGABRT (signal 6)"),
     ("kill-itself", "kill_self", {}, 5000, "CRASHED", "killed by SIGKILL (signal 9)"),
-    ("fork-bomb", "fork_bomb", {"width": 8, "depth": 4}, 500, "TIMEOUT", "did not finish within 500 ms"),
+    ("fork-bomb", "fork_bomb", {"width": 8, "depth": 4, "pidfile": "{tmp}/pids"}, 2000, "TIMEOUT",
+     "did not finish within 2000 ms"),
     ("memory-beyond-limit", "allocate", {"mb": 2000}, 20_000, "LIMIT_EXCEEDED", "memory limit"),
-    ("cpu-beyond-limit", "spin", {}, 20_000, "LIMIT_EXCEEDED", "cpu_time limit"),
-    ("ignores-sigterm-with-grandchildren", "stubborn_tree", {"pidfile": "{tmp}/pids"}, 1000, "TIMEOUT",
+    ("cpu-beyond-limit", "spin_1s", {}, 20_000, "LIMIT_EXCEEDED", "cpu_time limit"),
+    ("ignores-sigterm-with-grandchildren", "stubborn_tree", {"pidfile": "{tmp}/pids"}, 3000, "TIMEOUT",
      "its process tree was killed"),
     ("callback-never-called", "callback_never", {}, 5000, "CRASHED", "without calling its callback"),
     ("callback-called-twice", "callback_twice", {}, 5000, OK, "'call': 1"),
@@ -57,13 +58,15 @@ CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
 def matrix_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(
         tmp_path_factory.mktemp("matrix"),
-        "[limits]\nmemory_mb = 400\ncpu_s = 1\nfile_size_mb = 10\nopen_files = 256\n",
+        "[limits]\nmemory_mb = 400\nfile_size_mb = 10\nopen_files = 256\n"
+        '[tasks.spin_1s]\ntarget = "tests.tasks.faults:spin"\n[tasks.spin_1s.limits]\ncpu_s = 1\n',
         env={"MATRIX_SECRET": "matrix-secret-123"},
     )
     with d.client() as client:
         client.call("echo", 5000)  # the first task starts the threads that stay
     process = psutil.Process(d.process.pid)
     d.baseline = (process.memory_info().rss, process.num_threads(), process.num_fds())  # type: ignore[attr-defined]
+    d.cases_run = 0  # type: ignore[attr-defined]
     yield d
     assert d.stop() == 0
 
@@ -73,6 +76,7 @@ def matrix_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
 def test_fault(matrix_daemon: Daemon, tmp_path: Path, task: str, options: dict[str, Any], timeout_ms: int,
                kind: str, fragment: str) -> None:
     options = {k: v.replace("{tmp}", str(tmp_path)) if isinstance(v, str) else v for k, v in options.items()}
+    matrix_daemon.cases_run += 1  # type: ignore[attr-defined]
     with matrix_daemon.client() as client:
         if kind == OK:
             assert fragment in str(client.call(task, timeout_ms, options).result)
@@ -81,15 +85,21 @@ def test_fault(matrix_daemon: Daemon, tmp_path: Path, task: str, options: dict[s
                 client.call(task, timeout_ms, options)
             assert caught.value.kind == kind, caught.value
             assert fragment in caught.value.message, caught.value.message
+        if "pidfile" in options:  # the processes it recorded are all gone, and there were some
+            pids = read_pids(Path(options["pidfile"]))
+            assert len(pids) >= 3 and wait_gone(pids) == [], pids
         assert wait_until(lambda: leftovers(matrix_daemon) == [], 5), leftovers(matrix_daemon)
         assert client.call("echo", 5000, {"after": task}).result == {"options": {"after": task}}
 
 
 def test_daemon_steady_after_the_matrix(matrix_daemon: Daemon) -> None:
+    assert matrix_daemon.cases_run == len(CASES)  # type: ignore[attr-defined]  # it ran after all of them
     rss, threads, fds = matrix_daemon.baseline  # type: ignore[attr-defined]
     process = psutil.Process(matrix_daemon.process.pid)
     now = (process.memory_info().rss, process.num_threads(), process.num_fds())
     message = f"before (rss, threads, fds) = {(rss, threads, fds)}, after = {now}"
-    assert now[1] <= threads + 2, message  # gRPC's core starts a helper thread or two under load
+    # Bounded, not growing: the one thread that removes directories tasks left files in, and a
+    # helper thread or two gRPC's core starts under load.
+    assert now[1] <= threads + 3, message
     assert now[2] <= fds + 4, message
     assert now[0] - rss < 40 << 20, message  # 100 MB of output and a 50 MB result passed through

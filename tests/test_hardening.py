@@ -36,8 +36,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(tmp_path_factory.mktemp("limited"), (
+        "default_timeout_ms = 300\nmax_request_bytes = 1048576\n"
         "[limits]\nmemory_mb = 400\ncpu_s = 1\nfile_size_mb = 1\nopen_files = 64\n"
-    ) + "\n")
+    ))
     yield d
     assert d.stop() == 0
 
@@ -77,13 +78,30 @@ def test_open_files_limit(limited: Daemon) -> None:
 def test_fresh_working_directory_removed_afterwards(limited: Daemon) -> None:
     with limited.client() as client:
         first = client.call("whoami", 5000).result
-        client.call("write_cwd", 5000)
+        written = client.call("write_cwd", 5000).result  # leaves a file behind
         second = client.call("whoami", 5000).result
         assert first["cwd"] != second["cwd"]
         assert first["entries"] == [] and first["mode"] == "0o700"
         assert wait_until(lambda: not Path(first["cwd"]).exists(), 5)
+        assert wait_until(lambda: not Path(written["cwd"]).exists(), 5)
         assert client.call("delete_cwd", 5000).outcome  # a task may even delete its own
         assert client.call("echo", 5000).outcome
+
+
+def test_default_timeout_applies_when_the_request_gives_none(limited: Daemon) -> None:
+    from task_runner.client import TaskTimeout
+
+    with limited.client() as client, pytest.raises(TaskTimeout, match="within 300 ms"):
+        client.call("sleep", 0, {"ms": 2000})
+
+
+def test_request_size_limit(limited: Daemon) -> None:
+    from task_runner.client import NO_RETRY, Overloaded
+
+    with Client(limited.unix, retry=NO_RETRY) as client:
+        assert client.call("echo", 5000, {"blob": "x" * (512 << 10)}).outcome  # under the 1 MiB limit
+        with pytest.raises(Overloaded):
+            client.call("echo", 5000, {"blob": "x" * (2 << 20)})
 
 
 def test_per_task_limits_override_the_global_ones(tmp_path: Path) -> None:
@@ -210,12 +228,18 @@ def test_tasks_cannot_find_the_daemons_secrets(secured: Daemon, certificates: di
     key_body = key.split("-----\n", 1)[1][:64]  # a piece of the private key's base64 body
     secrets = [secret("token", TOKEN, secured.log.parent / "token"), secret("tls key", key_body,
                certificates["server.key"]), secret("notify socket", str(secured.log.parent / "notify"))]
+    planted = "planted-" + "x" * 20
     with Client(secured.unix, Security(token=TOKEN)) as client:
-        control = client.call("find_secrets", 30_000, {"secrets": [secret("planted", "planted-" + "x" * 20)]})
+        # The search is sound: it finds a value that is in the task's memory (its own options) and
+        # an open descriptor (its stdin), and nothing that is not there.
+        control = client.call("find_secrets", 30_000, {"plant": planted, "secrets": [
+            secret("planted", planted), secret("stdin", "/dev/null-not-a-value", Path("/dev/null")),
+            secret("absent", "absent-" + "y" * 20)]}).result
         found = client.call("find_secrets", 30_000, {"secrets": secrets}).result
-    assert control.result["found"] == []  # the search itself is sound: it does not find what isn't there
+    assert control["found"] == ["planted in memory", "stdin as an open descriptor"], control["found"]
     assert found["scanned_bytes"] > 1 << 20  # it did read its memory
     assert found["found"] == [], found["found"]
+    assert len(found["fds"]) <= 5, found["fds"]
 
 
 def test_search_finds_what_is_there(client: Client) -> None:

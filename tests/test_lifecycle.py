@@ -32,7 +32,7 @@ def test_sigterm_drains_running_tasks_and_refuses_new_ones(tmp_path: Path) -> No
     daemon = start_daemon(tmp_path / "d", "drain_grace_s = 20")
     pidfile = tmp_path / "pids"
     with daemon.client() as client, ThreadPoolExecutor(1) as pool:
-        running = pool.submit(client.call, "write_pid_and_sleep", 30_000, {"pidfile": str(pidfile), "s": 1})
+        running = pool.submit(client.call, "write_pid_and_sleep", 30_000, {"pidfile": str(pidfile), "s": 5})
         assert wait_until(lambda: read_pids(pidfile), 10)
         daemon.process.send_signal(signal.SIGTERM)
         assert wait_until(lambda: "draining" in daemon.log_text(), 10)

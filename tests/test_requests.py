@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from task_runner.client import (
+    NO_RETRY,
     Client,
     InvalidRequest,
     Overloaded,
@@ -89,19 +90,22 @@ def test_request_id_too_long_is_invalid(client: Client) -> None:
 def test_full_queue_answers_at_once_and_loses_nothing(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, "max_running = 2\nmax_queued = 3\nspare_processes = 1")
     try:
-        with daemon.client() as client:
+        with Client(daemon.unix, retry=NO_RETRY) as client:
+            refusal_times: list[float] = []
+
             def one(_: int) -> str:
+                started = time.monotonic()
                 try:
-                    return "ok" if client.call("sleep", 10_000, {"ms": 300}).outcome else "false"
+                    return "ok" if client.call("sleep", 10_000, {"ms": 500}).outcome else "false"
                 except Overloaded as exc:
                     assert "queue full" in exc.message
+                    refusal_times.append(time.monotonic() - started)
                     return "overloaded"
-            started = time.monotonic()
             with ThreadPoolExecutor(20) as pool:
                 answers = list(pool.map(one, range(20)))
             assert answers.count("ok") >= 5  # 2 running + 3 queued at least
-            assert answers.count("ok") + answers.count("overloaded") == 20
-            assert time.monotonic() - started < 30
+            assert answers.count("overloaded") >= 1 and answers.count("ok") + answers.count("overloaded") == 20
+            assert max(refusal_times) < 0.5 * 10  # refused at once (a generous bound), not after waiting
             assert client.call("echo", 5000).outcome  # and it serves on
     finally:
         assert daemon.stop() == 0
@@ -111,7 +115,7 @@ def test_client_cancel_kills_the_task_and_frees_its_slot(tmp_path: Path) -> None
     daemon = start_daemon(tmp_path / "d", "max_running = 1\nmax_queued = 0")
     try:
         pidfile = tmp_path / "pids"
-        with daemon.client() as client, grpc.insecure_channel(daemon.unix) as channel:
+        with Client(daemon.unix, retry=NO_RETRY) as client, grpc.insecure_channel(daemon.unix) as channel:
             perform = channel.unary_unary(
                 "/task_runner.v1.TaskRunner/Perform",
                 request_serializer=pb.PerformRequest.SerializeToString,
@@ -131,12 +135,13 @@ def test_client_cancel_kills_the_task_and_frees_its_slot(tmp_path: Path) -> None
 
 
 def test_rpc_deadline_ends_the_task(client: Client, tmp_path: Path) -> None:
-    from task_runner.client import DeadlineExceeded, TaskTimeout
+    from task_runner.client import TaskTimeout
 
     pidfile = tmp_path / "pids"
-    with pytest.raises((TaskTimeout, DeadlineExceeded)):
-        client.call("write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60}, rpc_timeout=0.5)
-    assert wait_gone(read_pids(pidfile), timeout=2) == []
+    with pytest.raises(TaskTimeout):  # ended 50 ms before the RPC's deadline, so the answer still arrives
+        client.call("write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60}, rpc_timeout=2)
+    pids = read_pids(pidfile)
+    assert pids and wait_gone(pids, timeout=2) == []
 
 
 def test_non_finite_options_from_another_language_are_invalid(daemon: Daemon) -> None:

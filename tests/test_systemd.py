@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from task_runner.server.config import load
-from tests.conftest import REPO, start_daemon, wait_until
+from tests.conftest import REPO, in_ci, start_daemon, wait_until
 
 UNIT = REPO / "systemd" / "task-runner.service"
 EXAMPLE_CONFIG = REPO / "systemd" / "config.toml"
@@ -24,7 +23,7 @@ def systemd_analyze() -> str:
     found = shutil.which("systemd-analyze")
     if found is None:
         message = "systemd-analyze is not installed (Debian package systemd; .ci/run installs it)"
-        if os.environ.get("CI"):
+        if in_ci():
             pytest.fail(message)
         pytest.skip(message)
     return found

@@ -45,7 +45,7 @@ def bare_true(options):
 
 def raise_now(options):
     """Raise while running."""
-    raise ValueError("raised while running")  # line 50: the test checks this line
+    raise ValueError("raised while running")  # the test finds this line by its text
 
 
 def callback_error_later(options, callback):
@@ -199,12 +199,14 @@ def close_stdio(options):
 
 
 def fork_bomb(options):
-    """Fork children that fork, for a bounded number of generations, then hang."""
+    """Fork children that fork, for a bounded number of generations, then hang; pids to options["pidfile"]."""
+    _record(options, os.getpid())
     for _ in range(options.get("width", 4)):
         if os.fork() == 0:
             for _ in range(options.get("depth", 3)):
                 if os.fork() != 0:
                     break
+            _record(options, os.getpid())
             time.sleep(600)
             os._exit(0)
     time.sleep(600)
