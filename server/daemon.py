@@ -90,6 +90,8 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         check_exposure(self.config)
+        if self.config.insecure and not (self.config.tls.enabled or self.config.auth.enabled):
+            log.warning("insecure = true: anyone who can reach %s can run tasks", ", ".join(self.config.listen))
         # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
         # the TLS key). exec() resets it, so the fork server and the tasks are unaffected.
         prctl(PR_SET_DUMPABLE, 0)

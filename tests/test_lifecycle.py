@@ -167,3 +167,45 @@ def test_a_new_start_cleans_up_after_a_killed_daemon(tmp_path: Path) -> None:
         assert wait_gone(read_pids(pidfile)) == []
     finally:
         assert second.stop() == 0
+
+
+def test_drain_grace_over_cancels_running_tasks(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", "drain_grace_s = 1")
+    pidfile = tmp_path / "pids"
+    try:
+        with daemon.client() as client, ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.call, "write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60})
+            assert wait_until(lambda: read_pids(pidfile), 10)
+            daemon.process.send_signal(signal.SIGTERM)
+            with pytest.raises(TaskCancelled):
+                running.result(timeout=30)
+        assert daemon.process.wait(30) == 0
+        assert "drain grace over: cancelling 1 running tasks" in daemon.log_text()
+        assert wait_gone(read_pids(pidfile)) == []
+    finally:
+        daemon.stop()
+
+
+def test_insecure_allows_an_exposed_address_and_says_so(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", args=("--listen", "0.0.0.0:0", "--insecure"))
+    try:
+        assert "insecure = true: anyone who can reach" in daemon.log_text()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_tasks_from_the_command_line_and_entry_points(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", args=("--task", "extra=tests.tasks.faults:echo"))
+    try:
+        with daemon.client() as client:
+            assert client.call("extra", 5000, {"a": 1}).result == {"options": {"a": 1}}
+            tasks = {t.name: t.description for t in client.tasks()}
+        assert tasks["fail"].startswith("Raise RuntimeError")  # an example task, from the entry points
+    finally:
+        assert daemon.stop() == 0
+    daemon = start_daemon(tmp_path / "e", "entry_points = false\n")
+    try:
+        with daemon.client() as client:
+            assert "fail" not in {t.name for t in client.tasks()}
+    finally:
+        assert daemon.stop() == 0

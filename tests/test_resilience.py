@@ -16,7 +16,7 @@ import pytest
 
 from task_runner.client import NO_RETRY, AsyncClient, Client, InvalidRequest, RetryPolicy, TaskException
 from task_runner.v1 import task_runner_pb2 as pb
-from tests.conftest import REPO, read_pids, start_daemon, wait_gone, wait_until
+from tests.conftest import REPO, Daemon, read_pids, start_daemon, wait_gone, wait_until
 
 
 def runs(path: Path) -> int:
@@ -169,3 +169,29 @@ def test_three_daemons_one_killed_every_call_completes_once(tmp_path: Path) -> N
     finally:
         for d in daemons:
             d.stop()
+
+
+def test_a_cancelled_answer_is_not_kept(daemon: Daemon, tmp_path: Path) -> None:
+    counter = tmp_path / "runs"
+    options = {"file": str(counter), "ms": 3000}
+    with grpc.insecure_channel(daemon.unix) as channel:
+        perform = channel.unary_unary(
+            "/task_runner.v1.TaskRunner/Perform",
+            request_serializer=pb.PerformRequest.SerializeToString,
+            response_deserializer=pb.PerformResponse.FromString,
+        )
+        request = pb.PerformRequest(task="count_runs", timeout_ms=10_000, request_id="cancel-then-retry")
+        request.options.update(options)
+        future = perform.future(request, timeout=30)
+        assert wait_until(lambda: runs(counter) == 1, 10)
+        future.cancel()
+    assert wait_until(lambda: "error=CANCELLED" in daemon.log_text(), 5)
+    with Client(daemon.unix) as client:  # a retry under the same id runs the task again: the caller went away
+        retried = client.call("count_runs", 10_000, options, request_id="cancel-then-retry")
+    assert retried.outcome and runs(counter) == 2
+
+
+def test_a_task_that_answers_but_lingers_is_killed(client: Client, tmp_path: Path) -> None:
+    pidfile = tmp_path / "pids"
+    assert client.call("answer_then_linger", 10_000, {"pidfile": str(pidfile)}).outcome is True
+    assert wait_gone(read_pids(pidfile), timeout=5) == []

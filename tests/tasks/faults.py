@@ -328,3 +328,15 @@ def flaky(options):
 
 def abort(options):
     os.abort()
+
+
+def answer_then_linger(options):
+    """Write a valid answer straight to the answer channel, then go on running."""
+    import struct
+
+    from task_runner.v1.task_runner_pb2 import PerformResponse
+
+    _record(options, os.getpid())
+    payload = PerformResponse(outcome=True).SerializeToString()
+    os.write(3, struct.pack("!I", len(payload)) + payload)
+    time.sleep(600)
