@@ -99,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(config.log_level, config.log_format)
     try:
         return asyncio.run(daemon.run(config, reload_config=build))
-    except (daemon.ListenError, SecurityError) as exc:
+    except (daemon.StartError, SecurityError) as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 1
 

@@ -111,7 +111,7 @@ class Config:
     run_as_user: str | None = None
     run_as_group: str | None = None
     # Each task gets a fresh, empty working directory under this one, removed after it.
-    workdir_base: str | None = None  # None: $TMPDIR/task-runner
+    workdir_base: str | None = None  # None: $TMPDIR/task-runner-UID
     # A cgroup v2 directory the daemon may create task cgroups in: "auto" (its own, if writable), "off", or a path.
     cgroup: str = "auto"
     # Environment variables (names or fnmatch patterns) passed from the daemon to tasks.

@@ -38,7 +38,11 @@ from task_runner.server.workdirs import Workdirs
 log = logging.getLogger("task_runner.server")
 
 
-class ListenError(RuntimeError):
+class StartError(RuntimeError):
+    """The daemon cannot start as configured; the message says why."""
+
+
+class ListenError(StartError):
     """An address the daemon cannot listen on."""
 
 
@@ -50,9 +54,9 @@ def task_owner(config: Config) -> tuple[int, int] | None:
         user = pwd.getpwnam(config.run_as_user)
         gid = grp.getgrnam(config.run_as_group).gr_gid if config.run_as_group else user.pw_gid
     except KeyError as exc:
-        raise ListenError(f"run_as_user/run_as_group: no such user or group: {exc}") from None
+        raise StartError(f"run_as_user/run_as_group: no such user or group: {exc}") from None
     if os.geteuid() != 0 and user.pw_uid != os.geteuid():
-        raise ListenError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
+        raise StartError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
     return user.pw_uid, gid
 
 
@@ -97,7 +101,10 @@ class Daemon:
         prctl(PR_SET_DUMPABLE, 0)
         credentials = server_credentials(self.config)
         token = load_token(self.config)
-        self._workdirs.start()
+        try:
+            self._workdirs.start()
+        except OSError as exc:
+            raise StartError(f"cannot prepare the tasks' working directories: {exc}") from exc
         self._cgroup = cgroups.prepare(self.config.cgroup)
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
@@ -293,4 +300,4 @@ async def run(config: Config, reload_config: Callable[[], Config] | None = None)
     return 0
 
 
-__all__ = ["Daemon", "ListenError", "run"]
+__all__ = ["Daemon", "ListenError", "StartError", "run"]

@@ -23,7 +23,8 @@ class Workdirs:
     """
 
     def __init__(self, base: str | None, owner: tuple[int, int] | None) -> None:
-        self.base = Path(base) if base else Path(tempfile.gettempdir()) / "task-runner"
+        # By default one base per user, so that daemons of different users never share (or squat) one.
+        self.base = Path(base) if base else Path(tempfile.gettempdir()) / f"task-runner-{os.getuid()}"
         self.root = self.base / str(os.getpid())
         self._owner = owner
         self._serial = itertools.count()
@@ -32,6 +33,8 @@ class Workdirs:
     def start(self) -> None:
         """Create the daemon's directory, and remove what dead daemons left behind."""
         self.base.mkdir(mode=0o711, parents=True, exist_ok=True)
+        if self.base.stat().st_uid != os.getuid():
+            raise PermissionError(f"{self.base} belongs to another user: set workdir_base to a directory of ours")
         for entry in self.base.iterdir():
             if entry.name.isdigit() and not pid_alive(int(entry.name)):
                 log.info("removing %s, left behind by a daemon that is gone", entry)
