@@ -50,15 +50,20 @@ class Workdirs:
         return str(path)
 
     def discard(self, path: str) -> None:
-        """Remove a task's directory: at once if empty (the common case), else in a thread of its own."""
+        """Remove a task's directory, in a thread of its own: even an empty one's rmdir can take a
+        while on an overlay filesystem, and a task may have left many files."""
+        if self._remover is None:
+            self._remover = ThreadPoolExecutor(1, thread_name_prefix="workdir-remover")
+        self._remover.submit(self._remove, path)
+
+    @staticmethod
+    def _remove(path: str) -> None:
         try:
             os.rmdir(path)
         except FileNotFoundError:
             pass
-        except OSError:  # it left files behind, perhaps many: off the event loop
-            if self._remover is None:
-                self._remover = ThreadPoolExecutor(1, thread_name_prefix="workdir-remover")
-            self._remover.submit(shutil.rmtree, path, True)
+        except OSError:
+            shutil.rmtree(path, ignore_errors=True)
 
     def stop(self) -> None:
         if self._remover is not None:
