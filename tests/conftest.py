@@ -182,3 +182,18 @@ def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
 
 def read_pids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def wait_for_spares(daemon: Daemon, spares: int = 4, timeout: float = 10) -> bool:
+    """Wait until the fork server holds just its spares (each costs the daemon 3 descriptors)."""
+    import psutil
+
+    def settled() -> bool:
+        try:
+            zygote = next(p for p in psutil.Process(daemon.process.pid).children()
+                          if "forkserver" in " ".join(p.cmdline()))
+            return len(zygote.children()) == spares
+        except (psutil.Error, StopIteration):
+            return False
+
+    return wait_until(settled, timeout)

@@ -16,7 +16,7 @@ import psutil
 import pytest
 
 from task_runner.client import TaskFailed
-from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
+from tests.conftest import Daemon, read_pids, start_daemon, wait_for_spares, wait_gone, wait_until
 from tests.test_contract import leftovers
 
 OK = "OK"
@@ -64,6 +64,7 @@ def matrix_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     )
     with d.client() as client:
         client.call("echo", 5000)  # the first task starts the threads that stay
+    assert wait_for_spares(d)
     process = psutil.Process(d.process.pid)
     d.baseline = (process.memory_info().rss, process.num_threads(), process.num_fds())  # type: ignore[attr-defined]
     d.cases_run = 0  # type: ignore[attr-defined]
@@ -95,6 +96,7 @@ def test_fault(matrix_daemon: Daemon, tmp_path: Path, task: str, options: dict[s
 def test_daemon_steady_after_the_matrix(matrix_daemon: Daemon) -> None:
     assert matrix_daemon.cases_run == len(CASES)  # type: ignore[attr-defined]  # it ran after all of them
     rss, threads, fds = matrix_daemon.baseline  # type: ignore[attr-defined]
+    assert wait_for_spares(matrix_daemon)
     process = psutil.Process(matrix_daemon.process.pid)
     now = (process.memory_info().rss, process.num_threads(), process.num_fds())
     message = f"before (rss, threads, fds) = {(rss, threads, fds)}, after = {now}"

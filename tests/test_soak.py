@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from task_runner.client import NO_RETRY, AsyncClient, TaskFailed
-from tests.conftest import start_daemon, wait_until
+from tests.conftest import Daemon, start_daemon, wait_for_spares, wait_until
 from tests.test_contract import leftovers
 
 TOTAL = 20_000
@@ -36,11 +36,10 @@ def is_zombie(process: psutil.Process) -> bool:
         return False  # gone while we looked: reaped
 
 
-def snapshot(pid: int) -> dict[str, int]:
+def snapshot(daemon: Daemon) -> dict[str, int]:
     """The daemon's resources, once the fork server holds just its spares (each costs the daemon 3 fds)."""
-    process = psutil.Process(pid)
-    zygote = next(p for p in process.children() if "forkserver" in " ".join(p.cmdline()))
-    assert wait_until(lambda: len(zygote.children()) == SPARES, 10)
+    assert wait_for_spares(daemon, SPARES)
+    process = psutil.Process(daemon.process.pid)
     zombies = sum(1 for p in process.children(recursive=True) if is_zombie(p))
     return {"rss": process.memory_info().rss, "threads": process.num_threads(), "fds": process.num_fds(),
             "zombies": zombies}
@@ -69,10 +68,10 @@ def test_soak(tmp_path: Path) -> None:
             return outcomes
 
         asyncio.run(run(1000))  # warm-up: the threads and caches that stay
-        before = snapshot(daemon.process.pid)
+        before = snapshot(daemon)
         outcomes = asyncio.run(run(TOTAL))
         assert wait_until(lambda: leftovers(daemon) == [], 10)
-        after = snapshot(daemon.process.pid)
+        after = snapshot(daemon)
         print(f"\nsoak of {TOTAL} tasks: {outcomes}\n  before {before}\n  after  {after}")
         assert sum(outcomes.values()) == TOTAL // IN_FLIGHT * IN_FLIGHT
         assert after["rss"] - before["rss"] <= RSS_GROWTH_LIMIT
