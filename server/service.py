@@ -140,9 +140,6 @@ class AnswerCache:
         _, kept = self._finished.popitem(last=False)
         self._bytes -= len(kept.answer) + len(kept.options)
 
-    def __len__(self) -> int:
-        return len(self._running) + len(self._finished)
-
 
 class TaskRunnerService:
     """Serves Perform and ListTasks with the tasks of the current fork server."""

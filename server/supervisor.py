@@ -296,10 +296,6 @@ class ForkServerClient:
         return self._process.wait()
 
     @property
-    def pid(self) -> int:
-        return self._process.pid
-
-    @property
     def exit_code(self) -> int | None:
         return self._process.poll()
 
@@ -440,7 +436,7 @@ class Run:
                 f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
                 exit_.status,
             )
-        limit = LIMIT_SIGNALS.get(os.WTERMSIG(exit_.status)) if os.WIFSIGNALED(exit_.status) else None
+        limit = LIMIT_SIGNALS.get(exit_fields(exit_.status)[1])
         if exit_.oom_killed:
             limit = "memory"
         if limit is not None:
@@ -482,21 +478,25 @@ def fill_usage(response: PerformResponse, exit_: Exit, handed_at: float) -> None
     usage.wall_ms = (exit_.at - handed_at) * 1e3
     usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
     usage.max_rss_kib = exit_.max_rss_kib
-    if os.WIFSIGNALED(exit_.status):
-        usage.signal = os.WTERMSIG(exit_.status)
-    elif os.WIFEXITED(exit_.status):
-        usage.exit_code = os.WEXITSTATUS(exit_.status)
+    usage.exit_code, usage.signal = exit_fields(exit_.status)
+
+
+def exit_fields(status: int) -> tuple[int, int]:
+    """(exit code, signal) of a wait status; the one that does not apply is 0."""
+    if os.WIFSIGNALED(status):
+        return 0, os.WTERMSIG(status)
+    return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0), 0
 
 
 def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        signum = os.WTERMSIG(status)
+    code, signum = exit_fields(status)
+    if signum:
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
         return f"was killed by {name} (signal {signum})"
-    return f"exited with code {os.WEXITSTATUS(status)}"
+    return f"exited with code {code}"
 
 
 def error_response(kind: Any, type_: str, message: str, status: int | None = None) -> PerformResponse:
@@ -504,10 +504,7 @@ def error_response(kind: Any, type_: str, message: str, status: int | None = Non
     error = response.error
     error.kind, error.type, error.message = kind, type_, message
     if status is not None:
-        if os.WIFSIGNALED(status):
-            error.signal = os.WTERMSIG(status)
-        elif os.WIFEXITED(status):
-            error.exit_code = os.WEXITSTATUS(status)
+        error.exit_code, error.signal = exit_fields(status)
     return response
 
 
