@@ -37,13 +37,18 @@ _RUNNER_FILES = frozenset({
 })
 _RUNNER_DIRS = (os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep,)
 FRAME = struct.Struct("!I")
-# The assignment: limits (memory, CPU s, open files, processes, file size; -1 = none), then the
-# working directory's length; then the directory and a serialized PerformRequest.
+# The assignment: limits (memory, CPU s, open files, processes, file size; -1 = none, -2 = bound
+# by the task's cgroup instead), then the working directory's length; then the directory and a
+# serialized PerformRequest.
 ASSIGNMENT = struct.Struct("!qqqqqH")
 NO_LIMIT = -1
+BY_CGROUP = -2
 Kind = TaskError.Kind
+# Memory is bounded by the address space (RLIMIT_AS), which counts every mapping, shared ones
+# too: RLIMIT_DATA would let mmap(MAP_SHARED | MAP_ANONYMOUS) through. The limit is what the
+# task may add to the address space it starts with.
 _LIMITS = (
-    ("memory", resource.RLIMIT_DATA), ("cpu_time", resource.RLIMIT_CPU), ("open_files", resource.RLIMIT_NOFILE),
+    ("memory", resource.RLIMIT_AS), ("cpu_time", resource.RLIMIT_CPU), ("open_files", resource.RLIMIT_NOFILE),
     ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE),
 )
 _limited: set[str] = set()  # the limits this process runs under
@@ -56,12 +61,21 @@ def pack_assignment(limits: tuple[int, int, int, int, int], workdir: str, reques
     return FRAME.pack(len(payload)) + payload
 
 
+def _address_space() -> int:
+    with open("/proc/self/statm", "rb") as f:
+        return int(f.read().split()[0]) * resource.getpagesize()
+
+
 def _apply_limits(values: tuple[int, ...]) -> None:
     for (name, which), wanted in zip(_LIMITS, values, strict=True):
         if wanted == NO_LIMIT:
             continue
+        if wanted == BY_CGROUP:
+            _limited.add(name)
+            continue
+        value = wanted + _address_space() if which == resource.RLIMIT_AS else wanted
         _, hard = resource.getrlimit(which)
-        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
         # CPU: SIGXCPU at the soft limit, then SIGKILL a second later should the task ignore it.
         grace = which == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or soft < hard)
         resource.setrlimit(which, (soft, soft + 1 if grace else soft))
@@ -72,7 +86,12 @@ def _limit_hit(exc: BaseException) -> str | None:
     """Which limit an exception shows was hit, if one was set."""
     if isinstance(exc, MemoryError) and "memory" in _limited:
         return "memory"
+    if isinstance(exc, RuntimeError) and str(exc).startswith("can't start new thread"):
+        # pthread_create fails with EAGAIN for the process limit and for want of address space alike.
+        return next((name for name in ("processes", "memory") if name in _limited), None)
     if isinstance(exc, OSError):
+        if exc.errno == errno.ENOMEM and "memory" in _limited:
+            return "memory"
         if exc.errno == errno.EMFILE and "open_files" in _limited:
             return "open_files"
         if exc.errno == errno.EAGAIN and "processes" in _limited:

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class Limits:
     """Resource limits of a task process; None is no limit. Set globally, overridable per task."""
 
-    memory_mb: int | None = None  # data + anonymous memory (RLIMIT_DATA), and cgroup memory.max when available
+    memory_mb: int | None = None  # address space added (RLIMIT_AS), and cgroup memory.max when available
     cpu_s: int | None = None  # CPU seconds (RLIMIT_CPU)
     open_files: int | None = 1024  # RLIMIT_NOFILE
     processes: int | None = None  # RLIMIT_NPROC (per user!), or cgroup pids.max when available

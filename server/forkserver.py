@@ -80,6 +80,7 @@ class ForkServer:
         self._registry: dict[str, Loaded | str] = {}
         self._live: dict[int, int] = {}  # task processes forked here and not yet reaped -> their serial
         self._serial = 0
+        self._to_fork = 0  # spares the daemon asked for and not yet forked
         self._kill_reason: dict[int, int] = {}
         self._pid = os.getpid()
         self._devnull = os.open(os.devnull, os.O_RDWR)
@@ -118,31 +119,45 @@ class ForkServer:
         selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_sigchld)
         try:
             while True:
-                for key, _ in selector.select():
+                # Forks are done one per turn, so that kills and exits that arrive during a
+                # storm of forks wait for one fork at most, never for the whole storm.
+                for key, _ in selector.select(0 if self._to_fork else None):
                     key.data()
+                if self._to_fork:
+                    self._fork_one()
         except EOFError:
             pass
         finally:
             self._shutdown()
 
     def _on_message(self) -> None:
-        message = self._sock.recv(MAX_PACKET)
-        if not message:
-            raise EOFError
-        op = message[:1]
-        if op == b"F":
-            wanted = FORK.unpack(message)[1]
-            for done in range(wanted):
-                try:
-                    self._spawn()
-                except OSError:  # out of processes or descriptors: say so; the daemon asks again later
-                    self._send(FORK.pack(b"E", wanted - done))
-                    break
-        elif op == b"K":
-            _, pid, serial, reason = KILL.unpack(message)
-            if self._live.get(pid) == serial:
-                self._kill_reason.setdefault(pid, reason)
-                kill_tree(pid, self._cgroups)
+        """Handle every message waiting: kills at once, forks counted for the loop to do."""
+        while True:
+            try:
+                message = self._sock.recv(MAX_PACKET, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (ConnectionResetError, BrokenPipeError):
+                message = b""
+            if not message:
+                raise EOFError
+            op = message[:1]
+            if op == b"F":
+                self._to_fork += FORK.unpack(message)[1]
+            elif op == b"K":
+                _, pid, serial, reason = KILL.unpack(message)
+                if self._live.get(pid) == serial:
+                    self._kill_reason.setdefault(pid, reason)
+                    kill_tree(pid, self._cgroups)
+
+    def _fork_one(self) -> None:
+        try:
+            self._spawn()
+        except OSError:  # out of processes or descriptors: say so; the daemon asks again later
+            self._send(FORK.pack(b"E", self._to_fork))
+            self._to_fork = 0
+        else:
+            self._to_fork -= 1
 
     def _send(self, message: bytes, fds: list[int] | None = None) -> None:
         """Send to the daemon; its socket gone means it is gone: the same as end of file."""

@@ -21,7 +21,8 @@ class Notifier:
         self._address = address
         self._sock: socket.socket | None = None
         if address:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a notify socket that stops reading must never stall the event loop.
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
 
     @property
     def enabled(self) -> bool:
@@ -29,7 +30,7 @@ class Notifier:
 
     def notify(self, *states: str) -> None:
         if self._sock is not None:
-            with contextlib.suppress(OSError):  # systemd going away must not take the daemon with it
+            with contextlib.suppress(OSError):  # systemd going away or not reading must not take the daemon with it
                 self._sock.sendto("\n".join(states).encode(), self._address)
 
     def close(self) -> None:

@@ -18,7 +18,7 @@ from google.protobuf.message import DecodeError
 from google.protobuf.struct_pb2 import Struct
 
 from task_runner.server import cgroups
-from task_runner.server.child import NO_LIMIT, pack_assignment
+from task_runner.server.child import BY_CGROUP, NO_LIMIT, pack_assignment
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
@@ -60,6 +60,7 @@ class _Task:
     max_timeout_ms: int
     limits: tuple[int, int, int, int, int]  # as child.ASSIGNMENT packs them
     cgroup_limits: tuple[int | None, int | None]  # memory.max and pids.max
+    cpu_s: int | None  # its CPU time limit: a SIGKILL past it is the kernel's, at the hard limit
 
 
 def _limit_values(limits: Limits) -> tuple[int, int, int, int, int]:
@@ -164,7 +165,8 @@ class TaskRunnerService:
         for name, task in config.all_tasks().items():
             limits = config.limits.merged(task.limits)
             memory = limits.memory_mb * MIB if limits.memory_mb is not None else None
-            tasks[name] = _Task(name, *config.timeouts_ms(task), _limit_values(limits), (memory, limits.processes))
+            tasks[name] = _Task(name, *config.timeouts_ms(task), _limit_values(limits), (memory, limits.processes),
+                                limits.cpu_s)
         return tasks
 
     def reload(self, config: Config, forkserver: ForkServerClient) -> ForkServerClient:
@@ -265,6 +267,11 @@ class TaskRunnerService:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options{exc}") from None
         if len(parsed.request_id) > MAX_REQUEST_ID:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is longer than {MAX_REQUEST_ID} bytes")
+        if not parsed.request_id.isprintable():  # it goes into log lines: no newline may forge one
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "request_id must be printable text (no newlines or control characters)",
+            )
         return parsed, task
 
     async def _execute(
@@ -295,7 +302,7 @@ class TaskRunnerService:
                 process = await forkserver.take()
             except ForkServerDied as exc:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
-            run = execution.run = Run(forkserver, process, self._config)
+            run = execution.run = Run(forkserver, process, self._config, task.cpu_s)
             self._runs.add(run)
             run.reaped.add_done_callback(lambda _: self._reaped(run))
             if self.stopping:
@@ -304,8 +311,8 @@ class TaskRunnerService:
             limits = task.limits
             if process.cgroup:
                 cgroups.set_limits(process.cgroup, *task.cgroup_limits)  # cgroups are reused: always
-                if cgroups.has_pids_max(process.cgroup):  # pids.max binds the task's tree: no per-user NPROC
-                    limits = (*limits[:3], NO_LIMIT, limits[4])
+                if cgroups.has_pids_max(process.cgroup) and limits[3] != NO_LIMIT:
+                    limits = (*limits[:3], BY_CGROUP, limits[4])  # pids.max binds the task's tree: no per-user NPROC
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
             response, handed_at = await run.execute(pack_assignment(limits, process.workdir, request), deadline)
             response.request_id = execution.request_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 
 
 class QueueFull(Exception):
@@ -43,7 +44,9 @@ class Slots:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # the slot was handed over just as the caller left: pass it on
             else:
-                self._waiters.remove(waiter)
+                # release() may already have popped it (a cancelled waiter is skipped there).
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
             raise
 
     def _take(self) -> None:

@@ -37,6 +37,8 @@ FORKSERVER_START_TIMEOUT_S = 60.0
 FORK_RETRY_S = 0.1
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
+# The error kinds a task process's own answer may carry; the others are the runner's alone.
+TASK_KINDS = frozenset({Kind.EXCEPTION, Kind.CRASHED, Kind.RESULT_INVALID, Kind.RESULT_TOO_LARGE, Kind.LIMIT_EXCEEDED})
 
 
 class Stop(enum.IntEnum):
@@ -131,6 +133,7 @@ class ForkServerClient:
         self._spares: collections.deque[TaskProcess] = collections.deque()
         self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
         self._forking = 0
+        self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._running = 0  # taken and not yet reaped
         self._idle = asyncio.Event()
         self._idle.set()
@@ -191,22 +194,48 @@ class ForkServerClient:
         await self._idle.wait()
 
     def kill(self, process: TaskProcess, why: Stop) -> None:
-        if not process.exited.done() and not self.closed.is_set():
-            with contextlib.suppress(OSError):
-                self._sock.send(forkserver.KILL.pack(b"K", process.pid, process.serial, why))
+        if not process.exited.done():
+            self._send(forkserver.KILL.pack(b"K", process.pid, process.serial, why), urgent=True)
+
+    def _send(self, message: bytes, urgent: bool = False) -> None:
+        """Send a message to the fork server; never lose one.
+
+        When the socket is full (the fork server is busy forking), messages wait in a backlog that
+        is flushed as soon as the socket is writable; kills go to the front of it.
+        """
+        if self.closed.is_set():
+            return  # it is gone: every process it had is dead or dying
+        if not self._backlog:
+            try:
+                self._sock.send(message)
+                return
+            except BlockingIOError:
+                self._loop.add_writer(self._sock.fileno(), self._flush)
+            except OSError:
+                return  # it is gone: its end of file comes next
+        if urgent:
+            self._backlog.appendleft(message)
+        else:
+            self._backlog.append(message)
+
+    def _flush(self) -> None:
+        while self._backlog:
+            try:
+                self._sock.send(self._backlog[0])
+            except BlockingIOError:
+                return
+            except OSError:
+                self._backlog.clear()
+                break
+            self._backlog.popleft()
+        self._loop.remove_writer(self._sock.fileno())
 
     def _want_spares(self) -> None:
         waiting = sum(1 for waiter in self._waiters if not waiter.done())
         wanted = self._config.spare_processes + waiting - len(self._spares) - self._forking
         if wanted > 0 and not self.closed.is_set():
-            try:
-                self._sock.send(forkserver.FORK.pack(b"F", wanted))
-            except BlockingIOError:  # the fork server is behind on its messages: ask again shortly
-                self._loop.call_later(FORK_RETRY_S, self._want_spares)
-            except OSError:
-                pass  # it is gone: its end of file comes next
-            else:
-                self._forking += wanted
+            self._send(forkserver.FORK.pack(b"F", wanted))
+            self._forking += wanted
 
     def _on_readable(self) -> None:
         while True:
@@ -236,8 +265,7 @@ class ForkServerClient:
             for fd in fds:
                 os.close(fd)
             log.error("could not receive a task process's descriptors (out of descriptors?); dropping it")
-            with contextlib.suppress(OSError):
-                self._sock.send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED))
+            self._send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED), urgent=True)
             self._loop.call_later(FORK_RETRY_S, self._want_spares)
             return
         channel = socket.socket(fileno=fds[0])
@@ -270,6 +298,9 @@ class ForkServerClient:
             return
         self.closed.set()
         self._loop.remove_reader(self._sock.fileno())
+        if self._backlog:
+            self._loop.remove_writer(self._sock.fileno())
+            self._backlog.clear()
         self._sock.close()  # the fork server sees end of file: it kills what is left and exits
         lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
         for process in self._processes.values():
@@ -313,8 +344,10 @@ class Run:
     until it is reaped: `reaped` is the process's exit future.
     """
 
-    def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config) -> None:
+    def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config,
+                 cpu_limit_s: int | None = None) -> None:
         self._server, self._process, self._config = server, process, config
+        self._cpu_limit_s = cpu_limit_s
         self._loop = asyncio.get_running_loop()
         self._stdout = Tail(config.output_tail_bytes)
         self._stderr = Tail(config.output_tail_bytes)
@@ -436,7 +469,11 @@ class Run:
                 f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
                 exit_.status,
             )
-        limit = LIMIT_SIGNALS.get(exit_fields(exit_.status)[1])
+        signum = exit_fields(exit_.status)[1]
+        limit = LIMIT_SIGNALS.get(signum)
+        if (signum == signal.SIGKILL and exit_.stop is Stop.NONE and self._cpu_limit_s is not None
+                and exit_.user_s + exit_.system_s >= self._cpu_limit_s):
+            limit = "cpu_time"  # it ignored SIGXCPU: the kernel killed it at the hard limit
         if exit_.oom_killed:
             limit = "memory"
         if limit is not None:
@@ -466,7 +503,14 @@ def answer_response(frame: bytes) -> PerformResponse:
     response = PerformResponse(outcome=answer.outcome)
     response.result.CopyFrom(answer.result)
     if answer.HasField("error"):
+        if answer.error.kind not in TASK_KINDS:  # a task writing its own frame may claim anything
+            name = Kind.Name(answer.error.kind) if answer.error.kind in Kind.values() else str(answer.error.kind)
+            return error_response(
+                Kind.RESULT_INVALID, "ResultInvalid",
+                f"the task's answer claimed the error kind {name}, which only the runner gives",
+            )
         response.error.CopyFrom(answer.error)
+        response.error.exit_code = response.error.signal = 0  # the runner's to tell, from the exit status
     usage = response.usage
     usage.user_cpu_ms, usage.system_cpu_ms = answer.usage.user_cpu_ms, answer.usage.system_cpu_ms
     usage.max_rss_kib = answer.usage.max_rss_kib

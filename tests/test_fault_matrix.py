@@ -48,6 +48,15 @@ CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
     ("outcome-yes", "outcome_yes", {}, 5000, "RESULT_INVALID", "outcome must be a bool"),
     ("deletes-its-working-directory", "delete_cwd", {}, 5000, OK, "{}"),
     ("fills-its-working-directory", "write_file", {"mb": 50}, 20_000, "LIMIT_EXCEEDED", "file_size limit"),
+    ("shared-mmap-beyond-memory", "map_memory", {"mb": 1000, "shared": True}, 20_000, "LIMIT_EXCEEDED",
+     "memory limit"),
+    ("private-mmap-beyond-memory", "map_memory", {"mb": 1000, "shared": False}, 20_000, "LIMIT_EXCEEDED",
+     "memory limit"),
+    ("ignores-sigxcpu-into-the-hard-cpu-limit", "cpu_hard_1s", {}, 20_000, "LIMIT_EXCEEDED", "cpu_time limit"),
+    ("forges-a-timeout-answer", "forge_answer", {"kind": 2}, 5000, "RESULT_INVALID",
+     "claimed the error kind TIMEOUT, which only the runner gives"),
+    ("forges-an-unspecified-kind", "forge_answer", {"kind": 0}, 5000, "RESULT_INVALID",
+     "claimed the error kind KIND_UNSPECIFIED"),
     ("reads-the-daemons-secrets", "find_secrets", {"secrets": [{
         "name": "secret", "prefix": "matrix", "length": 17, "path": "",
         "sha256": hashlib.sha256(b"matrix-secret-123").hexdigest()}]}, 30_000, OK, "'found': []"),
@@ -59,7 +68,9 @@ def matrix_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = start_daemon(
         tmp_path_factory.mktemp("matrix"),
         "[limits]\nmemory_mb = 400\nfile_size_mb = 10\nopen_files = 256\n"
-        '[tasks.spin_1s]\ntarget = "tests.tasks.faults:spin"\n[tasks.spin_1s.limits]\ncpu_s = 1\n',
+        '[tasks.spin_1s]\ntarget = "tests.tasks.faults:spin"\n[tasks.spin_1s.limits]\ncpu_s = 1\n'
+        '[tasks.cpu_hard_1s]\ntarget = "tests.tasks.faults:spin_ignoring_sigxcpu"\n'
+        '[tasks.cpu_hard_1s.limits]\ncpu_s = 1\n',
         env={"MATRIX_SECRET": "matrix-secret-123"},
     )
     with d.client() as client:

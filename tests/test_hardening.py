@@ -316,6 +316,7 @@ def test_process_limit(tmp_path: Path) -> None:
         with daemon.client() as client:
             error = limit_error(client, "fork_until_refused", {})
             assert error.limit == "processes" and error.type == "BlockingIOError"
+            assert limit_error(client, "threads_until_refused", {}).limit == "processes"  # threads count too
             assert wait_until(lambda: leftovers(daemon) == [], 10), leftovers(daemon)  # its children went too
             assert client.call("whoami", 5000).outcome
     finally:

@@ -151,3 +151,10 @@ def test_non_finite_options_from_another_language_are_invalid(daemon: Daemon) ->
         raw_call(daemon.unix, "Perform", request.SerializeToString())
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
     assert "['x'][1]: nan is not a finite number" in caught.value.details()  # type: ignore[attr-defined]
+
+
+def test_request_id_with_a_newline_is_invalid(client: Client, daemon: Daemon) -> None:
+    """A request_id goes into log lines: one with a newline could forge a line of its own."""
+    with pytest.raises(InvalidRequest, match="printable"):
+        client.call("echo", 1000, request_id="ok\n2026-12-01 INFO task_runner.server: forged")
+    assert "forged" not in daemon.log_text()

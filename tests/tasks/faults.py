@@ -340,3 +340,45 @@ def answer_then_linger(options):
     payload = PerformResponse(outcome=True).SerializeToString()
     os.write(3, struct.pack("!I", len(payload)) + payload)
     time.sleep(600)
+
+
+def map_memory(options):
+    """Map options["mb"] MiB of anonymous memory (shared or private, per options["shared"]) and touch it."""
+    import mmap
+
+    flags = (mmap.MAP_SHARED if options.get("shared", True) else mmap.MAP_PRIVATE) | mmap.MAP_ANONYMOUS
+    block = mmap.mmap(-1, options["mb"] << 20, flags=flags)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    return True, {"mapped": len(block)}
+
+
+def threads_until_refused(options):
+    """Start sleeping threads until the system refuses one."""
+    threads = []
+    while True:
+        thread = threading.Thread(target=time.sleep, args=(600,), daemon=True)
+        thread.start()
+        threads.append(thread)
+
+
+def spin_ignoring_sigxcpu(options):
+    """Ignore SIGXCPU (the soft CPU limit's warning) and spin on, into the hard limit."""
+    signal.signal(signal.SIGXCPU, signal.SIG_IGN)
+    while True:
+        pass
+
+
+def forge_answer(options):
+    """Write an answer frame claiming an error kind only the runner may give (options["kind"])."""
+    import struct
+
+    from task_runner.v1.task_runner_pb2 import PerformResponse
+
+    response = PerformResponse()
+    response.error.kind = options["kind"]
+    response.error.message = "forged by the task"
+    response.error.signal = 9
+    payload = response.SerializeToString()
+    os.write(3, struct.pack("!I", len(payload)) + payload)
+    os._exit(0)

@@ -1,0 +1,126 @@
+"""Promises kept under attack: kills under load, hostile leftovers, a full disk, a dead fork server, big requests.
+
+Each test reproduces a fault found from the outside against an earlier daemon, over real gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from task_runner.client import NO_RETRY, Client
+from task_runner.v1 import task_runner_pb2 as pb
+from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
+from tests.test_contract import leftovers
+
+PERFORM = "/task_runner.v1.TaskRunner/Perform"
+
+
+def request(task: str, timeout_ms: int, options: dict[str, Any] | None = None, request_id: str = "") -> bytes:
+    message = pb.PerformRequest(task=task, timeout_ms=timeout_ms, request_id=request_id)
+    message.options.update(options or {})
+    return message.SerializeToString()
+
+
+def gather_calls(target: str, calls: Callable[[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]], list[Awaitable[Any]]],
+                 ) -> list[Any]:
+    """Run the calls `calls(perform)` makes, all at once, on one channel; their results (or exceptions)."""
+    async def run() -> list[Any]:
+        async with grpc.aio.insecure_channel(target) as channel:
+            perform = channel.unary_unary(PERFORM)
+            return await asyncio.gather(*calls(perform), return_exceptions=True)
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def crowded(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A daemon with room for hundreds of tasks at once, and no spares: every call forks."""
+    d = start_daemon(tmp_path_factory.mktemp("crowded"), "max_running = 400\nspare_processes = 0\ncgroup = \"off\"\n")
+    yield d
+    assert d.stop() == 0, d.log_text()
+
+
+def test_deadlines_hold_during_a_fork_storm(crowded: Daemon, tmp_path: Path) -> None:
+    """400 callers, each calling again as soon as answered, with 300 ms deadlines, for 3 s: the fork
+    server forks without pause while kills pour in. Every call is killed and answered TIMEOUT."""
+    pidfile = tmp_path / "pids"
+    payload = request("write_pid_and_sleep", 300, {"pidfile": str(pidfile), "s": 10})
+
+    async def caller(perform: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> list[int | str]:
+        kinds: list[int | str] = []
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            started = time.monotonic()
+            try:
+                answer = pb.PerformResponse.FromString(await perform(payload, timeout=60))
+            except grpc.aio.AioRpcError as exc:
+                kinds.append(exc.code().name)
+                continue
+            # The deadline bound: answered well before the task's own 10 s, however busy the daemon.
+            kinds.append(answer.error.kind if time.monotonic() - started < 5 else "late")
+        return kinds
+
+    results = gather_calls(crowded.unix, lambda perform: [caller(perform) for _ in range(400)])
+    kinds = [kind for result in results for kind in (result if isinstance(result, list) else [repr(result)])]
+    assert len(kinds) >= 400 and set(kinds) == {pb.TaskError.TIMEOUT}, {k: kinds.count(k) for k in set(kinds)}
+    assert wait_gone(read_pids(pidfile), 20) == []
+    assert wait_until(lambda: leftovers(crowded, spares=0) == [], 20), leftovers(crowded, spares=0)
+
+
+def test_cancels_hold_during_a_fork_storm(crowded: Daemon, tmp_path: Path) -> None:
+    """400 calls cancelled by their callers while they start: every task process is killed."""
+    pidfile = tmp_path / "pids"
+
+    async def cancelled(perform: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> str:
+        call = perform(request("write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60}), timeout=60)
+        await asyncio.sleep(1.0)
+        call.cancel()
+        try:
+            await call
+        except asyncio.CancelledError:
+            return "cancelled"
+        return "answered"
+
+    answers = gather_calls(crowded.unix, lambda perform: [cancelled(perform) for _ in range(400)])
+    assert answers.count("cancelled") >= 390, answers  # a few may have been answered before the cancel
+    assert wait_until(lambda: len(read_pids(pidfile)) > 0, 10)
+    assert wait_gone(read_pids(pidfile), 20) == [], "tasks kept running after their calls were cancelled"
+    assert wait_until(lambda: leftovers(crowded, spares=0) == [], 20), leftovers(crowded, spares=0)
+
+
+def test_a_notify_socket_nobody_reads_does_not_freeze_the_daemon(tmp_path: Path) -> None:
+    """The watchdog writes every 2 ms to a notify socket read only until READY=1: its queue fills at once."""
+    daemon = start_daemon(tmp_path, env={"WATCHDOG_USEC": "4000"})
+    try:
+        with Client(daemon.unix, retry=NO_RETRY) as client:
+            end = time.monotonic() + 1
+            while time.monotonic() < end:
+                assert client.call("echo", 5000, rpc_timeout=5).outcome
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_burst_of_cancels_in_the_queue_loses_nothing(tmp_path: Path) -> None:
+    """Callers leave the queue while slots are handed over: no call is lost to an error in the queue."""
+    daemon = start_daemon(tmp_path, "max_running = 2\n")
+    try:
+        async def short(perform: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], i: int) -> str:
+            try:
+                await perform(request("sleep", 5000, {"ms": 1}), timeout=0.02 + (i % 50) / 100)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return "OK"
+
+        answers = gather_calls(daemon.unix, lambda perform: [short(perform, i) for i in range(3000)])
+        assert set(answers) <= {"OK", "DEADLINE_EXCEEDED"}, answers
+        with Client(daemon.unix) as client:
+            assert client.call("echo", 5000).outcome
+    finally:
+        assert daemon.stop() == 0
+    assert "failed to run it" not in daemon.log_text(), daemon.log_text()
