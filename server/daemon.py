@@ -84,7 +84,7 @@ class Daemon:
         self._health = health_aio.HealthServicer()
         self._owner = task_owner(config)
         self._cgroup: str | None = None
-        self._workdirs = Workdirs(config.workdir_base, self._owner)
+        self._workdirs = Workdirs(config.workdir_base)
         self.metrics = Metrics()
 
     async def start(self) -> None:

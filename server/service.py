@@ -22,7 +22,7 @@ from task_runner.server.child import BY_CGROUP, NO_LIMIT, pack_assignment
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
-from task_runner.server.supervisor import ForkServerClient, ForkServerDied, Run, Stop
+from task_runner.server.supervisor import ForkServerClient, ForkServerDied, NoProcess, Run, Stop
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     ListTasksRequest,
@@ -300,7 +300,7 @@ class TaskRunnerService:
             forkserver = self.forkserver  # read once admitted: a reload meanwhile sends us to the new one
             try:
                 process = await forkserver.take()
-            except ForkServerDied as exc:
+            except (ForkServerDied, NoProcess) as exc:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
             run = execution.run = Run(forkserver, process, self._config, task.cpu_s)
             self._runs.add(run)

@@ -54,6 +54,10 @@ class ForkServerDied(RuntimeError):
     """The fork server ended: running tasks are lost, no new one can start until it is back."""
 
 
+class NoProcess(RuntimeError):
+    """No task process could be made ready for a call (no space for its directory, no descriptors)."""
+
+
 @dataclass
 class Exit:
     status: int
@@ -134,6 +138,7 @@ class ForkServerClient:
         self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
         self._forking = 0
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
+        self._failing = False  # task processes cannot be made ready (logged once until they can again)
         self._running = 0  # taken and not yet reaped
         self._idle = asyncio.Event()
         self._idle.set()
@@ -261,18 +266,27 @@ class ForkServerClient:
 
     def _on_ready(self, pid: int, serial: int, fds: list[int], cgroup: str) -> None:
         self._forking -= 1
-        if len(fds) != 3:  # out of descriptors here (EMFILE): the process cannot be used
+        problem = "could not receive a task process's descriptors (out of descriptors?)" if len(fds) != 3 else ""
+        workdir = ""
+        if not problem:
+            try:
+                workdir = self._workdirs.create(pid, self._owner)
+            except OSError as exc:
+                problem = f"cannot make a task's working directory: {exc.strerror or exc}"
+        if problem:  # the process cannot be used: kill it, tell whoever waits, and try again shortly
             for fd in fds:
                 os.close(fd)
-            log.error("could not receive a task process's descriptors (out of descriptors?); dropping it")
             self._send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED), urgent=True)
-            self._loop.call_later(FORK_RETRY_S, self._want_spares)
+            self._spare_failed(problem)
             return
+        if self._failing:
+            self._failing = False
+            log.info("task processes are ready again")
         channel = socket.socket(fileno=fds[0])
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, self._workdirs.create(pid))
+        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, workdir)
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -280,6 +294,21 @@ class ForkServerClient:
                 waiter.set_result(process)
                 return
         self._spares.append(process)
+
+    def _spare_failed(self, problem: str) -> None:
+        """A task process could not be made ready: answer the calls waiting for one at once.
+
+        They would only wait for the next one to fail the same way (a full disk, no descriptors
+        left); spares are asked for again shortly, so service resumes by itself.
+        """
+        if not self._failing:
+            self._failing = True
+            log.error("a task process could not be made ready: %s; retrying every %.1f s", problem, FORK_RETRY_S)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(NoProcess(f"the daemon {problem}"))
+        self._loop.call_later(FORK_RETRY_S, self._want_spares)
 
     def _on_exit(self, pid: int, exit_: Exit) -> None:
         process = self._processes.pop(pid, None)
@@ -552,4 +581,4 @@ def error_response(kind: Any, type_: str, message: str, status: int | None = Non
     return response
 
 
-__all__ = ["ForkServerClient", "ForkServerDied", "ModuleInfo", "Run", "Stop", "error_response"]
+__all__ = ["ForkServerClient", "ForkServerDied", "ModuleInfo", "NoProcess", "Run", "Stop", "error_response"]

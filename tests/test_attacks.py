@@ -6,15 +6,23 @@ Each test reproduces a fault found from the outside against an earlier daemon, o
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import os
+import shutil
+import subprocess
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
-from task_runner.client import NO_RETRY, Client
+from task_runner.client import NO_RETRY, Client, Unavailable
 from task_runner.v1 import task_runner_pb2 as pb
 from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
 from tests.test_contract import leftovers
@@ -124,3 +132,123 @@ def test_a_burst_of_cancels_in_the_queue_loses_nothing(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0
     assert "failed to run it" not in daemon.log_text(), daemon.log_text()
+
+
+def victim(tmp_path: Path) -> Path:
+    """A directory outside the daemon's reach that links planted by tasks point to: it must survive."""
+    keep = tmp_path / "victim" / "123"  # named like a dead daemon's directory
+    keep.mkdir(parents=True)
+    (keep / "precious").write_text("keep me")
+    return keep.parent
+
+
+def test_a_deep_hostile_tree_is_removed_without_following_links(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", f'workdir_base = "{tmp_path / "work"}"\n')
+    try:
+        with Client(daemon.unix) as client:
+            answer = client.call("leave_a_mess", 30_000, {"depth": 3000, "victim": str(victim(tmp_path))})
+            assert wait_until(lambda: not Path(answer.result["cwd"]).exists(), 20), "the tree was left behind"
+            assert (tmp_path / "victim" / "123" / "precious").read_text() == "keep me"
+            assert client.call("echo", 5000).outcome
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_a_killed_daemons_deep_leftovers_do_not_stop_the_next_start(tmp_path: Path) -> None:
+    config = f'workdir_base = "{tmp_path / "work"}"\n'
+    pidfile = tmp_path / "pids"
+    first = start_daemon(tmp_path / "first", config)
+    with Client(first.unix) as client, ThreadPoolExecutor(1) as pool:
+        pool.submit(client.call, "leave_a_mess", 60_000,
+                    {"depth": 3000, "victim": str(victim(tmp_path)), "hang": True, "pidfile": str(pidfile)})
+        assert wait_until(lambda: read_pids(pidfile), 30)
+        first.process.kill()
+        first.stop()
+    assert (tmp_path / "work" / str(first.process.pid)).is_dir()
+    second = start_daemon(tmp_path / "second", config)
+    try:
+        assert not (tmp_path / "work" / str(first.process.pid)).exists()
+        assert (tmp_path / "victim" / "123" / "precious").read_text() == "keep me"
+    finally:
+        assert second.stop() == 0, second.log_text()
+
+
+def test_a_workdir_base_planted_as_a_symlink_is_refused(tmp_path: Path) -> None:
+    target = victim(tmp_path)
+    (tmp_path / "base").symlink_to(target)
+    with pytest.raises(RuntimeError, match="is a symbolic link: set workdir_base to a real directory"):
+        start_daemon(tmp_path / "d", f'workdir_base = "{tmp_path / "base"}"\n')
+    assert (target / "123" / "precious").read_text() == "keep me"
+
+
+@contextlib.contextmanager
+def small_filesystem(path: Path, inodes: int) -> Iterator[Path]:
+    """A tmpfs with few inodes, mounted for the test (root only)."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size=8m,nr_inodes={inodes}", "none",
+                                            str(path)], capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root and CAP_SYS_ADMIN")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_a_full_disk_is_answered_at_once_and_service_resumes(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "small", inodes=400) as small:
+        daemon = start_daemon(tmp_path / "d", f'workdir_base = "{small / "work"}"\nspare_processes = 2\n')
+        try:
+            with Client(daemon.unix, retry=NO_RETRY) as client:
+                assert client.call("echo", 5000).outcome
+                fds = psutil.Process(daemon.process.pid).num_fds()
+                filler = small / "filler"
+                filler.mkdir()
+                full = threading.Event()
+                stop = threading.Event()
+
+                def fill() -> None:  # takes every inode there is, and each one the daemon frees
+                    for i in itertools.count():
+                        while not stop.is_set():
+                            try:
+                                (filler / str(i)).touch()
+                                break
+                            except OSError:
+                                full.set()
+                                time.sleep(0.0002)
+                        if stop.is_set():
+                            return
+
+                thread = threading.Thread(target=fill)
+                thread.start()
+                try:
+                    assert full.wait(10)
+                    refused = 0
+                    for _ in range(10):  # the spares made before the disk filled serve first
+                        started = time.monotonic()
+                        try:
+                            client.call("echo", 30_000)
+                        except Unavailable as exc:
+                            assert "working directory: No space left on device" in str(exc), exc
+                            assert time.monotonic() - started < 5  # at once, not at the 30 s deadline
+                            refused += 1
+                finally:
+                    stop.set()
+                    thread.join()
+                assert refused >= 5
+                assert psutil.Process(daemon.process.pid).num_fds() <= fds + 2  # nothing leaked
+                shutil.rmtree(filler)
+
+                def serves() -> bool:
+                    try:
+                        return client.call("echo", 5000).outcome
+                    except Unavailable:
+                        return False
+
+                assert wait_until(serves, 10), "service did not resume once space was back"
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_a_tasks_temporary_directory_is_its_own(client: Client) -> None:
+    answer = client.call("temporary_file", 5000).result
+    assert answer["tmpdir"] == answer["cwd"] and answer["file"].startswith(answer["cwd"] + "/")

@@ -382,3 +382,30 @@ def forge_answer(options):
     payload = response.SerializeToString()
     os.write(3, struct.pack("!I", len(payload)) + payload)
     os._exit(0)
+
+
+def leave_a_mess(options):
+    """Leave a tree options["depth"] levels deep in the working directory: files, links out of it
+    (to options["victim"]) and directories of mode 000; then answer, or with options["hang"], record
+    the pid and hang."""
+    top = os.getcwd()
+    for level in range(options["depth"]):
+        os.mkdir("d")
+        Path("d", "file").write_text("x")
+        if level % 500 == 0:
+            os.symlink(options["victim"], "d/link")
+        os.chdir("d")
+        if level % 700 == 0:
+            os.chmod(".", 0)  # sealed (a task running as root goes on writing in it)
+    os.chdir(top)
+    if options.get("hang"):
+        _record(options, os.getpid())
+        time.sleep(600)
+    return True, {"cwd": top}
+
+
+def temporary_file(options):
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(delete=False) as f:
+        return True, {"tmpdir": os.environ.get("TMPDIR"), "cwd": os.getcwd(), "file": f.name}
