@@ -143,6 +143,38 @@ def remove_base(base: str | None) -> None:
             os.rmdir(base)
 
 
+def new_generation(base: str | None, number: int) -> str | None:
+    """A cgroup for one fork server's task cgroups, `<base>/g<number>`; None where there are no cgroups.
+
+    Each fork server has its own, so that one that dies leaves nothing in the way of the next,
+    and all its tasks can be ended at once with the generation's `cgroup.kill`.
+    """
+    if base is None:
+        return None
+    path = os.path.join(base, f"g{number}")
+    try:
+        os.mkdir(path)
+    except OSError as exc:
+        log.warning("cannot create the cgroup %s (%s): tasks run without cgroups", path, exc.strerror)
+        return None
+    wanted = set(controllers(base)) & {"memory", "pids"}
+    if wanted:
+        _enable(path, wanted)
+    return path
+
+
+def end_generation(path: str | None) -> None:
+    """Kill everything left in a fork server's generation cgroup, then remove it (blocking, briefly)."""
+    if path is None:
+        return
+    _kill(path)
+    with contextlib.suppress(OSError):
+        for task in os.scandir(path):
+            if task.is_dir():
+                _remove_when_empty(task.path)
+    _remove_when_empty(path)
+
+
 def _kill(path: str) -> None:
     with contextlib.suppress(OSError):
         _write(os.path.join(path, "cgroup.kill"), "1")

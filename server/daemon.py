@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import itertools
 import logging
 import os
 import pwd
@@ -27,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from task_runner.server import cgroups
 from task_runner.server.config import Config
-from task_runner.server.forkserver import PR_SET_DUMPABLE, prctl
+from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
 from task_runner.server.security import TokenAuth, check_exposure, load_token, server_credentials
@@ -76,7 +77,9 @@ class Daemon:
         self.addresses: list[str] = []
         self._stop_requested = asyncio.Event()
         self._force = asyncio.Event()
-        self._reloading: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Future[None] | None = None
+        self._reload_again = False
+        self._generation = itertools.count(1)
         self._server: grpc.aio.Server | None = None
         self._forkservers: set[ForkServerClient] = set()
         self._watchers: set[asyncio.Future[None]] = set()
@@ -99,6 +102,8 @@ class Daemon:
         # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
         # the TLS key). exec() resets it, so the fork server and the tasks are unaffected.
         prctl(PR_SET_DUMPABLE, 0)
+        # Orphans of a fork server that dies come to us, not to PID 1, so that we can end them.
+        prctl(PR_SET_CHILD_SUBREAPER, 1)
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         try:
@@ -140,13 +145,13 @@ class Daemon:
 
     async def _start_forkserver(self, config: Config) -> ForkServerClient:
         tasks = {name: task.target for name, task in config.all_tasks().items()}
-        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, self._cgroup)
+        cgroup = cgroups.new_generation(self._cgroup, next(self._generation))
+        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()
         except BaseException:
-            self._forkservers.discard(forkserver)
-            await forkserver.close()
+            await self._end(forkserver)
             raise
         for name, info in forkserver.info.items():
             if info.import_error:
@@ -156,14 +161,25 @@ class Daemon:
         watcher.add_done_callback(self._watchers.discard)
         return forkserver
 
+    async def _end(self, forkserver: ForkServerClient) -> None:
+        """End a fork server and everything of its generation: its process, its tasks' cgroups, and
+        the orphans its tasks left (they come to the daemon, a subreaper, when it dies)."""
+        await forkserver.close()
+        self._forkservers.discard(forkserver)
+        await asyncio.to_thread(cgroups.end_generation, forkserver.cgroup)
+        while orphans := children() - {f.pid for f in self._forkservers}:
+            for pid in orphans:
+                kill_tree(pid)
+            await asyncio.to_thread(reap, orphans)
+            log.warning("killed %d processes left behind by a fork server that ended", len(orphans))
+
     async def _replace_if_it_dies(self, forkserver: ForkServerClient, config: Config) -> None:
         """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""
         await forkserver.closed.wait()
         if forkserver.retired or self._stop_requested.is_set() or self._service is None:
             return
-        await asyncio.to_thread(forkserver.wait)
+        await self._end(forkserver)
         log.error("the fork server died (exit code %s); starting a new one", forkserver.exit_code)
-        self._forkservers.discard(forkserver)
         while not self._stop_requested.is_set():
             try:
                 replacement = await self._start_forkserver(config)
@@ -216,33 +232,40 @@ class Daemon:
             self._stop_requested.set()
 
     def request_reload(self) -> None:
+        """SIGHUP: reload; one that arrives during a reload makes another follow it, so the code on
+        disk when the last SIGHUP came is the code that serves."""
         if self._reloading is not None and not self._reloading.done():
-            log.warning("SIGHUP: a reload is already under way")
+            self._reload_again = True
             return
         self._reloading = asyncio.ensure_future(self.reload())
 
     async def reload(self) -> None:
-        """Start a new fork server with the tasks afresh; let the old one finish what it runs."""
+        """Start a new fork server with the tasks afresh; the old one finishes what it runs, then ends."""
         assert self._service is not None
-        self.notifier.notify("RELOADING=1", "STATUS=reloading tasks")
-        try:
-            config = self._reload_config() if self._reload_config else self.config
-            forkserver = await self._start_forkserver(config)
-        except Exception as exc:
-            log.error("reload failed, still serving the old tasks: %s", exc)
-            self.notifier.notify("READY=1", "STATUS=reload failed")
-            return
-        old = self._service.reload(config, forkserver)
-        log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
-        self.notifier.notify("READY=1", "STATUS=reloaded")
-        await self._retire(old)
+        while True:
+            self._reload_again = False
+            self.notifier.notify("RELOADING=1", "STATUS=reloading tasks")
+            try:
+                config = self._reload_config() if self._reload_config else self.config
+                forkserver = await self._start_forkserver(config)
+            except Exception as exc:
+                log.error("reload failed, still serving the old tasks: %s", exc)
+                self.notifier.notify("READY=1", "STATUS=reload failed")
+            else:
+                old = self._service.reload(config, forkserver)
+                log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
+                self.notifier.notify("READY=1", "STATUS=reloaded")
+                retiring = asyncio.ensure_future(self._retire(old))
+                self._watchers.add(retiring)
+                retiring.add_done_callback(self._watchers.discard)
+            if not self._reload_again:
+                return
 
     async def _retire(self, old: ForkServerClient) -> None:
-        """Close a fork server that no longer gets new tasks, once its running tasks are done."""
+        """End a fork server that no longer gets new tasks, once its running tasks are done."""
         old.retired = True
         await old.idle()
-        await old.close()
-        self._forkservers.discard(old)
+        await self._end(old)
 
     async def serve(self) -> None:
         """Serve until a stop is requested, then drain and stop."""
@@ -269,10 +292,14 @@ class Daemon:
         force.cancel()
 
     async def stop(self) -> None:
+        if self._reloading is not None:
+            self._reloading.cancel()  # a fork server still importing the tasks is ended below
+            with contextlib.suppress(BaseException):
+                await self._reloading
         if self._server is not None:
             await self._server.stop(grace=1.0)  # lets the last answers go out
         for forkserver in list(self._forkservers):
-            await forkserver.close()
+            await self._end(forkserver)
         self._workdirs.stop()
         cgroups.remove_base(self._cgroup)
         self.notifier.close()

@@ -68,6 +68,22 @@ def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
+def children() -> set[int]:
+    """The pids of this process's children, of all its threads."""
+    pids: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
+            pids.update(int(pid) for pid in f.read().split())
+    return pids
+
+
+def reap(pids: set[int]) -> None:
+    """Wait for each of these children to end (blocking)."""
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
 class ForkServer:
     def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
         self._sock = sock
@@ -249,15 +265,11 @@ class ForkServer:
             self._kill_orphans()
             self._cgroups.sweep()
 
-    def _children(self) -> set[int]:
-        with open(f"/proc/self/task/{self._pid}/children") as f:
-            return {int(pid) for pid in f.read().split()}
-
     def _kill_orphans(self) -> None:
         # A process we did not fork is the remains of a finished task: its task process was a
         # subreaper, so its descendants came to us only when it died. Kill them; their own
         # children come to us in turn and go the same way when we reap these.
-        for pid in self._children() - self._live.keys():
+        for pid in children() - self._live.keys():
             kill_tree(pid)
 
     def _shutdown(self) -> None:

@@ -298,10 +298,15 @@ class TaskRunnerService:
                 ) from None
             admitted, admitted_at = True, loop.time()
             forkserver = self.forkserver  # read once admitted: a reload meanwhile sends us to the new one
-            try:
-                process = await forkserver.take()
-            except (ForkServerDied, NoProcess) as exc:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
+            while True:
+                try:
+                    process = await forkserver.take()
+                    break
+                except (ForkServerDied, NoProcess) as exc:
+                    if forkserver.retired and forkserver is not self.forkserver:
+                        forkserver = self.forkserver  # a reload retired it while we waited: take the new one's
+                        continue
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
             run = execution.run = Run(forkserver, process, self._config, task.cpu_s)
             self._runs.add(run)
             run.reaped.add_done_callback(lambda _: self._reaped(run))

@@ -34,6 +34,7 @@ log = logging.getLogger("task_runner.server")
 Kind = TaskError.Kind
 READ_CHUNK = 1 << 16
 FORKSERVER_START_TIMEOUT_S = 60.0
+FORKSERVER_CLOSE_TIMEOUT_S = 3.0
 FORK_RETRY_S = 0.1
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
@@ -346,14 +347,30 @@ class ForkServerClient:
         self._waiters.clear()
 
     async def close(self) -> None:
-        """End the fork server: it kills every task process it forked, then exits."""
-        self.retired = True
+        """End the fork server: it kills every task process it forked, then exits; or, if it does not
+        within a few seconds (still importing a task module that hangs), it is killed."""
+        if not self.closed.is_set():
+            self.retired = True  # closed on purpose, not died
         self._on_closed()
-        await asyncio.to_thread(self._process.wait)
+        await asyncio.to_thread(self._wait_or_kill)
 
-    def wait(self) -> int:
-        """Block until the fork server process has exited; its exit code."""
-        return self._process.wait()
+    def _wait_or_kill(self) -> None:
+        try:
+            self._process.wait(FORKSERVER_CLOSE_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("the fork server did not end within %.0f s of being told to; killing it",
+                        FORKSERVER_CLOSE_TIMEOUT_S)
+            self._process.kill()
+            self._process.wait()
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    @property
+    def cgroup(self) -> str | None:
+        """The cgroup its task processes' cgroups are made in (its generation's), if any."""
+        return self._cgroup
 
     @property
     def exit_code(self) -> int | None:

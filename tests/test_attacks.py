@@ -9,7 +9,9 @@ import asyncio
 import contextlib
 import itertools
 import os
+import re
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -22,9 +24,18 @@ import grpc
 import psutil
 import pytest
 
-from task_runner.client import NO_RETRY, Client, Unavailable
+from task_runner.client import NO_RETRY, Client, TaskFailed, Unavailable
 from task_runner.v1 import task_runner_pb2 as pb
-from tests.conftest import Daemon, read_pids, start_daemon, wait_gone, wait_until
+from tests.conftest import (
+    REPO,
+    Daemon,
+    cgroup_v2_writable,
+    in_ci,
+    read_pids,
+    start_daemon,
+    wait_gone,
+    wait_until,
+)
 from tests.test_contract import leftovers
 
 PERFORM = "/task_runner.v1.TaskRunner/Perform"
@@ -252,3 +263,98 @@ def test_a_full_disk_is_answered_at_once_and_service_resumes(tmp_path: Path) -> 
 def test_a_tasks_temporary_directory_is_its_own(client: Client) -> None:
     answer = client.call("temporary_file", 5000).result
     assert answer["tmpdir"] == answer["cwd"] and answer["file"].startswith(answer["cwd"] + "/")
+
+
+def forkserver_of(daemon: Daemon) -> psutil.Process:
+    return next(p for p in psutil.Process(daemon.process.pid).children() if "forkserver" in " ".join(p.cmdline()))
+
+
+def wait_for_notification(daemon: Daemon, wanted: str, timeout: float = 20) -> None:
+    """Wait for the daemon to send `wanted` to its notify socket (from now on)."""
+    deadline = time.monotonic() + timeout
+    while wanted not in daemon.read_notifications(timeout=max(0.0, deadline - time.monotonic())):
+        assert time.monotonic() < deadline, f"no {wanted} within {timeout} s: {daemon.notifications}"
+
+
+def serves(client: Client) -> bool:
+    try:
+        return client.call("echo", 5000).outcome
+    except Unavailable:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["off", "auto"], ids=["process-groups", "cgroup-v2"])
+def test_a_dead_fork_server_leaves_nothing_and_its_successor_has_cgroups(tmp_path: Path, mode: str) -> None:
+    if mode == "auto" and not cgroup_v2_writable():
+        if in_ci():
+            pytest.fail("CI's machines have a writable cgroup v2 hierarchy: both paths must be tested there")
+        pytest.skip("no writable cgroup v2 hierarchy on this machine")
+    daemon = start_daemon(tmp_path / "d", f'cgroup = "{mode}"\n')
+    pidfile = tmp_path / "pids"
+    try:
+        with Client(daemon.unix, retry=NO_RETRY) as client, ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.call, "stubborn_tree", 60_000, {"pidfile": str(pidfile)})
+            assert wait_until(lambda: len(read_pids(pidfile)) == 4, 20), read_pids(pidfile)
+            forkserver_of(daemon).kill()
+            with pytest.raises(TaskFailed, match="SIGKILL"):
+                running.result(30)
+            assert wait_gone(read_pids(pidfile), 10) == [], "processes of the dead fork server's tasks survived"
+            assert wait_until(lambda: serves(client), 20)
+            if mode == "auto":
+                cgroup = client.call("my_cgroup", 5000).result["cgroup"]
+                assert re.search(r"/task-runner-\d+/g2/s\d+$", cgroup), cgroup
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def reloadable(tmp_path: Path, directory: Path, config: str = "") -> tuple[Daemon, Path]:
+    """A daemon serving `version` from a module in tmp_path that the test rewrites; the module's path."""
+    package = tmp_path / "reloadable"
+    package.mkdir()
+    module = package / "version_task.py"
+    write_version(module, 1)
+    daemon = start_daemon(directory, config + '[tasks.version]\ntarget = "version_task:version"\n',
+                          env={"PYTHONPATH": f"{REPO}:{package}"})
+    return daemon, module
+
+
+def write_version(module: Path, version: int, prelude: str = "") -> None:
+    # A size of its own each time, so that a .pyc written in the same second is not taken for current.
+    module.write_text(f"{prelude}import time\n# {'#' * version}\ndef version(options):\n"
+                      f"    time.sleep(options.get('s', 0))\n    return True, {{'version': {version}}}\n")
+
+
+def test_sigterm_while_a_reload_hangs_at_import_exits_within_the_grace(tmp_path: Path) -> None:
+    daemon, module = reloadable(tmp_path, tmp_path / "d", "drain_grace_s = 1\n")
+    try:
+        write_version(module, 2, prelude="import time\ntime.sleep(600)\n")  # the new code hangs at import
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for_notification(daemon, "RELOADING=1")
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(20) == 0
+        assert time.monotonic() - started < 1 + 10  # the grace and a small bound
+    finally:
+        daemon.stop()
+    assert not [p for p in psutil.process_iter(["cmdline"]) if str(module.parent) in " ".join(p.info["cmdline"] or [])]
+
+
+def test_every_sighup_takes_effect_and_no_call_is_refused_for_a_reload(tmp_path: Path) -> None:
+    daemon, module = reloadable(tmp_path, tmp_path / "d", "spare_processes = 0\nmax_running = 64\n")
+    try:
+        with Client(daemon.unix, retry=NO_RETRY) as client, ThreadPoolExecutor(64) as pool:
+            slow = pool.submit(client.call, "version", 30_000, {"s": 4})  # holds the first fork server
+            write_version(module, 2)
+            daemon.process.send_signal(signal.SIGHUP)
+            wait_for_notification(daemon, "STATUS=reloaded")
+            # The first fork server still waits for its slow task; these SIGHUPs come during that.
+            calls = [pool.submit(client.call, "version", 30_000) for _ in range(60)]  # waiting for forks
+            write_version(module, 3)
+            daemon.process.send_signal(signal.SIGHUP)
+            daemon.process.send_signal(signal.SIGHUP)
+            wait_for_notification(daemon, "STATUS=reloaded")
+            assert {call.result(30).result["version"] for call in calls} <= {2, 3}  # none refused
+            assert wait_until(lambda: client.call("version", 5000).result == {"version": 3}, 10)
+            assert slow.result(30).result == {"version": 1}
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()

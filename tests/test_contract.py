@@ -119,7 +119,7 @@ def test_each_task_has_its_own_cgroup_when_available(tree_daemon: Daemon) -> Non
     with tree_daemon.client() as client:
         own = client.call("my_cgroup", 5000).result["cgroup"]
     if tree_daemon.cgroup_mode == "auto":  # type: ignore[attr-defined]
-        assert re.search(r"/task-runner-\d+/s\d+$", own)
+        assert re.search(r"/task-runner-\d+/g\d+/s\d+$", own)  # a cgroup per task, in its fork server's
     else:
         assert "task-runner" not in own
 
