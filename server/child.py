@@ -43,6 +43,9 @@ FRAME = struct.Struct("!I")
 ASSIGNMENT = struct.Struct("!qqqqqH")
 NO_LIMIT = -1
 BY_CGROUP = -2
+# The error type of the answer for options a Struct can carry but JSON cannot (NaN, nesting too
+# deep), found before any task code runs: the daemon answers the call INVALID_ARGUMENT.
+INVALID_OPTIONS = "InvalidOptions"
 Kind = TaskError.Kind
 # Memory is bounded by the address space (RLIMIT_AS), which counts every mapping, shared ones
 # too: RLIMIT_DATA would let mmap(MAP_SHARED | MAP_ANONYMOUS) through. The limit is what the
@@ -54,11 +57,12 @@ _LIMITS = (
 _limited: set[str] = set()  # the limits this process runs under
 
 
-def pack_assignment(limits: tuple[int, int, int, int, int], workdir: str, request: bytes) -> bytes:
-    """The frame the daemon sends a task process (limits as in ASSIGNMENT, NO_LIMIT for none)."""
+def pack_assignment(limits: tuple[int, int, int, int, int], workdir: str, request_size: int) -> bytes:
+    """The start of the frame the daemon sends a task process (limits as in ASSIGNMENT, NO_LIMIT for
+    none); the serialized request of `request_size` bytes follows it, sent as it is."""
     directory = workdir.encode()
-    payload = ASSIGNMENT.pack(*limits, len(directory)) + directory + request
-    return FRAME.pack(len(payload)) + payload
+    head = ASSIGNMENT.pack(*limits, len(directory)) + directory
+    return FRAME.pack(len(head) + request_size) + head
 
 
 def _address_space() -> int:
@@ -263,8 +267,7 @@ def _run_callback(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> N
     ))
 
 
-def run_task(answer: _Answer, loaded: Loaded, request: PerformRequest) -> NoReturn:
-    options = from_struct(request.options)
+def run_task(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoReturn:
     if loaded.form is Form.ASYNC:
         _run_async(answer, loaded, options)
     if loaded.form is Form.CALLBACK:
@@ -304,6 +307,10 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     workdir = frame[start:start + length].decode()
     request = PerformRequest.FromString(frame[start + length:])
     answer = _Answer(result_max_bytes)
+    try:
+        options = from_struct(request.options)
+    except NotJsonLike as exc:
+        answer.give(_error(Kind.KIND_UNSPECIFIED, INVALID_OPTIONS, f"options{exc}"))
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
         if workdir:
@@ -318,7 +325,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     except BaseException as exc:  # even SystemExit at import is the task's error, not an exit
         answer.exception(exc)
     try:
-        run_task(answer, loaded, request)
+        run_task(answer, loaded, options)
     except SystemExit as exc:  # sys.exit() ends the process without an answer, as it would anywhere
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         for stream in (sys.stdout, sys.stderr):

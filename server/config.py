@@ -96,6 +96,8 @@ class Config:
     # How many tasks run at once, and how many more may wait for a slot.
     max_running: int = field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1)))
     max_queued: int = 1024
+    # The bytes of requests that may wait for a task process at once (each is held as it came, once).
+    max_queued_bytes: int = 256 << 20
     # Calls gRPC has accepted but the daemon has not yet looked at (a burst). Beyond this gRPC
     # itself cancels new calls (status CANCELLED) before the daemon can answer RESOURCE_EXHAUSTED.
     max_pending_rpcs: int = 10_000
@@ -235,6 +237,10 @@ def _validate(config: Config, where: str) -> None:
     for key in ("max_queued", "spare_processes", "output_tail_bytes"):
         if getattr(config, key) < 0:
             raise ConfigError(f"{where}: {key!r} must not be negative")
+    if config.max_queued_bytes < config.max_request_bytes:
+        raise ConfigError(
+            f"{where}: 'max_queued_bytes' must be at least 'max_request_bytes' ({config.max_request_bytes})",
+        )
     if config.max_timeout_ms > MAX_TIMEOUT_MS:
         raise ConfigError(f"{where}: 'max_timeout_ms' must be at most {MAX_TIMEOUT_MS}")
     if config.drain_grace_s < 0:

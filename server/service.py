@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -15,10 +16,9 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.protobuf.struct_pb2 import Struct
 
 from task_runner.server import cgroups
-from task_runner.server.child import BY_CGROUP, NO_LIMIT, pack_assignment
+from task_runner.server.child import BY_CGROUP, INVALID_OPTIONS, NO_LIMIT, pack_assignment
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
@@ -32,7 +32,6 @@ from task_runner.v1.task_runner_pb2 import (
     TaskError,
     TaskInfo,
 )
-from task_runner.values import NotJsonLike, check_struct
 
 log = logging.getLogger("task_runner.server")
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
@@ -76,7 +75,8 @@ class Execution:
 
     request_id: str
     task: str
-    options: Struct
+    options: bytes  # a digest of the options, to tell a different request under the same request_id
+    request: bytes  # the raw request, until it is handed to the task process
     run: Run | None = None
     job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
     answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -94,7 +94,7 @@ class _Kept(NamedTuple):
     """A finished execution's answer, as little as is needed to give it again."""
 
     task: str
-    options: bytes  # serialized deterministically, to tell a different request under the same id
+    options: bytes  # a digest, as in Execution
     answer: bytes
     expires: float
 
@@ -131,9 +131,8 @@ class AnswerCache:
         del self._running[execution.request_id]
         if answer is None or self.window_s <= 0:
             return
-        options = execution.options.SerializeToString(deterministic=True)
-        self._finished[execution.request_id] = _Kept(execution.task, options, answer, now + self.window_s)
-        self._bytes += len(answer) + len(options)
+        self._finished[execution.request_id] = _Kept(execution.task, execution.options, answer, now + self.window_s)
+        self._bytes += len(answer) + len(execution.options)
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
             self._drop_oldest()
 
@@ -156,6 +155,7 @@ class TaskRunnerService:
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: set[Run] = set()
         self._executing: set[asyncio.Future[None]] = set()
+        self._held_bytes = 0  # of requests not yet handed to a task process
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
 
@@ -206,30 +206,45 @@ class TaskRunnerService:
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
         try:
+            # Refused before it is even parsed: parsing a big request costs memory too.
+            if self._held_bytes and self._held_bytes + len(request) > self._config.max_queued_bytes:
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"queue full: {self._held_bytes} bytes of requests wait for a task process "
+                    f"(max_queued_bytes = {self._config.max_queued_bytes}); retry later",
+                )
             parsed, task = self._validate(request)
-            found = self._cache.get(parsed.request_id, received_at) if parsed.request_id else None
-            if isinstance(found, _Kept):
-                if found.task != parsed.task or found.options != parsed.options.SerializeToString(deterministic=True):
-                    raise _reused(parsed.request_id)
-                return found.answer
+            request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
+            # Only a request_id needs the options again (to tell a different request under it): a
+            # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
+            options = parsed.options.SerializeToString(deterministic=True) if request_id else b""
+            digest = hashlib.sha256(options).digest() if request_id else b""
+            del parsed, options
+            found = self._cache.get(request_id, received_at) if request_id else None
             if found is not None:
-                if found.task != parsed.task or found.options != parsed.options:
-                    raise _reused(parsed.request_id)
-                return await self._attach(found)
+                if found.task != task.name or found.options != digest:
+                    raise _reused(request_id)
+                return found.answer if isinstance(found, _Kept) else await self._attach(found)
             if self.draining:
                 raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
-            execution = Execution(parsed.request_id or uuid.uuid4().hex, parsed.task, parsed.options)
-            if parsed.request_id:
+            execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request)
+            self._held_bytes += len(request)
+            if request_id:
                 self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
-            execution.job = asyncio.ensure_future(self._execute(
-                execution, task, request, parsed.timeout_ms or task.default_timeout_ms, rpc_deadline, received_at,
-            ))
+            execution.job = asyncio.ensure_future(self._execute(execution, task, timeout_ms, rpc_deadline, received_at))
             self._executing.add(execution.job)  # a reference, so the job is not collected mid-run
             execution.job.add_done_callback(self._executing.discard)
+            del request
             return await self._attach(execution)
         except RequestError as exc:
             await self._abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort raises
+
+    def _release_request(self, execution: Execution) -> bytes:
+        """The request's bytes, handed over (or given up): they no longer count as waiting."""
+        request, execution.request = execution.request, b""
+        self._held_bytes -= len(request)
+        return request
 
     async def _attach(self, execution: Execution) -> bytes:
         """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
@@ -261,10 +276,8 @@ class TaskRunnerService:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"timeout_ms {parsed.timeout_ms} is above the maximum of task {task.name!r} ({task.max_timeout_ms} ms)",
             )
-        try:
-            check_struct(parsed.options)
-        except NotJsonLike as exc:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"options{exc}") from None
+        # The options' values are checked (finite numbers, bounded nesting) by the task process as it
+        # converts them: walking a 4 MiB Struct here, in Python, would stall every other call.
         if len(parsed.request_id) > MAX_REQUEST_ID:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is longer than {MAX_REQUEST_ID} bytes")
         if not parsed.request_id.isprintable():  # it goes into log lines: no newline may forge one
@@ -275,8 +288,7 @@ class TaskRunnerService:
         return parsed, task
 
     async def _execute(
-        self, execution: Execution, task: _Task, request: bytes, timeout_ms: int, rpc_deadline: float,
-        received_at: float,
+        self, execution: Execution, task: _Task, timeout_ms: int, rpc_deadline: float, received_at: float,
     ) -> None:
         """Admit, run and answer one execution, whatever happens to its callers; log it.
 
@@ -287,7 +299,7 @@ class TaskRunnerService:
         response: PerformResponse | None = None
         answer: bytes | None = None
         admitted_at = received_at
-        admitted = False
+        admitted = refused = False
         try:
             try:
                 await self.slots.acquire()
@@ -319,7 +331,12 @@ class TaskRunnerService:
                 if cgroups.has_pids_max(process.cgroup) and limits[3] != NO_LIMIT:
                     limits = (*limits[:3], BY_CGROUP, limits[4])  # pids.max binds the task's tree: no per-user NPROC
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
-            response, handed_at = await run.execute(pack_assignment(limits, process.workdir, request), deadline)
+            request = self._release_request(execution)
+            response, handed_at = await run.execute(pack_assignment(limits, process.workdir, len(request)),
+                                                    request, deadline)
+            if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == INVALID_OPTIONS:
+                refused = True  # found by the task process as it read them, before any task code ran
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, response.error.message)
             response.request_id = execution.request_id
             response.timings.queue_ms = (admitted_at - received_at) * 1e3
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
@@ -334,6 +351,8 @@ class TaskRunnerService:
                           extra={"request_id": execution.request_id})
             execution.answer.set_exception(RequestError(grpc.StatusCode.INTERNAL, "the daemon failed to run the task"))
         finally:
+            if execution.request:
+                self._release_request(execution)
             if execution.run is None:
                 if admitted:
                     self.slots.release()
@@ -341,7 +360,7 @@ class TaskRunnerService:
                 execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
             cancelled = response is not None and response.error.kind == TaskError.CANCELLED
             self._cache.finish(execution, None if cancelled else answer, loop.time())
-            if admitted:
+            if admitted and not refused:
                 self._record(execution, response, received_at, admitted_at, loop.time())
 
     def _reaped(self, run: Run) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from task_runner.server import forkserver
-from task_runner.server.child import FRAME
+from task_runner.server.child import FRAME, INVALID_OPTIONS
 from task_runner.server.config import Config
 from task_runner.server.workdirs import Workdirs
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
@@ -406,8 +406,8 @@ class Run:
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)
 
-    async def execute(self, assignment: bytes, deadline: float) -> tuple[PerformResponse, float]:
-        """Run the task (`assignment` from child.pack_assignment).
+    async def execute(self, assignment: bytes, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
+        """Run the task: `assignment` from child.pack_assignment, then the serialized request.
 
         Returns:
             The response, usage and output filled, and when the task was handed over.
@@ -418,6 +418,8 @@ class Run:
         process.exited.add_done_callback(self._on_exit)
         with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
             await loop.sock_sendall(process.channel, assignment)
+            await loop.sock_sendall(process.channel, request)
+        del request  # sent: the daemon holds no copy of it while the task runs
         loop.add_reader(process.channel.fileno(), self._read_result)
         loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
         loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
@@ -549,7 +551,8 @@ def answer_response(frame: bytes) -> PerformResponse:
     response = PerformResponse(outcome=answer.outcome)
     response.result.CopyFrom(answer.result)
     if answer.HasField("error"):
-        if answer.error.kind not in TASK_KINDS:  # a task writing its own frame may claim anything
+        invalid_options = answer.error.kind == Kind.KIND_UNSPECIFIED and answer.error.type == INVALID_OPTIONS
+        if answer.error.kind not in TASK_KINDS and not invalid_options:  # a task's own frame may claim anything
             name = Kind.Name(answer.error.kind) if answer.error.kind in Kind.values() else str(answer.error.kind)
             return error_response(
                 Kind.RESULT_INVALID, "ResultInvalid",

@@ -358,3 +358,72 @@ def test_every_sighup_takes_effect_and_no_call_is_refused_for_a_reload(tmp_path:
             assert slow.result(30).result == {"version": 1}
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+def big_options(mib: float) -> dict[str, Any]:
+    """Options of about `mib` MiB made of many small values: the costliest kind to parse and walk."""
+    return {"pad": [1.5] * int(mib * (1 << 20) / 11)}
+
+
+def test_waiting_calls_hold_a_bounded_number_of_bytes(tmp_path: Path) -> None:
+    """50 calls of 3 MiB while the only slot is busy: two wait (8 MiB allowed), the rest are refused at
+    once, and the daemon holds each waiting one once (an earlier daemon held ~11 MiB for each)."""
+    daemon = start_daemon(tmp_path / "d", "max_running = 1\nmax_queued_bytes = 8388608\n")
+    pidfile = tmp_path / "pids"
+    try:
+        rss = psutil.Process(daemon.process.pid).memory_info().rss
+        big = request("sleep", 10_000, {"ms": 1, **big_options(3)})
+        blocker = request("write_pid_and_sleep", 3000, {"pidfile": str(pidfile), "s": 60})
+        grown: list[int] = []
+
+        async def calls(perform: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> list[str]:
+            holding = asyncio.ensure_future(perform(blocker, timeout=30))  # the one slot, for 3 s
+            while not read_pids(pidfile):
+                await asyncio.sleep(0.01)
+
+            async def one() -> str:
+                try:
+                    await perform(big, timeout=30)
+                except grpc.aio.AioRpcError as exc:
+                    assert "max_queued_bytes" in (exc.details() or ""), exc
+                    return exc.code().name
+                return "OK"
+
+            waiting: list[asyncio.Future[str]] = []
+            for _ in range(10):  # in waves, so that what gRPC buffers in transit stays small
+                wave = [asyncio.ensure_future(one()) for _ in range(5)]
+                waiting += wave
+                while sum(call.done() for call in waiting) < len(waiting) - 2 and not holding.done():
+                    await asyncio.sleep(0.01)
+            grown.append(psutil.Process(daemon.process.pid).memory_info().rss - rss)
+            await holding
+            return list(await asyncio.gather(*waiting))
+
+        answers = gather_calls(daemon.unix, lambda perform: [calls(perform)])[0]
+        assert answers.count("RESOURCE_EXHAUSTED") == 48 and answers.count("OK") == 2, answers
+        # Generous: parsing the two admitted requests leaves freed memory that malloc keeps; an earlier
+        # daemon, queueing all 50, grew by over 500 MiB.
+        assert grown[0] < 250 << 20, f"the daemon grew by {grown[0] >> 20} MiB while calls waited"
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+def test_big_requests_do_not_delay_other_calls_deadlines(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", "max_running = 16\n")
+    try:
+        big = request("sleep", 10_000, {"ms": 1, **big_options(3.8)})
+        timed = request("sleep", 300, {"ms": 10_000})
+
+        async def calls(perform: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> tuple[float, list[Any]]:
+            bigs = [asyncio.ensure_future(perform(big, timeout=60)) for _ in range(8)]
+            await asyncio.sleep(0.05)
+            started = time.monotonic()
+            answer = pb.PerformResponse.FromString(await perform(timed, timeout=30))
+            assert answer.error.kind == pb.TaskError.TIMEOUT
+            return time.monotonic() - started, await asyncio.gather(*bigs, return_exceptions=True)
+
+        elapsed, bigs = gather_calls(daemon.unix, lambda perform: [calls(perform)])[0]
+        assert all(isinstance(b, bytes) and pb.PerformResponse.FromString(b).outcome for b in bigs), bigs
+        assert elapsed < 0.3 + 0.7, f"a 300 ms deadline was answered after {elapsed:.2f} s"  # generous
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()

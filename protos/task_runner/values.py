@@ -108,23 +108,40 @@ def _check_value(value: Value, path: str, depth: int) -> None:
 
 
 def from_struct(struct: Struct) -> dict[str, Any]:
-    """Convert a Struct to a dict, whole numbers within +-2^53 as int."""
-    return {key: _from_value(value) for key, value in struct.fields.items()}
+    """Convert a Struct to a dict, whole numbers within +-2^53 as int.
+
+    Raises:
+        NotJsonLike: for NaN or infinity, or nesting deeper than MAX_DEPTH, naming where: a
+            Struct from another language may carry them.
+    """
+    try:
+        return _from_fields(struct, 0)
+    except NotJsonLike:
+        check_struct(struct)  # the slower walk that names where
+        raise
 
 
-def _from_value(value: Value) -> Any:
+def _from_fields(struct: Struct, depth: int) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise NotJsonLike(f"nested deeper than {MAX_DEPTH} levels")
+    return {key: _from_value(value, depth + 1) for key, value in struct.fields.items()}
+
+
+def _from_value(value: Value, depth: int) -> Any:
     kind = value.WhichOneof("kind")
     if kind == "number_value":
         number = value.number_value
         if number.is_integer() and -MAX_SAFE_INTEGER <= number <= MAX_SAFE_INTEGER:
             return int(number)
+        if not math.isfinite(number):
+            raise NotJsonLike(f"{number} is not a finite number")
         return number
     if kind == "string_value":
         return value.string_value
     if kind == "bool_value":
         return value.bool_value
     if kind == "struct_value":
-        return from_struct(value.struct_value)
+        return _from_fields(value.struct_value, depth)
     if kind == "list_value":
-        return [_from_value(item) for item in value.list_value.values]
+        return [_from_value(item, depth + 1) for item in value.list_value.values]
     return None
