@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from task_runner.server.registry import installed_tasks, parse_target
+from task_runner.server.uids import parse_range
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_TIMEOUT_MS = 2**32 - 1  # what PerformRequest.timeout_ms can carry
@@ -112,6 +113,9 @@ class Config:
     # When the daemon runs as root, tasks (and the fork server) run as this user and group.
     run_as_user: str | None = None
     run_as_group: str | None = None
+    # With run_as_user, each task process runs under a uid of its own from this block: "auto" (a free
+    # block of 4096 unnamed uids from 0x70000000), "FIRST-LAST", or "off" (all as run_as_user).
+    task_uids: str = "auto"
     # Each task gets a fresh, empty working directory under this one, removed after it.
     workdir_base: str | None = None  # None: $TMPDIR/task-runner-UID
     # A cgroup v2 directory the daemon may create task cgroups in: "auto" (its own, if writable), "off", or a path.
@@ -241,6 +245,11 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(
             f"{where}: 'max_queued_bytes' must be at least 'max_request_bytes' ({config.max_request_bytes})",
         )
+    if config.task_uids not in ("auto", "off"):
+        try:
+            parse_range(config.task_uids)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: 'task_uids': {exc}") from None
     if config.max_timeout_ms > MAX_TIMEOUT_MS:
         raise ConfigError(f"{where}: 'max_timeout_ms' must be at most {MAX_TIMEOUT_MS}")
     if config.drain_grace_s < 0:

@@ -26,7 +26,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from task_runner.server import cgroups
+from task_runner.server import cgroups, uids
 from task_runner.server.config import Config
 from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
 from task_runner.server.metrics import Metrics
@@ -87,6 +87,7 @@ class Daemon:
         self._health = health_aio.HealthServicer()
         self._owner = task_owner(config)
         self._cgroup: str | None = None
+        self._uids: uids.UidPool | None = None
         self._workdirs = Workdirs(config.workdir_base)
         self.metrics = Metrics()
 
@@ -111,6 +112,7 @@ class Daemon:
         except OSError as exc:
             raise StartError(f"cannot prepare the tasks' working directories: {exc}") from exc
         self._cgroup = cgroups.prepare(self.config.cgroup)
+        self._uids = self._claim_uids()
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         forkserver = await self._start_forkserver(self.config)
@@ -143,10 +145,30 @@ class Daemon:
         log.info("listening on %s; serving tasks: %s", ", ".join(self.addresses), ", ".join(self._service.task_names()))
         self.notifier.notify("READY=1", f"STATUS=listening on {' '.join(self.addresses)}")
 
+    def _claim_uids(self) -> uids.UidPool | None:
+        """A uid of its own for each task process, where the daemon can give one (root, run_as_user)."""
+        config = self.config
+        if os.geteuid() != 0:
+            return None
+        if self._owner is None:
+            log.warning("the daemon runs as root and run_as_user is not set: every task runs as root and can do "
+                        "anything root can, to the daemon and to other tasks. Set run_as_user in production.")
+            return None
+        if self._owner[0] == 0:
+            return None
+        try:
+            pool = uids.claim(config.task_uids, config.max_running + 3 * config.spare_processes)
+        except uids.UidError as exc:
+            raise StartError(f"task_uids: {exc}") from None
+        if pool is None:
+            log.warning("task_uids = \"off\": every task runs as %s, so tasks can signal each other and read each "
+                        "other's files", config.run_as_user)
+        return pool
+
     async def _start_forkserver(self, config: Config) -> ForkServerClient:
         tasks = {name: task.target for name, task in config.all_tasks().items()}
         cgroup = cgroups.new_generation(self._cgroup, next(self._generation))
-        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup)
+        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()
@@ -172,6 +194,9 @@ class Daemon:
                 kill_tree(pid)
             await asyncio.to_thread(reap, orphans)
             log.warning("killed %d processes left behind by a fork server that ended", len(orphans))
+        if self._uids is not None:
+            for uid in forkserver.leftover_uids():
+                self._uids.give_back(uid)
 
     async def _replace_if_it_dies(self, forkserver: ForkServerClient, config: Config) -> None:
         """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""
@@ -302,6 +327,8 @@ class Daemon:
             await self._end(forkserver)
         self._workdirs.stop()
         cgroups.remove_base(self._cgroup)
+        if self._uids is not None:
+            self._uids.close()
         self.notifier.close()
         log.info("stopped")
 

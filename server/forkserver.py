@@ -12,11 +12,11 @@ setsid(), stay inside the task's tree while the task lives, and fall to the fork
 it dies, which kills every adopted process it did not fork itself. Nothing outlives its task.
 
 Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON spec):
-    daemon -> F <u32 n>              fork n more spare task processes
+    daemon -> F <u32 n> <u32 uid>*n  fork n more spare task processes, each under the uid given
     daemon -> K <u32 pid> <u32 serial> <u8 why>   kill that task process's tree now
-    fork server -> E <u32 n>         n of the forks asked for failed (EAGAIN, EMFILE): ask again later
+    fork server -> E <u32 n> <u32 uid>*n   these forks failed (EAGAIN, EMFILE): ask again later
     fork server -> H <json>          hello: pid and each task's description or import error
-    fork server -> R <u32 pid> <u32 serial> <cgroup path>   a spare is ready; SCM_RIGHTS: channel,
+    fork server -> R <u32 pid> <u32 serial> <u32 uid> <cgroup path>   a spare is ready; SCM_RIGHTS: channel,
                                      stdout, stderr. The serial tells this process from a later one
                                      that gets the same pid, so a late kill never reaches the wrong one.
     fork server -> X <pid status utime stime maxrss why oom>   a task process was reaped
@@ -25,6 +25,7 @@ End of file from the daemon ends the fork server, after killing every task proce
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import ctypes
 import gc
@@ -41,12 +42,13 @@ from task_runner.server import child
 from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
-FORK = struct.Struct("!cI")
+FORK = struct.Struct("!cI")  # then that many uids, one per process (NO_UID: run_as_user's own)
 KILL = struct.Struct("!cIIB")
-READY = struct.Struct("!cII")
+READY = struct.Struct("!cIII")  # pid, serial, uid
 EXITED = struct.Struct("!cIiddqBB")
 MAX_PACKET = 1 << 16
 
+NO_UID = 0xFFFF_FFFF
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
@@ -56,6 +58,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def pack_uids(op: bytes, uids: list[int] | collections.deque[int]) -> bytes:
+    """An F or E message: a count, then that many uids."""
+    return FORK.pack(op, len(uids)) + struct.pack(f"!{len(uids)}I", *uids)
+
+
+def unpack_uids(message: bytes) -> list[int]:
+    """The uids of an F or E message."""
+    return list(struct.unpack_from(f"!{FORK.unpack_from(message)[1]}I", message, FORK.size))
 
 
 def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
@@ -96,7 +108,7 @@ class ForkServer:
         self._registry: dict[str, Loaded | str] = {}
         self._live: dict[int, int] = {}  # task processes forked here and not yet reaped -> their serial
         self._serial = 0
-        self._to_fork = 0  # spares the daemon asked for and not yet forked
+        self._to_fork: collections.deque[int] = collections.deque()  # uids of spares asked for, not yet forked
         self._kill_reason: dict[int, int] = {}
         self._pid = os.getpid()
         self._devnull = os.open(os.devnull, os.O_RDWR)
@@ -122,6 +134,9 @@ class ForkServer:
 
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
+        # Not dumpable, and neither are the task processes it forks (unless they get a uid of their
+        # own): tasks of its user cannot trace it, nor read or write its memory or each other's.
+        prctl(PR_SET_DUMPABLE, 0)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
         signal.signal(signal.SIGCHLD, lambda signum, frame: None)
         signal.set_wakeup_fd(self._wakeup_w)
@@ -159,7 +174,7 @@ class ForkServer:
                 raise EOFError
             op = message[:1]
             if op == b"F":
-                self._to_fork += FORK.unpack(message)[1]
+                self._to_fork.extend(unpack_uids(message))
             elif op == b"K":
                 _, pid, serial, reason = KILL.unpack(message)
                 if self._live.get(pid) == serial:
@@ -168,12 +183,12 @@ class ForkServer:
 
     def _fork_one(self) -> None:
         try:
-            self._spawn()
+            self._spawn(self._to_fork[0])
         except OSError:  # out of processes or descriptors: say so; the daemon asks again later
-            self._send(FORK.pack(b"E", self._to_fork))
-            self._to_fork = 0
+            self._send(pack_uids(b"E", self._to_fork))
+            self._to_fork.clear()
         else:
-            self._to_fork -= 1
+            self._to_fork.popleft()
 
     def _send(self, message: bytes, fds: list[int] | None = None) -> None:
         """Send to the daemon; its socket gone means it is gone: the same as end of file."""
@@ -185,7 +200,7 @@ class ForkServer:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise EOFError from exc
 
-    def _spawn(self) -> None:
+    def _spawn(self, uid: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pipes: list[int] = []
         try:
@@ -201,7 +216,7 @@ class ForkServer:
         out_r, out_w, err_r, err_w = pipes
         if pid == 0:
             try:
-                self._become_task_process(child_end.fileno(), out_w, err_w)
+                self._become_task_process(child_end.fileno(), out_w, err_w, uid)
             finally:
                 os._exit(70)
         self._serial += 1
@@ -211,21 +226,26 @@ class ForkServer:
             os.close(fd)
         child_end.detach()
         try:
-            ready = READY.pack(b"R", pid, self._serial) + cgroup.encode()
+            ready = READY.pack(b"R", pid, self._serial, uid) + cgroup.encode()
             self._send(ready, [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
             os.close(out_r)
             os.close(err_r)
 
-    def _become_task_process(self, channel: int, out_w: int, err_w: int) -> NoReturn:
+    def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
+        os.umask(0o077)  # what it creates is its own: other tasks may share its group
         if self._owner is not None:
-            uid, gid = self._owner
+            own_uid, gid = self._owner
             os.setgroups([])
             os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
-            prctl(PR_SET_DUMPABLE, 1)  # changing user made it undumpable: its own /proc would be root's
+            os.setresuid(*(own_uid if uid == NO_UID else uid,) * 3)
+            if uid != NO_UID:
+                # Changing user made it undumpable, which would give its own /proc to root. With a uid
+                # of its own no other task can use that; sharing a uid, it stays undumpable, so that
+                # tasks of that uid cannot read each other's memory or take each other's descriptors.
+                prctl(PR_SET_DUMPABLE, 1)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which would clear it
         if os.getppid() != self._pid:  # the fork server died before prctl took effect
             os._exit(0)

@@ -27,6 +27,7 @@ from google.protobuf.message import DecodeError
 from task_runner.server import forkserver
 from task_runner.server.child import FRAME, INVALID_OPTIONS
 from task_runner.server.config import Config
+from task_runner.server.uids import UidError, UidPool
 from task_runner.server.workdirs import Workdirs
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
@@ -97,6 +98,7 @@ class TaskProcess:
     stderr: int
     cgroup: str  # its own cgroup v2 directory, or "" where there is none
     workdir: str  # its working directory, made while it waited, removed once it is reaped
+    uid: int  # its own uid from the pool, or forkserver.NO_UID
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -118,8 +120,12 @@ class ForkServerClient:
     """One fork server process and the task processes it forked."""
 
     def __init__(self, config: Config, tasks: dict[str, str], workdirs: Workdirs,
-                 owner: tuple[int, int] | None = None, cgroup: str | None = None) -> None:
+                 owner: tuple[int, int] | None = None, cgroup: str | None = None, uids: UidPool | None = None,
+                 ) -> None:
         self._config = config
+        self._uids = uids
+        self._held: set[int] = set()  # uids of ours: asked for, or of processes not yet reaped
+        self._doomed: dict[int, int] = {}  # pid -> uid of processes killed before they could be used
         self._workdirs = workdirs
         self._cgroup = cgroup
         self._tasks = tasks
@@ -240,8 +246,16 @@ class ForkServerClient:
         waiting = sum(1 for waiter in self._waiters if not waiter.done())
         wanted = self._config.spare_processes + waiting - len(self._spares) - self._forking
         if wanted > 0 and not self.closed.is_set():
-            self._send(forkserver.FORK.pack(b"F", wanted))
-            self._forking += wanted
+            uids = []
+            for _ in range(wanted):
+                try:
+                    uids.append(self._uids.take() if self._uids is not None else forkserver.NO_UID)
+                except UidError as exc:  # every uid is busy: fewer spares for now
+                    log.warning("%s; fewer spare task processes until some end", exc)
+                    break
+            self._held.update(uids)
+            self._send(forkserver.pack_uids(b"F", uids))
+            self._forking += len(uids)
 
     def _on_readable(self) -> None:
         while True:
@@ -255,29 +269,33 @@ class ForkServerClient:
                 self._on_closed()
                 return
             if message[:1] == b"R":
-                _, pid, serial = forkserver.READY.unpack_from(message)
-                self._on_ready(pid, serial, fds, message[forkserver.READY.size:].decode())
+                _, pid, serial, uid = forkserver.READY.unpack_from(message)
+                self._on_ready(pid, serial, uid, fds, message[forkserver.READY.size:].decode())
             elif message[:1] == b"E":
-                self._forking -= forkserver.FORK.unpack(message)[1]
+                failed = forkserver.unpack_uids(message)
+                self._forking -= len(failed)
+                for uid in failed:
+                    self._give_back(uid)
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
                 self._loop.call_later(FORK_RETRY_S, self._want_spares)
             elif message[:1] == b"X":
                 _, pid, status, user_s, system_s, max_rss, stop, oom = forkserver.EXITED.unpack(message)
                 self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time(), bool(oom)))
 
-    def _on_ready(self, pid: int, serial: int, fds: list[int], cgroup: str) -> None:
+    def _on_ready(self, pid: int, serial: int, uid: int, fds: list[int], cgroup: str) -> None:
         self._forking -= 1
         problem = "could not receive a task process's descriptors (out of descriptors?)" if len(fds) != 3 else ""
         workdir = ""
         if not problem:
             try:
-                workdir = self._workdirs.create(pid, self._owner)
+                workdir = self._workdirs.create(pid, self._owner_of(uid))
             except OSError as exc:
                 problem = f"cannot make a task's working directory: {exc.strerror or exc}"
         if problem:  # the process cannot be used: kill it, tell whoever waits, and try again shortly
             for fd in fds:
                 os.close(fd)
             self._send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED), urgent=True)
+            self._doomed[pid] = uid
             self._spare_failed(problem)
             return
         if self._failing:
@@ -287,7 +305,7 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, workdir)
+        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, workdir, uid)
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -311,10 +329,28 @@ class ForkServerClient:
                 waiter.set_exception(NoProcess(f"the daemon {problem}"))
         self._loop.call_later(FORK_RETRY_S, self._want_spares)
 
+    def _owner_of(self, uid: int) -> tuple[int, int] | None:
+        """Who owns the working directory of a process of that uid."""
+        if self._owner is None or uid == forkserver.NO_UID:
+            return self._owner
+        return uid, self._owner[1]
+
+    def _give_back(self, uid: int) -> None:
+        if uid in self._held and self._uids is not None:
+            self._held.discard(uid)
+            self._uids.give_back(uid)
+
+    def leftover_uids(self) -> set[int]:
+        """The uids this fork server's processes had when it ended: free again once what is left of
+        them is dead (the daemon sees to it), not before."""
+        return set(self._held)
+
     def _on_exit(self, pid: int, exit_: Exit) -> None:
         process = self._processes.pop(pid, None)
         if process is None:
+            self._give_back(self._doomed.pop(pid, forkserver.NO_UID))
             return
+        self._give_back(process.uid)  # reaped, and its tree killed with it
         self._workdirs.discard(process.workdir)
         if process in self._spares:  # a spare died before it was used
             self._spares.remove(process)

@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -427,3 +428,25 @@ def test_big_requests_do_not_delay_other_calls_deadlines(tmp_path: Path) -> None
         assert elapsed < 0.3 + 0.7, f"a 300 ms deadline was answered after {elapsed:.2f} s"  # generous
     finally:
         assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running tasks as other users needs root")
+def test_tasks_cannot_reach_each_other_or_the_spares(tmp_path: Path) -> None:
+    """With run_as_user alone, a task can neither write, signal, trace nor read another task or a spare."""
+    shared = Path(tempfile.mkdtemp(prefix="task-runner-attack-"))  # reachable by the tasks' users
+    shared.chmod(0o1777)
+    pidfile = shared / "victim"
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\nspare_processes = 3\n')
+    try:
+        with Client(daemon.unix) as client, ThreadPoolExecutor(1) as pool:
+            victim = pool.submit(client.call, "victim", 30_000, {"pidfile": str(pidfile), "s": 3})
+            assert wait_until(lambda: pidfile.exists() and pidfile.read_text().endswith("\n"), 10)
+            pid, cwd = pidfile.read_text().split()
+            report = client.call("reach_others", 30_000, {"victim": int(pid), "victim_cwd": cwd}).result
+            assert all(report["control"].values()), report["control"]  # the probes work: on itself
+            assert report["targets"] >= 2, report  # the victim and the spares
+            assert report["reached"] == [], report["reached"]
+            assert victim.result(30).result == {"undisturbed": True}
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+        shutil.rmtree(shared)

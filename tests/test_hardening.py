@@ -122,12 +122,25 @@ def test_tasks_run_as_the_configured_user(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path, 'run_as_user = "nobody"\n')
     try:
         with daemon.client() as client:
-            me = client.call("whoami", 5000).result
-            assert (me["uid"], me["gid"], me["groups"]) == (65534, 65534, [])
-            assert me["entries"] == [] and me["mode"] == "0o700"  # its own directory, writable by it alone
+            seen = [client.call("whoami", 5000).result for _ in range(3)]
+            for me in seen:  # nobody's group and no other, and a uid of its own from the unnamed block
+                assert me["uid"] >= 0x7000_0000 and (me["gid"], me["groups"]) == (65534, []), me
+                assert me["entries"] == [] and me["mode"] == "0o700"  # its own directory, writable by it alone
+            assert len({me["uid"] for me in seen}) == 3
             forkserver = next(p for p in psutil.Process(daemon.process.pid).children()
                               if "forkserver" in " ".join(p.cmdline()))
             assert forkserver.uids().real == 0  # a task cannot signal or trace its parent
+    finally:
+        assert daemon.stop() == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing to another user needs root")
+def test_task_uids_off_runs_every_task_as_run_as_user(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path, 'run_as_user = "nobody"\ntask_uids = "off"\n')
+    try:
+        with daemon.client() as client:
+            assert client.call("whoami", 5000).result["uid"] == 65534
+        assert "tasks can signal each other" in daemon.log_text()  # said loudly, at start
     finally:
         assert daemon.stop() == 0
 

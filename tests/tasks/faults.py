@@ -409,3 +409,63 @@ def temporary_file(options):
 
     with tempfile.NamedTemporaryFile(delete=False) as f:
         return True, {"tmpdir": os.environ.get("TMPDIR"), "cwd": os.getcwd(), "file": f.name}
+
+
+def victim(options):
+    """Record "pid cwd" in options["pidfile"], keep a secret in the working directory, sleep options["s"]."""
+    Path("secret").write_text("the victim's")
+    with open(options["pidfile"], "a") as f:
+        f.write(f"{os.getpid()} {os.getcwd()}\n")
+    time.sleep(options.get("s", 5))
+    return True, {"undisturbed": True}
+
+
+def _probes(pid, cwd):
+    """What this process can do to process `pid`: each probe's name -> whether it succeeded."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    done = {}
+    try:
+        with open(f"/proc/{pid}/mem", "r+b"):
+            done["write its memory"] = True
+    except OSError:
+        done["write its memory"] = False
+    try:
+        os.kill(pid, 0)
+        done["signal it"] = True
+    except OSError:
+        done["signal it"] = False
+    try:
+        pidfd = os.pidfd_open(pid)
+        try:
+            fd = libc.syscall(438, pidfd, 3, 0)  # pidfd_getfd: take its answer channel
+            done["take its descriptor"] = fd >= 0
+        finally:
+            os.close(pidfd)
+    except OSError:
+        done["take its descriptor"] = False
+    try:
+        os.listdir(f"/proc/{pid}/cwd")
+        done["list its directory through /proc"] = True
+    except OSError:
+        done["list its directory through /proc"] = False
+    if cwd:
+        try:
+            entries = os.listdir(cwd)
+            done["read its files"] = all(Path(cwd, name).read_bytes() is not None for name in entries)
+        except OSError:
+            done["read its files"] = False
+    return done
+
+
+def reach_others(options):
+    """Try to reach every other task process and spare of the fork server, and options["victim"]."""
+    me = os.getpid()
+    control = _probes(me, os.getcwd())
+    targets = {int(options["victim"]): options["victim_cwd"]}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != me:
+            with contextlib.suppress(OSError), open(f"/proc/{entry}/status") as f:
+                if f"PPid:\t{os.getppid()}\n" in f.read():
+                    targets.setdefault(int(entry), "")
+    reached = [f"{name} ({pid})" for pid, cwd in targets.items() for name, ok in _probes(pid, cwd).items() if ok]
+    return True, {"control": control, "targets": len(targets), "reached": reached}
