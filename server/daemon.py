@@ -31,7 +31,7 @@ from task_runner.server.config import Config
 from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
-from task_runner.server.security import TokenAuth, check_exposure, load_token, server_credentials
+from task_runner.server.security import TokenAuth, check_exposure, load_token, open_to_tasks, server_credentials
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
 from task_runner.server.supervisor import ForkServerClient, Stop
 from task_runner.server.workdirs import Workdirs
@@ -98,6 +98,9 @@ class Daemon:
             loop.add_signal_handler(signum, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         check_exposure(self.config)
+        if self._owner is not None and (reachable := open_to_tasks(self.config)):
+            log.warning("tasks can call this daemon on %s (no token or client certificate needed): configure "
+                        "[auth], or listen on a unix socket closed to others", ", ".join(reachable))
         if self.config.insecure and not (self.config.tls.enabled or self.config.auth.enabled):
             log.warning("insecure = true: anyone who can reach %s can run tasks", ", ".join(self.config.listen))
         # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,

@@ -25,7 +25,7 @@ import grpc
 import psutil
 import pytest
 
-from task_runner.client import NO_RETRY, Client, TaskFailed, Unavailable
+from task_runner.client import NO_RETRY, Client, Security, TaskFailed, Unavailable
 from task_runner.v1 import task_runner_pb2 as pb
 from tests.conftest import (
     REPO,
@@ -40,6 +40,7 @@ from tests.conftest import (
 from tests.test_contract import leftovers
 
 PERFORM = "/task_runner.v1.TaskRunner/Perform"
+TOKEN = "attack-test-token-0123456789"
 
 
 def request(task: str, timeout_ms: int, options: dict[str, Any] | None = None, request_id: str = "") -> bytes:
@@ -450,3 +451,27 @@ def test_tasks_cannot_reach_each_other_or_the_spares(tmp_path: Path) -> None:
     finally:
         assert daemon.stop() == 0, daemon.log_text()
         shutil.rmtree(shared)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running tasks as other users needs root")
+def test_a_task_cannot_call_its_own_daemon(tmp_path: Path) -> None:
+    """The token it never sees keeps it off TCP; the unix socket's mode keeps its uid out."""
+    (tmp_path / "token").write_text(TOKEN)
+    daemon = start_daemon(tmp_path / "d", f'run_as_user = "nobody"\n[auth]\ntoken_file = "{tmp_path / "token"}"\n'
+                          '[tasks.call_own_daemon]\ntarget = "tests.tasks.caller:call_own_daemon"\n')
+    try:
+        with Client(daemon.unix, Security(token=TOKEN)) as client:
+            ended = client.call("call_own_daemon", 30_000, {"targets": [daemon.unix, daemon.tcp]}).result
+        assert ended[daemon.tcp].startswith("UNAUTHENTICATED"), ended
+        assert ended[daemon.unix].startswith("UNAVAILABLE") and "Permission denied" in ended[daemon.unix], ended
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running tasks as other users needs root")
+def test_a_daemon_open_to_its_tasks_says_so(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n')
+    try:
+        assert "tasks can call this daemon on 127.0.0.1:0" in daemon.log_text(), daemon.log_text()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()

@@ -469,3 +469,4 @@ def reach_others(options):
                     targets.setdefault(int(entry), "")
     reached = [f"{name} ({pid})" for pid, cwd in targets.items() for name, ok in _probes(pid, cwd).items() if ok]
     return True, {"control": control, "targets": len(targets), "reached": reached}
+
