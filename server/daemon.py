@@ -48,7 +48,7 @@ class ListenError(StartError):
 
 
 def task_owner(config: Config) -> tuple[int, int] | None:
-    """The (uid, gid) tasks run as: the configured user when the daemon is root, else the daemon's own."""
+    """The (uid, gid) tasks run as, when the daemon is root and run_as_user is set; else None (the daemon's own)."""
     if config.run_as_user is None:
         return None
     try:
@@ -56,8 +56,10 @@ def task_owner(config: Config) -> tuple[int, int] | None:
         gid = grp.getgrnam(config.run_as_group).gr_gid if config.run_as_group else user.pw_gid
     except KeyError as exc:
         raise StartError(f"run_as_user/run_as_group: no such user or group: {exc}") from None
-    if os.geteuid() != 0 and user.pw_uid != os.geteuid():
-        raise StartError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
+    if os.geteuid() != 0:
+        if user.pw_uid != os.geteuid():
+            raise StartError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
+        return None  # tasks run as the daemon's own user anyway
     return user.pw_uid, gid
 
 

@@ -253,6 +253,9 @@ class ForkServerClient:
                 except UidError as exc:  # every uid is busy: fewer spares for now
                     log.warning("%s; fewer spare task processes until some end", exc)
                     break
+            if not uids:
+                self._loop.call_later(FORK_RETRY_S, self._want_spares)
+                return
             self._held.update(uids)
             self._send(forkserver.pack_uids(b"F", uids))
             self._forking += len(uids)
