@@ -317,8 +317,8 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
             os.chdir(workdir)
             # Its directory is its temporary directory too: what it leaves there goes with it.
             os.environ["TMPDIR"] = os.environ["TMP"] = os.environ["TEMP"] = workdir
-            if "tempfile" in sys.modules:
-                sys.modules["tempfile"].tempdir = None
+            if "tempfile" in sys.modules:  # it may have cached the fork server's: it looks again
+                vars(sys.modules["tempfile"])["tempdir"] = None
         _apply_limits(tuple(limits))
         entry = registry[request.task]
         loaded = load(entry) if isinstance(entry, str) else entry
