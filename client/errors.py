@@ -13,14 +13,19 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from task_runner.v1.task_runner_pb2 import TaskError
 
 if TYPE_CHECKING:
     from task_runner.client.results import TaskResult
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # where gRPC carries a google.rpc.Status
 
 
 class TaskRunnerError(Exception):
@@ -119,10 +124,13 @@ class RpcError(TaskRunnerError):
 
     code: ClassVar[grpc.StatusCode | None] = None
 
-    def __init__(self, message: str, *, status: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, *, status: grpc.StatusCode | None = None, reason: str = "",
+                 retry_delay_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status or self.code
+        self.reason = reason  # the daemon's google.rpc.ErrorInfo reason, e.g. "QUEUE_FULL"
+        self.retry_delay_s = retry_delay_s  # its google.rpc.RetryInfo: try again after this, it says
 
     def __str__(self) -> str:
         name = self.status.name if self.status else "UNKNOWN"
@@ -185,7 +193,23 @@ _BY_STATUS: dict[grpc.StatusCode, type[RpcError]] = {
 
 
 def from_grpc_error(error: Any) -> RpcError:
-    """The exception for a failed gRPC call (a grpc.RpcError or grpc.aio.AioRpcError)."""
+    """The exception for a failed gRPC call (a grpc.RpcError or grpc.aio.AioRpcError), with the
+    retry hints of its status details (google.rpc.ErrorInfo and RetryInfo), if it has any."""
     status = error.code()
     cls = _BY_STATUS.get(status, RpcError)
-    return cls(error.details() or status.name, status=status)
+    reason, retry_delay_s = "", None
+    trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    for key, value in trailer or ():
+        if key != STATUS_DETAILS_KEY:
+            continue
+        with contextlib.suppress(DecodeError):
+            for detail in status_pb2.Status.FromString(value).details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = info.reason
+                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                    retry = error_details_pb2.RetryInfo()
+                    detail.Unpack(retry)
+                    retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
+    return cls(error.details() or status.name, status=status, reason=reason, retry_delay_s=retry_delay_s)

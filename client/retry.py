@@ -1,8 +1,9 @@
 """When and how the clients retry: one policy, used by the blocking and the asyncio client alike.
 
-Transport failures (UNAVAILABLE) and refusals before running (RESOURCE_EXHAUSTED) are retried
-always, with exponential backoff and full jitter, under the same request_id: should the daemon
-have run the call after all, it answers the retry from its idempotency cache instead of running
+Transport failures (UNAVAILABLE) and refusals before running (RESOURCE_EXHAUSTED that carries a
+google.rpc.RetryInfo: a full queue) are retried always, never sooner than the RetryInfo says,
+with exponential backoff and full jitter, under the same request_id: should the daemon have run
+the call after all, it answers the retry from its idempotency cache instead of running
 the task again. Task failures are retried only when the caller asks (`retries=N`); each such
 retry is a new execution, under the request_id suffixed "#retry1", "#retry2", ... An answer
 with outcome false is never retried: it is deterministic.
@@ -61,11 +62,13 @@ class Attempts:
 
     def next_delay(self, error: TaskRunnerError) -> float | None:
         """The pause before the next attempt, or None if `error` is final."""
-        # RESOURCE_EXHAUSTED is retried when the queue was full, not when the request is too large.
-        refused = isinstance(error, Unavailable) or (isinstance(error, Overloaded) and "queue full" in error.message)
+        # RESOURCE_EXHAUSTED is retried when the daemon says when to (a full queue: RetryInfo in the
+        # status details), not when the request is too large; and never sooner than it says.
+        hint = error.retry_delay_s if isinstance(error, Unavailable | Overloaded) else None
+        refused = isinstance(error, Unavailable) or hint is not None
         if refused and self._transport_attempt < self._policy.transport_attempts:
             self._transport_attempt += 1
-            return next(self._backoffs)
+            return max(next(self._backoffs), hint or 0.0)
         if isinstance(error, TaskFailed) and self._task_attempt < self._task_retries:
             self._task_attempt += 1
             self._transport_attempt = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import datetime
 import hashlib
 import logging
 import uuid
@@ -16,13 +17,14 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
 from task_runner.server import cgroups
 from task_runner.server.child import BY_CGROUP, INVALID_OPTIONS, NO_LIMIT, pack_assignment
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
-from task_runner.server.supervisor import ForkServerClient, ForkServerDied, NoProcess, Run, Stop
+from task_runner.server.supervisor import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess, Run, Stop
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     ListTasksRequest,
@@ -38,6 +40,9 @@ SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
 MAX_REQUEST_ID = 128
 RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so its answer still arrives
 MIB = 1 << 20
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+ERROR_DOMAIN = "task_runner.v1.TaskRunner"
+QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
 
 
 def _reused(request_id: str) -> RequestError:
@@ -45,11 +50,29 @@ def _reused(request_id: str) -> RequestError:
 
 
 class RequestError(Exception):
-    """A request the daemon refuses: carries the gRPC status code to answer with."""
+    """A request the daemon refuses: carries the gRPC status code to answer with.
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    A refusal that a retry may cure carries a `reason` and a `retry_after_s`: they travel as
+    `google.rpc.ErrorInfo` and `google.rpc.RetryInfo` in the status details, which a caller in any
+    language reads (the Python client retries on them; nothing reads the message).
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after_s: float | None = None,
+                 ) -> None:
         super().__init__(message)
-        self.code = code
+        self.code, self.reason, self.retry_after_s = code, reason, retry_after_s
+
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        """The status details, as gRPC carries them (grpc-status-details-bin), or none."""
+        if not self.reason:
+            return ()
+        status = status_pb2.Status(code=self.code.value[0], message=str(self))
+        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
+        if self.retry_after_s is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self.retry_after_s))
+            status.details.add().Pack(retry)
+        return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
 @dataclass(frozen=True)
@@ -212,6 +235,7 @@ class TaskRunnerService:
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"queue full: {self._held_bytes} bytes of requests wait for a task process "
                     f"(max_queued_bytes = {self._config.max_queued_bytes}); retry later",
+                    "QUEUE_BYTES_FULL", QUEUE_RETRY_S,
                 )
             parsed, task = self._validate(request)
             request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
@@ -226,7 +250,8 @@ class TaskRunnerService:
                     raise _reused(request_id)
                 return found.answer if isinstance(found, _Kept) else await self._attach(found)
             if self.draining:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another",
+                                   "SHUTTING_DOWN", 0.0)
             execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request)
             self._held_bytes += len(request)
             if request_id:
@@ -307,6 +332,7 @@ class TaskRunnerService:
                 raise RequestError(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
+                    "QUEUE_FULL", QUEUE_RETRY_S,
                 ) from None
             admitted, admitted_at = True, loop.time()
             forkserver = self.forkserver  # read once admitted: a reload meanwhile sends us to the new one
@@ -318,13 +344,15 @@ class TaskRunnerService:
                     if forkserver.retired and forkserver is not self.forkserver:
                         forkserver = self.forkserver  # a reload retired it while we waited: take the new one's
                         continue
-                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry") from None
+                    raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{exc}; retry", "NO_TASK_PROCESS",
+                                       FORK_RETRY_S) from None
             run = execution.run = Run(forkserver, process, self._config, task.cpu_s)
             self._runs.add(run)
             run.reaped.add_done_callback(lambda _: self._reaped(run))
             if self.stopping:
                 run.stop(Stop.CANCELLED)
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another")
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; call another",
+                                   "SHUTTING_DOWN", 0.0)
             limits = task.limits
             if process.cgroup:
                 cgroups.set_limits(process.cgroup, *task.cgroup_limits)  # cgroups are reused: always
@@ -391,7 +419,7 @@ class TaskRunnerService:
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
         self.metrics.rejected.labels(error.code.name).inc()
-        await context.abort(error.code, str(error))
+        await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())
 
     def stop_all(self, why: Stop) -> None:
         """Have every running task killed and every queued call refused (the drain grace is over)."""

@@ -158,3 +158,47 @@ def test_request_id_with_a_newline_is_invalid(client: Client, daemon: Daemon) ->
     with pytest.raises(InvalidRequest, match="printable"):
         client.call("echo", 1000, request_id="ok\n2026-12-01 INFO task_runner.server: forged")
     assert "forged" not in daemon.log_text()
+
+
+def test_a_full_queue_says_when_to_retry_in_the_status_details(tmp_path: Path) -> None:
+    """The retry hint is google.rpc.ErrorInfo and RetryInfo in the status details, for any caller to read."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    from task_runner.client import RetryPolicy
+
+    daemon = start_daemon(tmp_path, "max_running = 1\nmax_queued = 0\n")
+    try:
+        with Client(daemon.unix, retry=NO_RETRY) as client, ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(client.call, "sleep", 20_000, {"ms": 5000})  # holds the one slot
+            assert wait_until(lambda: daemon_busy(client), 10)
+            request = pb.PerformRequest(task="echo", timeout_ms=1000).SerializeToString()
+            with pytest.raises(grpc.RpcError) as caught:
+                raw_call(daemon.unix, "Perform", request)
+            error = caught.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
+            trailer = dict(error.trailing_metadata())  # type: ignore[attr-defined]
+            status = status_pb2.Status.FromString(trailer["grpc-status-details-bin"])
+            info, retry = error_details_pb2.ErrorInfo(), error_details_pb2.RetryInfo()
+            assert status.details[0].Unpack(info) and status.details[1].Unpack(retry)
+            assert (info.reason, info.domain) == ("QUEUE_FULL", "task_runner.v1.TaskRunner")
+            assert retry.retry_delay.ToTimedelta().total_seconds() == pytest.approx(0.1)
+            with pytest.raises(Overloaded) as refused:  # the Python client reads the same
+                client.call("echo", 1000)
+            assert (refused.value.reason, refused.value.retry_delay_s) == ("QUEUE_FULL", pytest.approx(0.1))
+            patient = Client(daemon.unix, retry=RetryPolicy(transport_attempts=4, initial_backoff_s=0.001))
+            with patient:
+                started = time.monotonic()
+                with pytest.raises(Overloaded):
+                    patient.call("echo", 1000)
+                assert time.monotonic() - started >= 3 * 0.1  # each retry waited as long as it was told
+            assert busy.result(20).outcome
+    finally:
+        assert daemon.stop() == 0
+
+
+def daemon_busy(client: Client) -> bool:
+    try:
+        client.call("echo", 1000)
+    except Overloaded:
+        return True
+    return False

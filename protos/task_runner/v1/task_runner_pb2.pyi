@@ -24,6 +24,17 @@ gRPC status codes describe the request, never the task:
   UNAUTHENTICATED     authentication is configured and the call carries none.
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
 
+A refusal that a retry may cure carries, in its status details
+(grpc-status-details-bin, a google.rpc.Status), a google.rpc.ErrorInfo with
+domain "task_runner.v1.TaskRunner" and a reason, and a google.rpc.RetryInfo
+with the delay to wait before retrying:
+  QUEUE_FULL          RESOURCE_EXHAUSTED: every slot busy, max_queued calls wait.
+  QUEUE_BYTES_FULL    RESOURCE_EXHAUSTED: max_queued_bytes of requests wait.
+  SHUTTING_DOWN       UNAVAILABLE: the daemon drains; call another (delay 0).
+  NO_TASK_PROCESS     UNAVAILABLE: no task process could be made ready (the
+                      fork server restarts, the disk is full).
+A RESOURCE_EXHAUSTED without them (a request too large) is not worth retrying.
+
 Numbers: options and result are google.protobuf.Struct values, whose numbers
 are IEEE-754 doubles. Integers beyond 2^53 cannot travel losslessly; the
 daemon refuses such a result (RESULT_INVALID) instead of rounding it. Send
