@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import tomllib
 import types
@@ -139,6 +140,11 @@ class Config:
 
     def all_tasks(self) -> dict[str, TaskConfig]:
         """The tasks to serve: installed entry points (if enabled), overridden by explicit ones."""
+        return dict(self._catalogue)
+
+    @functools.cached_property
+    def _catalogue(self) -> dict[str, TaskConfig]:
+        # Looked up once per Config, that is once per load: scanning entry points is slow.
         found = {name: TaskConfig(target) for name, target in installed_tasks().items()} if self.entry_points else {}
         found.update(self.tasks)
         return found

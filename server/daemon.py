@@ -283,6 +283,7 @@ class Daemon:
                 self.notifier.notify("READY=1", "STATUS=reload failed")
             else:
                 old = self._service.reload(config, forkserver)
+                self.config = config  # drain_grace_s and the rest read at a stop come from the file now
                 log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
                 self.notifier.notify("READY=1", "STATUS=reloaded")
                 retiring = asyncio.ensure_future(self._retire(old))

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -209,3 +210,26 @@ def test_tasks_from_the_command_line_and_entry_points(tmp_path: Path) -> None:
             assert "fail" not in {t.name for t in client.tasks()}
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_reload_takes_the_new_drain_grace(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", "drain_grace_s = 120")
+    pidfile = tmp_path / "pids"
+    try:
+        config = tmp_path / "d" / "config.toml"
+        config.write_text(config.read_text().replace("drain_grace_s = 120", "drain_grace_s = 1"))
+        daemon.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while "STATUS=reloaded" not in daemon.read_notifications(timeout=1):
+            assert time.monotonic() < deadline, daemon.log_text()
+        with daemon.client() as client, ThreadPoolExecutor(1) as pool:
+            running = pool.submit(client.call, "write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60})
+            assert wait_until(lambda: read_pids(pidfile), 10)
+            started = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            assert daemon.process.wait(30) == 0
+            assert time.monotonic() - started < 1 + 10  # the reloaded grace, not the 120 s of the start
+            with pytest.raises(TaskCancelled):
+                running.result(10)
+    finally:
+        daemon.stop()
