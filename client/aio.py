@@ -11,8 +11,8 @@ import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
-from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
-from task_runner.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
+from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
 from task_runner.client.sync import Callback
 from task_runner.v1.task_runner_pb2 import ListTasksRequest, ListTasksResponse, PerformResponse
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
@@ -41,31 +41,32 @@ class AsyncClient:
         retries: int = 0,
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
-        request = build_request(task, timeout_ms, options, request_id)
-        attempts = Attempts(self._retry, retries, request_id)
-        while True:
-            request.request_id = attempts.request_id
-            try:
+        steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
+        got: PerformResponse | TaskRunnerError | None = None
+        try:
+            while True:
+                step = steps.send(got)
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                    got = None
+                    continue
                 try:
-                    response: PerformResponse = await self._stub.Perform(
-                        request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
-                    )
+                    got = await self._stub.Perform(step, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
+                                                   metadata=self._metadata)
                 except grpc.aio.AioRpcError as exc:
-                    raise from_grpc_error(exc) from exc
-                return read_response(response)
-            except TaskRunnerError as exc:
-                delay = attempts.next_delay(exc)
-                if delay is None:
-                    raise
-                await asyncio.sleep(delay)
+                    got = from_grpc_error(exc)
+        except StopIteration as done:
+            answer: TaskResult = done.value
+            return answer
 
     def perform(
         self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
+        *, request_id: str | None = None, retries: int = 0,
     ) -> asyncio.Task[None]:
         """Callback style: schedules the call and returns its asyncio.Task; the callback runs once, on the loop."""
         async def run() -> None:
             try:
-                answer = await self.call(task, timeout_ms, options)
+                answer = await self.call(task, timeout_ms, options, request_id=request_id, retries=retries)
             except TaskRunnerError as exc:
                 err: TaskRunnerError | None = exc
                 outcome, result = None, None

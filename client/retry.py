@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 
 from task_runner.client.errors import Overloaded, TaskFailed, TaskRunnerError, Unavailable
+from task_runner.client.results import TaskResult, read_response
+from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse
 
 
 @dataclass(frozen=True)
@@ -74,3 +76,31 @@ class Attempts:
             self._transport_attempt = 1
             return next(self._backoffs)
         return None
+
+
+#: What the call core asks of its driver: send this request (answer with the response or the
+#: error it got), or wait this many seconds (answer with None).
+Step = PerformRequest | float
+Plan = Generator[Step, PerformResponse | TaskRunnerError | None, TaskResult]
+
+
+def plan(request: PerformRequest, policy: RetryPolicy, task_retries: int, request_id: str | None) -> Plan:
+    """One call, with its retries, as steps for a driver to carry out: the one call core that the
+    blocking, asyncio and callback forms share (each only sends and waits in its own way).
+
+    Returns (as the generator's value) the answer. Raises the final TaskRunnerError.
+    """
+    attempts = Attempts(policy, task_retries, request_id)
+    while True:
+        request.request_id = attempts.request_id
+        got = yield request
+        try:
+            if isinstance(got, TaskRunnerError):
+                raise got
+            assert got is not None
+            return read_response(got)
+        except TaskRunnerError as exc:
+            delay = attempts.next_delay(exc)
+            if delay is None:
+                raise
+        yield delay

@@ -12,8 +12,8 @@ import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
-from task_runner.client.results import TaskInfo, TaskResult, build_request, read_response, read_tasks
-from task_runner.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
+from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
+from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
 from task_runner.v1.task_runner_pb2 import ListTasksRequest, PerformResponse
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
 
@@ -68,23 +68,23 @@ class Client:
             TaskFailed: the task failed (TaskException, TaskTimeout, TaskCrashed, ...).
             RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
         """
-        request = build_request(task, timeout_ms, options, request_id)
-        attempts = Attempts(self._retry, retries, request_id)
-        while True:
-            request.request_id = attempts.request_id
-            try:
+        steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
+        got: PerformResponse | TaskRunnerError | None = None
+        try:
+            while True:
+                step = steps.send(got)
+                if isinstance(step, float):
+                    time.sleep(step)
+                    got = None
+                    continue
                 try:
-                    response: PerformResponse = self._stub.Perform(
-                        request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata,
-                    )
+                    got = self._stub.Perform(step, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
+                                             metadata=self._metadata)
                 except grpc.RpcError as exc:
-                    raise from_grpc_error(exc) from exc
-                return read_response(response)
-            except TaskRunnerError as exc:
-                delay = attempts.next_delay(exc)
-                if delay is None:
-                    raise
-                time.sleep(delay)
+                    got = from_grpc_error(exc)
+        except StopIteration as done:
+            answer: TaskResult = done.value
+            return answer
 
     def perform(
         self,
@@ -104,18 +104,28 @@ class Client:
         """
         once = _Once(callback)
         try:
-            request = build_request(task, timeout_ms, options, request_id)
+            steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
         except TaskRunnerError as exc:
             once(exc, None, None)
             return
-        attempts = Attempts(self._retry, retries, request_id)
 
-        def attempt() -> None:
-            request.request_id = attempts.request_id
+        def advance(got: PerformResponse | TaskRunnerError | None) -> None:
             try:
-                future = self._stub.Perform.future(
-                    request, timeout=rpc_timeout_s(timeout_ms, DEFAULT), metadata=self._metadata,
-                )
+                step = steps.send(got)
+            except StopIteration as finished:
+                once(None, finished.value.outcome, finished.value.result)
+                return
+            except TaskRunnerError as exc:
+                once(exc, None, None)
+                return
+            if isinstance(step, float):
+                timer = threading.Timer(step, advance, args=(None,))
+                timer.daemon = True
+                timer.start()
+                return
+            try:
+                future = self._stub.Perform.future(step, timeout=rpc_timeout_s(timeout_ms, DEFAULT),
+                                                   metadata=self._metadata)
             except Exception as exc:  # e.g. the channel was closed while we waited to retry
                 once(TaskRunnerError(f"the call could not be sent: {exc}"), None, None)
                 return
@@ -123,22 +133,12 @@ class Client:
 
         def done(f: grpc.Future[PerformResponse]) -> None:
             try:
-                try:
-                    answer = read_response(f.result())
-                except grpc.RpcError as exc:
-                    raise from_grpc_error(exc) from exc
-            except TaskRunnerError as exc:
-                delay = attempts.next_delay(exc)
-                if delay is None:
-                    once(exc, None, None)
-                else:
-                    timer = threading.Timer(delay, attempt)
-                    timer.daemon = True
-                    timer.start()
-            else:
-                once(None, answer.outcome, answer.result)
+                got: PerformResponse | TaskRunnerError = f.result()
+            except grpc.RpcError as exc:
+                got = from_grpc_error(exc)
+            advance(got)
 
-        attempt()
+        advance(None)
 
     def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""

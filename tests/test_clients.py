@@ -150,3 +150,25 @@ def test_client_imports_without_the_server_extras() -> None:
     done = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_every_form_takes_the_same_call_parameters(daemon: Daemon, tmp_path: Any) -> None:
+    """request_id and retries mean the same in the blocking, asyncio and callback forms."""
+    counters = [tmp_path / name for name in ("sync", "aio", "callback", "aio-callback")]
+    options = [{"file": str(counter), "fail_times": 1} for counter in counters]
+    with Client(daemon.unix) as client:
+        answer = client.call("flaky", 5000, options[0], request_id="form-sync", retries=1)
+        assert answer.request_id == "form-sync#retry1"
+        recorder = Recorder()
+        client.perform("flaky", 5000, options[2], recorder, request_id="form-cb", retries=1)
+        assert recorder.called.wait(10) and recorder.calls == [(None, True, {"runs": 2})]
+
+    async def main() -> None:
+        async with AsyncClient(daemon.unix) as client:
+            answer = await client.call("flaky", 5000, options[1], request_id="form-aio", retries=1)
+            assert answer.request_id == "form-aio#retry1"
+            calls: list[tuple[Any, Any, Any]] = []
+            await client.perform("flaky", 5000, options[3], lambda *args: calls.append(args),
+                                 request_id="form-aio-cb", retries=1)
+            assert calls == [(None, True, {"runs": 2})]
+    asyncio.run(main())
