@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.status_pb2 import Status
 
 from task_runner.v1.task_runner_pb2 import TaskError
 
@@ -203,13 +204,10 @@ def from_grpc_error(error: Any) -> RpcError:
         if key != STATUS_DETAILS_KEY:
             continue
         with contextlib.suppress(DecodeError):
-            for detail in status_pb2.Status.FromString(value).details:
-                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
+            for detail in Status.FromString(value).details:
+                info, retry = ErrorInfo(), RetryInfo()
+                if detail.Unpack(info):  # False for a detail of another type
                     reason = info.reason
-                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    retry = error_details_pb2.RetryInfo()
-                    detail.Unpack(retry)
+                elif detail.Unpack(retry):
                     retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
     return cls(error.details() or status.name, status=status, reason=reason, retry_delay_s=retry_delay_s)

@@ -17,7 +17,8 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.status_pb2 import Status
 
 from task_runner.server import cgroups
 from task_runner.server.child import BY_CGROUP, INVALID_OPTIONS, NO_LIMIT, pack_assignment
@@ -66,10 +67,10 @@ class RequestError(Exception):
         """The status details, as gRPC carries them (grpc-status-details-bin), or none."""
         if not self.reason:
             return ()
-        status = status_pb2.Status(code=self.code.value[0], message=str(self))
-        status.details.add().Pack(error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
+        status = Status(code=self.code.value[0], message=str(self))
+        status.details.add().Pack(ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
         if self.retry_after_s is not None:
-            retry = error_details_pb2.RetryInfo()
+            retry = RetryInfo()
             retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self.retry_after_s))
             status.details.add().Pack(retry)
         return ((STATUS_DETAILS_KEY, status.SerializeToString()),)

@@ -169,8 +169,9 @@ def test_a_full_queue_says_when_to_retry_in_the_status_details(tmp_path: Path) -
     daemon = start_daemon(tmp_path, "max_running = 1\nmax_queued = 0\n")
     try:
         with Client(daemon.unix, retry=NO_RETRY) as client, ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(client.call, "sleep", 20_000, {"ms": 5000})  # holds the one slot
-            assert wait_until(lambda: daemon_busy(client), 10)
+            pidfile = tmp_path / "pids"
+            busy = pool.submit(client.call, "write_pid_and_sleep", 20_000, {"pidfile": str(pidfile), "s": 5})
+            assert wait_until(lambda: read_pids(pidfile), 10)  # it holds the one slot
             request = pb.PerformRequest(task="echo", timeout_ms=1000).SerializeToString()
             with pytest.raises(grpc.RpcError) as caught:
                 raw_call(daemon.unix, "Perform", request)
@@ -195,10 +196,3 @@ def test_a_full_queue_says_when_to_retry_in_the_status_details(tmp_path: Path) -
     finally:
         assert daemon.stop() == 0
 
-
-def daemon_busy(client: Client) -> bool:
-    try:
-        client.call("echo", 1000)
-    except Overloaded:
-        return True
-    return False
