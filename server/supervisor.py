@@ -315,6 +315,11 @@ class ForkServerClient:
             if not waiter.done():
                 waiter.set_result(process)
                 return
+        if len(self._spares) >= self._config.spare_processes:
+            # Forked for a call that left before it came: surplus. Closing its channel ends it
+            # (it exits at end of file) and its exit report frees the rest.
+            process.close()
+            return
         self._spares.append(process)
 
     def _spare_failed(self, problem: str) -> None:
