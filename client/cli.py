@@ -1,4 +1,5 @@
-"""`task-runner`: serve a daemon, check its config, perform a task, list tasks.
+"""`task-runner perform` and `task-runner tasks`: the client's commands (the daemon's, `serve` and
+`check-config`, are in task_runner.server.cli, which builds the whole `task-runner` command).
 
 Exit codes of `perform`: 0 outcome true, 1 outcome false, 2 an error (task or call).
 """
@@ -6,49 +7,28 @@ Exit codes of `perform`: 0 outcome true, 1 outcome false, 2 an error (task or ca
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from task_runner.client.errors import RpcError, TaskFailed, TaskRunnerError
 from task_runner.client.sync import Client
 
-if TYPE_CHECKING:
-    from task_runner.server.config import Config
+PROG = "task-runner"
+DESCRIPTION = "Run Python tasks in isolated processes over gRPC."
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
+    """The client's commands alone: `python -m task_runner.client.cli perform|tasks ...`."""
+    parser = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION)
+    add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
     args = parser.parse_args(argv)
     return int(args.run(args))
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="task-runner", description="Run Python tasks in isolated processes over gRPC.",
-    )
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
-
-    serve = commands.add_parser("serve", help="run the daemon")
-    serve.add_argument("--config", metavar="FILE", help="a TOML config file")
-    serve.add_argument("--listen", metavar="ADDR", action="append",
-                       help="host:port or unix:/path (repeatable; replaces the config's list)")
-    serve.add_argument("--task", metavar="NAME=MODULE:FUNCTION", action="append", default=[],
-                       help="register a task (repeatable)")
-    serve.add_argument("--max-running", type=int, metavar="N", help="tasks that run at once")
-    serve.add_argument("--max-queued", type=int, metavar="N", help="calls that may wait for a slot")
-    serve.add_argument("--log-format", choices=("text", "json"))
-    serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
-    serve.add_argument("--insecure", action="store_const", const=True,
-                       help="allow a non-loopback TCP address without TLS or a token")
-    serve.set_defaults(run=_serve)
-
-    check = commands.add_parser("check-config", help="validate a config file without starting")
-    check.add_argument("file")
-    check.set_defaults(run=_check_config)
-
+def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `perform` and `tasks` to a `task-runner` parser."""
     perform = commands.add_parser("perform", help="run a task on a daemon and print the answer as JSON")
     perform.add_argument("task")
     perform.add_argument("--timeout", type=int, metavar="MS", help="the task's timeout in ms (default: the task's)")
@@ -62,58 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     tasks.add_argument("--target", metavar="ADDR")
     tasks.add_argument("--json", action="store_true", help="print JSON")
     tasks.set_defaults(run=_tasks)
-    return parser
-
-
-def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    tasks = {}
-    for spec in args.task:
-        name, sep, target = spec.partition("=")
-        if not sep or not name:
-            raise SystemExit(f"task-runner: --task {spec!r}: expected NAME=module:function")
-        tasks[name] = {"target": target}
-    return {
-        "listen": args.listen, "tasks": tasks, "max_running": args.max_running,
-        "max_queued": args.max_queued, "log_format": args.log_format, "log_level": args.log_level,
-        "insecure": args.insecure,
-    }
-
-
-def _serve(args: argparse.Namespace) -> int:
-    try:
-        from task_runner.server import daemon, logs
-        from task_runner.server.config import ConfigError, load
-        from task_runner.server.security import SecurityError
-    except ImportError as exc:
-        print(f"task-runner: the daemon needs the server extra: pip install 'isolated-task-runner[server]' ({exc})",
-              file=sys.stderr)
-        return 2
-    def build() -> Config:
-        return load(args.config, **_server_overrides(args))
-
-    try:
-        config = build()
-    except ConfigError as exc:
-        print(f"task-runner: {exc}", file=sys.stderr)
-        return 2
-    logs.configure(config.log_level, config.log_format)
-    try:
-        return asyncio.run(daemon.run(config, reload_config=build))
-    except (daemon.StartError, SecurityError) as exc:
-        print(f"task-runner: {exc}", file=sys.stderr)
-        return 1
-
-
-def _check_config(args: argparse.Namespace) -> int:
-    from task_runner.server.config import ConfigError, load
-
-    try:
-        config = load(args.file)
-    except ConfigError as exc:
-        print(f"task-runner: {exc}", file=sys.stderr)
-        return 2
-    print(f"{args.file}: OK ({len(config.all_tasks())} tasks, listening on {', '.join(config.listen)})")
-    return 0
 
 
 def _perform(args: argparse.Namespace) -> int:

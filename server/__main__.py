@@ -2,7 +2,7 @@
 
 import sys
 
-from task_runner.client.cli import main
+from task_runner.server.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["serve", *sys.argv[1:]]))

@@ -104,7 +104,7 @@ def test_check_config_command(tmp_path: Path) -> None:
     good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
     good.write_text("max_running = 2\n")
     bad.write_text("bogus = 1\n")
-    cmd = [sys.executable, "-m", "task_runner.client.cli", "check-config"]
+    cmd = [sys.executable, "-m", "task_runner.server.cli", "check-config"]
     ok = subprocess.run([*cmd, str(good)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert ok.returncode == 0 and "OK" in ok.stdout
     refused = subprocess.run([*cmd, str(bad)], capture_output=True, text=True, timeout=60, cwd=REPO)
