@@ -14,15 +14,15 @@ import errno
 import importlib
 import os
 import resource
-import struct
 import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from task_runner.server import registry
+from task_runner.server import registry, wire
 from task_runner.server.registry import Form, Loaded, load
+from task_runner.server.wire import error_response as _error
 from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
 from task_runner.values import NotJsonLike, from_struct, to_struct
 
@@ -36,16 +36,6 @@ _RUNNER_FILES = frozenset({
     "<frozen importlib._bootstrap>", "<frozen importlib._bootstrap_external>",
 })
 _RUNNER_DIRS = (os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep,)
-FRAME = struct.Struct("!I")
-# The assignment: limits (memory, CPU s, open files, processes, file size; -1 = none, -2 = bound
-# by the task's cgroup instead), then the working directory's length; then the directory and a
-# serialized PerformRequest.
-ASSIGNMENT = struct.Struct("!qqqqqH")
-NO_LIMIT = -1
-BY_CGROUP = -2
-# The error type of the answer for options a Struct can carry but JSON cannot (NaN, nesting too
-# deep), found before any task code runs: the daemon answers the call INVALID_ARGUMENT.
-INVALID_OPTIONS = "InvalidOptions"
 Kind = TaskError.Kind
 # Memory is bounded by the address space (RLIMIT_AS), which counts every mapping, shared ones
 # too: RLIMIT_DATA would let mmap(MAP_SHARED | MAP_ANONYMOUS) through. The limit is what the
@@ -57,24 +47,16 @@ _LIMITS = (
 _limited: set[str] = set()  # the limits this process runs under
 
 
-def pack_assignment(limits: tuple[int, int, int, int, int], workdir: str, request_size: int) -> bytes:
-    """The start of the frame the daemon sends a task process (limits as in ASSIGNMENT, NO_LIMIT for
-    none); the serialized request of `request_size` bytes follows it, sent as it is."""
-    directory = workdir.encode()
-    head = ASSIGNMENT.pack(*limits, len(directory)) + directory
-    return FRAME.pack(len(head) + request_size) + head
-
-
 def _address_space() -> int:
     with open("/proc/self/statm", "rb") as f:
         return int(f.read().split()[0]) * resource.getpagesize()
 
 
-def _apply_limits(values: tuple[int, ...]) -> None:
+def _apply_limits(values: wire.Limits) -> None:
     for (name, which), wanted in zip(_LIMITS, values, strict=True):
-        if wanted == NO_LIMIT:
+        if wanted == wire.NO_LIMIT:
             continue
-        if wanted == BY_CGROUP:
+        if wanted == wire.BY_CGROUP:
             _limited.add(name)
             continue
         value = wanted + _address_space() if which == resource.RLIMIT_AS else wanted
@@ -107,10 +89,10 @@ def _limit_hit(exc: BaseException) -> str | None:
 
 def read_frame(fd: int) -> bytes | None:
     """Read one length-prefixed frame from a blocking fd; None at end of file."""
-    header = _read_exactly(fd, FRAME.size)
+    header = _read_exactly(fd, wire.FRAME.size)
     if header is None:
         return None
-    return _read_exactly(fd, FRAME.unpack(header)[0])
+    return _read_exactly(fd, wire.FRAME.unpack(header)[0])
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
@@ -146,7 +128,7 @@ class _Answer:
             with contextlib.suppress(Exception):
                 stream.flush()
         with contextlib.suppress(OSError):
-            _write_all(CHANNEL_FD, FRAME.pack(len(payload)) + payload)
+            _write_all(CHANNEL_FD, wire.FRAME.pack(len(payload)) + payload)
         os._exit(0)
 
     def outcome(self, outcome: Any, result: Any) -> NoReturn:
@@ -169,13 +151,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _error(kind: TaskError.Kind.ValueType, type_: str, message: str, tb: str = "") -> PerformResponse:
-    response = PerformResponse()
-    error = response.error
-    error.kind, error.type, error.message, error.traceback = kind, type_, message, tb
-    return response
 
 
 def _is_runner_frame(tb: TracebackType) -> bool:
@@ -302,15 +277,14 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     frame = read_frame(CHANNEL_FD)
     if frame is None:  # the daemon closed the channel: this spare process is not needed
         os._exit(0)
-    *limits, length = ASSIGNMENT.unpack_from(frame)
-    start = ASSIGNMENT.size
-    workdir = frame[start:start + length].decode()
-    request = PerformRequest.FromString(frame[start + length:])
+    assignment, serialized = wire.Assignment.unpack(frame)
+    workdir = assignment.workdir
+    request = PerformRequest.FromString(serialized)
     answer = _Answer(result_max_bytes)
     try:
         options = from_struct(request.options)
     except NotJsonLike as exc:
-        answer.give(_error(Kind.KIND_UNSPECIFIED, INVALID_OPTIONS, f"options{exc}"))
+        answer.give(_error(Kind.KIND_UNSPECIFIED, wire.INVALID_OPTIONS, f"options{exc}"))
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
         if workdir:
@@ -319,7 +293,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
             os.environ["TMPDIR"] = os.environ["TMP"] = os.environ["TEMP"] = workdir
             if "tempfile" in sys.modules:  # it may have cached the fork server's: it looks again
                 vars(sys.modules["tempfile"])["tempdir"] = None
-        _apply_limits(tuple(limits))
+        _apply_limits(assignment.limits)
         entry = registry[request.task]
         loaded = load(entry) if isinstance(entry, str) else entry
     except BaseException as exc:  # even SystemExit at import is the task's error, not an exit

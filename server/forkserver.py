@@ -11,16 +11,8 @@ subreaper, and so is every task process: a task's descendants, even those that c
 setsid(), stay inside the task's tree while the task lives, and fall to the fork server when
 it dies, which kills every adopted process it did not fork itself. Nothing outlives its task.
 
-Protocol (SOCK_SEQPACKET, one message per packet; the first is the daemon's JSON spec):
-    daemon -> F <u32 n> <u32 uid>*n  fork n more spare task processes, each under the uid given
-    daemon -> K <u32 pid> <u32 serial> <u8 why>   kill that task process's tree now
-    fork server -> E <u32 n> <u32 uid>*n   these forks failed (EAGAIN, EMFILE): ask again later
-    fork server -> H <json>          hello: pid and each task's description or import error
-    fork server -> R <u32 pid> <u32 serial> <u32 uid> <cgroup path>   a spare is ready; SCM_RIGHTS: channel,
-                                     stdout, stderr. The serial tells this process from a later one
-                                     that gets the same pid, so a late kill never reaches the wrong one.
-    fork server -> X <pid status utime stime maxrss why oom>   a task process was reaped
-End of file from the daemon ends the fork server, after killing every task process.
+The messages it exchanges with the daemon are in task_runner.server.wire; end of file from the
+daemon ends the fork server, after killing every task process.
 """
 
 from __future__ import annotations
@@ -34,21 +26,14 @@ import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 from typing import Any, NoReturn
 
-from task_runner.server import child
+from task_runner.server import child, wire
 from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
-FORK = struct.Struct("!cI")  # then that many uids, one per process (NO_UID: run_as_user's own)
-KILL = struct.Struct("!cIIB")
-READY = struct.Struct("!cIII")  # pid, serial, uid
-EXITED = struct.Struct("!cIiddqBB")
 MAX_PACKET = 1 << 16
-
-NO_UID = 0xFFFF_FFFF
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
@@ -58,16 +43,6 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def prctl(option: int, value: int) -> None:
     if _libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
-
-
-def pack_uids(op: bytes, uids: list[int] | collections.deque[int]) -> bytes:
-    """An F or E message: a count, then that many uids."""
-    return FORK.pack(op, len(uids)) + struct.pack(f"!{len(uids)}I", *uids)
-
-
-def unpack_uids(message: bytes) -> list[int]:
-    """The uids of an F or E message."""
-    return list(struct.unpack_from(f"!{FORK.unpack_from(message)[1]}I", message, FORK.size))
 
 
 def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
@@ -172,20 +147,18 @@ class ForkServer:
                 message = b""
             if not message:
                 raise EOFError
-            op = message[:1]
-            if op == b"F":
-                self._to_fork.extend(unpack_uids(message))
-            elif op == b"K":
-                _, pid, serial, reason = KILL.unpack(message)
-                if self._live.get(pid) == serial:
-                    self._kill_reason.setdefault(pid, reason)
-                    kill_tree(pid, self._cgroups)
+            record = wire.unpack(message)
+            if isinstance(record, wire.Fork):
+                self._to_fork.extend(record.uids)
+            elif isinstance(record, wire.Kill) and self._live.get(record.pid) == record.serial:
+                self._kill_reason.setdefault(record.pid, record.why)
+                kill_tree(record.pid, self._cgroups)
 
     def _fork_one(self) -> None:
         try:
             self._spawn(self._to_fork[0])
         except OSError:  # out of processes or descriptors: say so; the daemon asks again later
-            self._send(pack_uids(b"E", self._to_fork))
+            self._send(wire.ForkFailed(tuple(self._to_fork)).pack())
             self._to_fork.clear()
         else:
             self._to_fork.popleft()
@@ -226,8 +199,7 @@ class ForkServer:
             os.close(fd)
         child_end.detach()
         try:
-            ready = READY.pack(b"R", pid, self._serial, uid) + cgroup.encode()
-            self._send(ready, [parent_end.fileno(), out_r, err_r])
+            self._send(wire.Ready(pid, self._serial, uid, cgroup).pack(), [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
             os.close(out_r)
@@ -240,8 +212,8 @@ class ForkServer:
             own_uid, gid = self._owner
             os.setgroups([])
             os.setresgid(gid, gid, gid)
-            os.setresuid(*(own_uid if uid == NO_UID else uid,) * 3)
-            if uid != NO_UID:
+            os.setresuid(*(own_uid if uid == wire.NO_UID else uid,) * 3)
+            if uid != wire.NO_UID:
                 # Changing user made it undumpable, which would give its own /proc to root. With a uid
                 # of its own no other task can use that; sharing a uid, it stays undumpable, so that
                 # tasks of that uid cannot read each other's memory or take each other's descriptors.
@@ -277,10 +249,9 @@ class ForkServer:
                 del self._live[pid]
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
-                self._send(EXITED.pack(
-                    b"X", pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss,
-                    self._kill_reason.pop(pid, 0), oom,
-                ))
+                self._send(wire.Exited(
+                    pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, self._kill_reason.pop(pid, 0), oom,
+                ).pack())
         if reaped:
             self._kill_orphans()
             self._cgroups.sweep()

@@ -20,8 +20,7 @@ from google.protobuf.message import DecodeError
 from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
-from task_runner.server import cgroups
-from task_runner.server.child import BY_CGROUP, INVALID_OPTIONS, NO_LIMIT, pack_assignment
+from task_runner.server import cgroups, wire
 from task_runner.server.config import Config, Limits
 from task_runner.server.metrics import Metrics
 from task_runner.server.slots import QueueFull, Slots
@@ -81,16 +80,16 @@ class _Task:
     name: str
     default_timeout_ms: int
     max_timeout_ms: int
-    limits: tuple[int, int, int, int, int]  # as child.ASSIGNMENT packs them
+    limits: wire.Limits
     cgroup_limits: tuple[int | None, int | None]  # memory.max and pids.max
     cpu_s: int | None  # its CPU time limit: a SIGKILL past it is the kernel's, at the hard limit
 
 
-def _limit_values(limits: Limits) -> tuple[int, int, int, int, int]:
+def _limit_values(limits: Limits) -> wire.Limits:
     def value(v: int | None, scale: int = 1) -> int:
-        return NO_LIMIT if v is None else v * scale
-    return (value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files), value(limits.processes),
-            value(limits.file_size_mb, MIB))
+        return wire.NO_LIMIT if v is None else v * scale
+    return wire.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
+                       value(limits.processes), value(limits.file_size_mb, MIB))
 
 
 @dataclass(eq=False)
@@ -357,13 +356,13 @@ class TaskRunnerService:
             limits = task.limits
             if process.cgroup:
                 cgroups.set_limits(process.cgroup, *task.cgroup_limits)  # cgroups are reused: always
-                if cgroups.has_pids_max(process.cgroup) and limits[3] != NO_LIMIT:
-                    limits = (*limits[:3], BY_CGROUP, limits[4])  # pids.max binds the task's tree: no per-user NPROC
+                if cgroups.has_pids_max(process.cgroup) and limits.processes != wire.NO_LIMIT:
+                    limits = limits._replace(processes=wire.BY_CGROUP)  # pids.max binds the tree: no per-user NPROC
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
             request = self._release_request(execution)
-            response, handed_at = await run.execute(pack_assignment(limits, process.workdir, len(request)),
+            response, handed_at = await run.execute(wire.Assignment(limits, process.workdir).head(len(request)),
                                                     request, deadline)
-            if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == INVALID_OPTIONS:
+            if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == wire.INVALID_OPTIONS:
                 refused = True  # found by the task process as it read them, before any task code ran
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, response.error.message)
             response.request_id = execution.request_id

@@ -24,8 +24,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from task_runner.server import forkserver
-from task_runner.server.child import FRAME, INVALID_OPTIONS
+from task_runner.server import wire
 from task_runner.server.config import Config
 from task_runner.server.uids import UidError, UidPool
 from task_runner.server.workdirs import Workdirs
@@ -98,7 +97,7 @@ class TaskProcess:
     stderr: int
     cgroup: str  # its own cgroup v2 directory, or "" where there is none
     workdir: str  # its working directory, made while it waited, removed once it is reaped
-    uid: int  # its own uid from the pool, or forkserver.NO_UID
+    uid: int  # its own uid from the pool, or wire.NO_UID
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -207,7 +206,7 @@ class ForkServerClient:
 
     def kill(self, process: TaskProcess, why: Stop) -> None:
         if not process.exited.done():
-            self._send(forkserver.KILL.pack(b"K", process.pid, process.serial, why), urgent=True)
+            self._send(wire.Kill(process.pid, process.serial, why).pack(), urgent=True)
 
     def _send(self, message: bytes, urgent: bool = False) -> None:
         """Send a message to the fork server; never lose one.
@@ -249,7 +248,7 @@ class ForkServerClient:
             uids = []
             for _ in range(wanted):
                 try:
-                    uids.append(self._uids.take() if self._uids is not None else forkserver.NO_UID)
+                    uids.append(self._uids.take() if self._uids is not None else wire.NO_UID)
                 except UidError as exc:  # every uid is busy: fewer spares for now
                     log.warning("%s; fewer spare task processes until some end", exc)
                     break
@@ -257,7 +256,7 @@ class ForkServerClient:
                 self._loop.call_later(FORK_RETRY_S, self._want_spares)
                 return
             self._held.update(uids)
-            self._send(forkserver.pack_uids(b"F", uids))
+            self._send(wire.Fork(tuple(uids)).pack())
             self._forking += len(uids)
 
     def _on_readable(self) -> None:
@@ -271,22 +270,22 @@ class ForkServerClient:
             if not message:
                 self._on_closed()
                 return
-            if message[:1] == b"R":
-                _, pid, serial, uid = forkserver.READY.unpack_from(message)
-                self._on_ready(pid, serial, uid, fds, message[forkserver.READY.size:].decode())
-            elif message[:1] == b"E":
-                failed = forkserver.unpack_uids(message)
-                self._forking -= len(failed)
-                for uid in failed:
+            record = wire.unpack(message)
+            if isinstance(record, wire.Ready):
+                self._on_ready(record, fds)
+            elif isinstance(record, wire.ForkFailed):
+                self._forking -= len(record.uids)
+                for uid in record.uids:
                     self._give_back(uid)
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
                 self._loop.call_later(FORK_RETRY_S, self._want_spares)
-            elif message[:1] == b"X":
-                _, pid, status, user_s, system_s, max_rss, stop, oom = forkserver.EXITED.unpack(message)
-                self._on_exit(pid, Exit(status, user_s, system_s, max_rss, Stop(stop), self._loop.time(), bool(oom)))
+            elif isinstance(record, wire.Exited):
+                self._on_exit(record.pid, Exit(record.status, record.user_s, record.system_s, record.max_rss_kib,
+                                               Stop(record.why), self._loop.time(), record.oom_killed))
 
-    def _on_ready(self, pid: int, serial: int, uid: int, fds: list[int], cgroup: str) -> None:
+    def _on_ready(self, ready: wire.Ready, fds: list[int]) -> None:
         self._forking -= 1
+        pid, uid = ready.pid, ready.uid
         problem = "could not receive a task process's descriptors (out of descriptors?)" if len(fds) != 3 else ""
         workdir = ""
         if not problem:
@@ -297,7 +296,7 @@ class ForkServerClient:
         if problem:  # the process cannot be used: kill it, tell whoever waits, and try again shortly
             for fd in fds:
                 os.close(fd)
-            self._send(forkserver.KILL.pack(b"K", pid, serial, Stop.CANCELLED), urgent=True)
+            self._send(wire.Kill(pid, ready.serial, Stop.CANCELLED).pack(), urgent=True)
             self._doomed[pid] = uid
             self._spare_failed(problem)
             return
@@ -308,7 +307,7 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, serial, channel, fds[1], fds[2], cgroup, workdir, uid)
+        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid)
         self._processes[pid] = process
         while self._waiters:
             waiter = self._waiters.popleft()
@@ -339,7 +338,7 @@ class ForkServerClient:
 
     def _owner_of(self, uid: int) -> tuple[int, int] | None:
         """Who owns the working directory of a process of that uid."""
-        if self._owner is None or uid == forkserver.NO_UID:
+        if self._owner is None or uid == wire.NO_UID:
             return self._owner
         return uid, self._owner[1]
 
@@ -356,7 +355,7 @@ class ForkServerClient:
     def _on_exit(self, pid: int, exit_: Exit) -> None:
         process = self._processes.pop(pid, None)
         if process is None:
-            self._give_back(self._doomed.pop(pid, forkserver.NO_UID))
+            self._give_back(self._doomed.pop(pid, wire.NO_UID))
             return
         self._give_back(process.uid)  # reaped, and its tree killed with it
         self._workdirs.discard(process.workdir)
@@ -444,14 +443,14 @@ class Run:
         self._result = bytearray()
         self._settled: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None
-        self._limit = FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
+        self._limit = wire.FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
         self.reaped = process.exited
 
     def stop(self, why: Stop) -> None:
         self._server.kill(self._process, why)
 
     async def execute(self, assignment: bytes, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
-        """Run the task: `assignment` from child.pack_assignment, then the serialized request.
+        """Run the task: `assignment` from wire.Assignment.head, then the serialized request.
 
         Returns:
             The response, usage and output filled, and when the task was handed over.
@@ -542,11 +541,11 @@ class Run:
         process.close()
 
     def _frame(self) -> bytes | None:
-        if len(self._result) < FRAME.size:
+        if len(self._result) < wire.FRAME.size:
             return None
-        (size,) = FRAME.unpack_from(self._result)
-        end = FRAME.size + size
-        return bytes(self._result[FRAME.size:end]) if len(self._result) >= end else None
+        (size,) = wire.FRAME.unpack_from(self._result)
+        end = wire.FRAME.size + size
+        return bytes(self._result[wire.FRAME.size:end]) if len(self._result) >= end else None
 
     def _failure(self, exit_: Exit, budget_s: float) -> PerformResponse:
         """The response for a process that ended without a (complete) answer."""
@@ -595,7 +594,7 @@ def answer_response(frame: bytes) -> PerformResponse:
     response = PerformResponse(outcome=answer.outcome)
     response.result.CopyFrom(answer.result)
     if answer.HasField("error"):
-        invalid_options = answer.error.kind == Kind.KIND_UNSPECIFIED and answer.error.type == INVALID_OPTIONS
+        invalid_options = answer.error.kind == Kind.KIND_UNSPECIFIED and answer.error.type == wire.INVALID_OPTIONS
         if answer.error.kind not in TASK_KINDS and not invalid_options:  # a task's own frame may claim anything
             name = Kind.Name(answer.error.kind) if answer.error.kind in Kind.values() else str(answer.error.kind)
             return error_response(
@@ -637,12 +636,9 @@ def describe_status(status: int) -> str:
 
 
 def error_response(kind: Any, type_: str, message: str, status: int | None = None) -> PerformResponse:
-    response = PerformResponse()
-    error = response.error
-    error.kind, error.type, error.message = kind, type_, message
-    if status is not None:
-        error.exit_code, error.signal = exit_fields(status)
-    return response
+    """A task-error response from the daemon, with the exit code or signal of `status`, if given."""
+    exit_code, signum = exit_fields(status) if status is not None else (0, 0)
+    return wire.error_response(kind, type_, message, exit_code=exit_code, signal=signum)
 
 
 __all__ = ["ForkServerClient", "ForkServerDied", "ModuleInfo", "NoProcess", "Run", "Stop", "error_response"]

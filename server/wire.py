@@ -1,0 +1,157 @@
+"""The wire formats between the daemon, the fork server and the task processes, as typed records.
+
+Daemon <-> fork server: a SOCK_SEQPACKET socket, one message per packet, the first byte its kind.
+The daemon's first message is a JSON spec and the fork server's first answer `H` + JSON (its
+hello); after that:
+
+    daemon -> Fork(uids)        fork a spare task process under each uid (NO_UID: run_as_user's own)
+    daemon -> Kill(pid, serial, why)   kill that task process's tree now
+    fork server -> ForkFailed(uids)    these forks failed (EAGAIN, EMFILE): ask again later
+    fork server -> Ready(pid, serial, uid, cgroup)   a spare is ready; SCM_RIGHTS: its channel,
+                                stdout, stderr. The serial tells this process from a later one that
+                                gets the same pid, so a late kill never reaches the wrong one.
+    fork server -> Exited(pid, status, usage, why, oom_killed)   a task process was reaped
+
+Daemon <-> task process: its channel, fd 3, a stream socket of length-prefixed frames: the daemon
+sends an Assignment frame (the limits, the working directory, then the serialized PerformRequest
+as it came); the task process answers one PerformResponse frame.
+
+This module is imported by the fork server, so by every task process: struct and the generated
+messages only.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import NamedTuple
+
+from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
+
+FRAME = struct.Struct("!I")  # the length of the frame that follows
+NO_LIMIT = -1
+BY_CGROUP = -2  # a limit the task's cgroup carries instead (pids.max)
+NO_UID = 0xFFFF_FFFF
+# The error type of the answer for options a Struct can carry but JSON cannot (NaN, nesting too
+# deep), found before any task code runs: the daemon answers the call INVALID_ARGUMENT.
+INVALID_OPTIONS = "InvalidOptions"
+
+_COUNT = struct.Struct("!cI")
+_KILL = struct.Struct("!cIIB")
+_READY = struct.Struct("!cIII")
+_EXITED = struct.Struct("!cIiddqBB")
+_ASSIGNMENT = struct.Struct("!qqqqqH")
+
+
+class Limits(NamedTuple):
+    """A task process's limits, each NO_LIMIT, BY_CGROUP or a value (bytes for memory and file size)."""
+
+    memory: int
+    cpu_s: int
+    open_files: int
+    processes: int
+    file_size: int
+
+
+class Assignment(NamedTuple):
+    """What the daemon hands a task process with its request."""
+
+    limits: Limits
+    workdir: str
+
+    def head(self, request_size: int) -> bytes:
+        """The frame's start; the serialized request of `request_size` bytes follows it, sent as it is."""
+        directory = self.workdir.encode()
+        head = _ASSIGNMENT.pack(*self.limits, len(directory)) + directory
+        return FRAME.pack(len(head) + request_size) + head
+
+    @classmethod
+    def unpack(cls, frame: bytes) -> tuple[Assignment, bytes]:
+        """The assignment in a frame (without its length), and the serialized request after it."""
+        *limits, length = _ASSIGNMENT.unpack_from(frame)
+        start = _ASSIGNMENT.size
+        return cls(Limits(*limits), frame[start:start + length].decode()), frame[start + length:]
+
+
+class Fork(NamedTuple):
+    uids: tuple[int, ...]
+
+    def pack(self) -> bytes:
+        return _pack_uids(b"F", self.uids)
+
+
+class ForkFailed(NamedTuple):
+    uids: tuple[int, ...]
+
+    def pack(self) -> bytes:
+        return _pack_uids(b"E", self.uids)
+
+
+class Kill(NamedTuple):
+    pid: int
+    serial: int
+    why: int
+
+    def pack(self) -> bytes:
+        return _KILL.pack(b"K", *self)
+
+
+class Ready(NamedTuple):
+    pid: int
+    serial: int
+    uid: int
+    cgroup: str  # its own cgroup v2 directory, or ""
+
+    def pack(self) -> bytes:
+        return _READY.pack(b"R", self.pid, self.serial, self.uid) + self.cgroup.encode()
+
+
+class Exited(NamedTuple):
+    pid: int
+    status: int  # as wait(2) gives it
+    user_s: float
+    system_s: float
+    max_rss_kib: int
+    why: int  # why the daemon had it killed, if it did
+    oom_killed: bool  # the kernel killed something in its cgroup for want of memory
+
+    def pack(self) -> bytes:
+        return _EXITED.pack(b"X", *self)
+
+
+Message = Fork | ForkFailed | Kill | Ready | Exited
+
+
+def unpack(message: bytes) -> Message:
+    """The record in a message of the fork server's socket (any but the first two).
+
+    Raises:
+        ValueError: for a message of no known kind.
+    """
+    kind = message[:1]
+    if kind in (b"F", b"E"):
+        count = _COUNT.unpack_from(message)[1]
+        uids = struct.unpack_from(f"!{count}I", message, _COUNT.size)
+        return Fork(uids) if kind == b"F" else ForkFailed(uids)
+    if kind == b"K":
+        return Kill(*_KILL.unpack(message)[1:])
+    if kind == b"R":
+        pid, serial, uid = _READY.unpack_from(message)[1:]
+        return Ready(pid, serial, uid, message[_READY.size:].decode())
+    if kind == b"X":
+        pid, status, user_s, system_s, max_rss, why, oom = _EXITED.unpack(message)[1:]
+        return Exited(pid, status, user_s, system_s, max_rss, why, bool(oom))
+    raise ValueError(f"unknown message kind {kind!r}")
+
+
+def _pack_uids(kind: bytes, uids: tuple[int, ...]) -> bytes:
+    return _COUNT.pack(kind, len(uids)) + struct.pack(f"!{len(uids)}I", *uids)
+
+
+def error_response(kind: TaskError.Kind.ValueType, type_: str, message: str, traceback: str = "",
+                   exit_code: int = 0, signal: int = 0) -> PerformResponse:
+    """A response carrying a task error: the one place, for the task process and the daemon alike."""
+    response = PerformResponse()
+    error = response.error
+    error.kind, error.type, error.message, error.traceback = kind, type_, message, traceback
+    error.exit_code, error.signal = exit_code, signal
+    return response
