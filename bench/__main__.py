@@ -132,6 +132,8 @@ class Run:
             await self.stop(echo, "echo")
             progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x {s.window_s:.1f} s")
             await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
+            progress.note(f"the fork floor: a fork per no-op task, {s.repeats} x {s.window_s:.1f} s")
+            await self.attempt("fork_floor", phases.fork_floor(s))
             progress.phase(f"baselines: fresh interpreter and ProcessPoolExecutor(max_tasks_per_child=1), "
                            f"{s.baseline_sequential_calls} calls one at a time, then {s.repeats} x "
                            f"{s.baseline_window_s:.1f} s at {s.baseline_concurrency} in flight, each beside a "

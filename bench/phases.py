@@ -8,7 +8,10 @@ noise of a shared machine falls on both alike.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -132,6 +135,23 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
         "timings": timing_medians(merge(runs)),
         "warmup_failures": dict(warmup_failures),
     }
+
+
+async def fork_floor(settings: Settings) -> dict[str, Any]:
+    """The fork floor (bench/fork_floor.py): a fork per no-op task with the fork server's preloads,
+    2 x CPUs in flight, the answer read from a pipe, the child reaped; `repeats` windows."""
+    in_flight = 2 * (os.cpu_count() or 1)
+    runs = []
+    for _ in range(settings.repeats):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bench.fork_floor", str(settings.window_s), str(in_flight),
+            json.dumps(procs.BENCH_TASKS), cwd=procs.REPO, stdout=asyncio.subprocess.PIPE,
+        )
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"bench.fork_floor exited with code {process.returncode}")
+        runs.append(json.loads(out)["per_s"])
+    return {"in_flight": in_flight, "runs": runs, "median": statistics.median(runs)}
 
 
 async def baselines(daemon: grpc.aio.Channel, settings: Settings, progress: Progress) -> dict[str, Any]:

@@ -101,6 +101,14 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         "no-op throughput at 32 in flight >= 0.5 x bare echo at 32",
         f"{_x(ratio)} ({_num(perform32, 0)}/s vs {_num(echo32, 0)}/s)", None if ratio is None else ratio >= 0.5,
     ))
+    floor = _get(results, "fork_floor", "median")
+    for label, figure in (("no-op throughput at 32 in flight", perform32),
+                          ("sleep10 throughput at 32 in flight", _get(results, "sleep10", "median"))):
+        ratio = _ratio(figure, floor)
+        targets.append(Target(
+            f"{label} >= 0.5 x the fork floor", f"{_x(ratio)} ({_num(figure, 0)}/s vs {_num(floor, 0)}/s)",
+            None if ratio is None else ratio >= 0.5,
+        ))
     for key, factor in (("fresh_interpreter", 15), ("process_pool", 30)):
         base = _get(results, "baselines", key, "median")
         beside = _get(results, "baselines", key, "perform_alongside", "median")
@@ -185,6 +193,11 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
     rows.append(["Perform p50 latency, ms", *(
         _num(_get(results, "throughput", "perform", lv, "latency", "p50_ms"), 2) for lv in levels)])
     out += ["", *_table(["Throughput, calls/s, at N in flight", *levels], rows)]
+    floor = results.get("fork_floor") or {}
+    if floor:
+        out.append(f"fork floor (a fork per no-op task with the fork server's preloads, {floor['in_flight']} in "
+                   f"flight, answer read from a pipe, child reaped): {_num(floor['median'], 0)}/s; Perform at 32 is "
+                   f"{_x(_ratio(_get(results, 'throughput', 'perform', '32', 'median'), floor['median']))} of it")
 
     n = s["baseline_concurrency"]
     rows = []
