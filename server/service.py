@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
+from google.protobuf.struct_pb2 import Struct
 from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
 from google.rpc.status_pb2 import Status
 
@@ -47,6 +48,11 @@ QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
 
 def _reused(request_id: str) -> RequestError:
     return RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id {request_id!r} was used for a different request")
+
+
+def _options_digest(options: Struct) -> bytes:
+    """The same for the same options however a caller serialized them (map order varies)."""
+    return hashlib.sha256(options.SerializeToString(deterministic=True)).digest()
 
 
 class RequestError(Exception):
@@ -98,7 +104,7 @@ class Execution:
 
     request_id: str
     task: str
-    options: bytes  # a digest of the options, to tell a different request under the same request_id
+    options_digest: bytes  # sha256 of the options, to tell a different request under the same request_id
     request: bytes  # the raw request, until it is handed to the task process
     run: Run | None = None
     job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
@@ -117,7 +123,7 @@ class _Kept(NamedTuple):
     """A finished execution's answer, as little as is needed to give it again."""
 
     task: str
-    options: bytes  # a digest, as in Execution
+    options_digest: bytes  # as in Execution
     answer: bytes
     expires: float
 
@@ -154,14 +160,15 @@ class AnswerCache:
         del self._running[execution.request_id]
         if answer is None or self.window_s <= 0:
             return
-        self._finished[execution.request_id] = _Kept(execution.task, execution.options, answer, now + self.window_s)
-        self._bytes += len(answer) + len(execution.options)
+        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s)
+        self._finished[execution.request_id] = kept
+        self._bytes += len(answer) + len(kept.options_digest)
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         _, kept = self._finished.popitem(last=False)
-        self._bytes -= len(kept.answer) + len(kept.options)
+        self._bytes -= len(kept.answer) + len(kept.options_digest)
 
 
 class TaskRunnerService:
@@ -241,12 +248,11 @@ class TaskRunnerService:
             request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
             # Only a request_id needs the options again (to tell a different request under it): a
             # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
-            options = parsed.options.SerializeToString(deterministic=True) if request_id else b""
-            digest = hashlib.sha256(options).digest() if request_id else b""
-            del parsed, options
+            digest = _options_digest(parsed.options) if request_id else b""
+            del parsed
             found = self._cache.get(request_id, received_at) if request_id else None
             if found is not None:
-                if found.task != task.name or found.options != digest:
+                if found.task != task.name or found.options_digest != digest:
                     raise _reused(request_id)
                 return found.answer if isinstance(found, _Kept) else await self._attach(found)
             if self.draining:
