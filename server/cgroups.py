@@ -15,6 +15,8 @@ import logging
 import os
 import time
 
+from task_runner.server import wire
+
 log = logging.getLogger("task_runner.server")
 
 
@@ -295,16 +297,17 @@ def _oom_kills(path: str) -> int:
     return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
 
-def has_pids_max(path: str) -> bool:
-    return os.path.exists(os.path.join(path, "pids.max"))
-
-
-def set_limits(path: str, memory_bytes: int | None, pids: int | None) -> None:
-    """Write a task cgroup's memory.max and pids.max ("max" for none), where those controllers are enabled.
+def limit(path: str, limits: wire.Limits) -> wire.Limits:
+    """Give a task's cgroup its memory.max and pids.max ("max" for none), where those controllers are
+    enabled; returns the limits its process still sets itself (none for processes, which pids.max binds
+    for the whole tree better than the per-user RLIMIT_NPROC).
 
     Cgroups are reused, so a limit is always written, to undo the previous task's.
     """
-    for name, value in (("memory.max", memory_bytes), ("pids.max", pids)):
+    for name, value in (("memory.max", limits.memory), ("pids.max", limits.processes)):
         target = os.path.join(path, name)
         if os.path.exists(target):  # the controller is enabled here
-            _write(target, "max" if value is None else str(value))
+            _write(target, "max" if value == wire.NO_LIMIT else str(value))
+            if name == "pids.max" and value != wire.NO_LIMIT:
+                limits = limits._replace(processes=wire.BY_CGROUP)
+    return limits

@@ -89,7 +89,7 @@ def _check_config(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK ({len(config.all_tasks())} tasks, listening on {', '.join(config.listen)})")
+    print(f"{args.file}: OK ({len(config.catalogue)} tasks, listening on {', '.join(config.listen)})")
     return 0
 
 

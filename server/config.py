@@ -13,11 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from task_runner.server import wire
 from task_runner.server.registry import installed_tasks, parse_target
 from task_runner.server.uids import parse_range
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_TIMEOUT_MS = 2**32 - 1  # what PerformRequest.timeout_ms can carry
+MIB = 1 << 20
 _T = TypeVar("_T")
 
 
@@ -56,6 +58,26 @@ class TaskConfig:
     default_timeout_ms: int | None = None  # None: the global default
     max_timeout_ms: int | None = None  # None: the global maximum
     limits: Limits | None = None  # None: the global limits; else these keys override them
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task as the daemon serves it: its entry resolved against the defaults, built once per load."""
+
+    name: str
+    target: str  # "package.module:function"
+    default_timeout_ms: int
+    max_timeout_ms: int
+    limits: Limits  # the global limits with the task's own on top
+
+    def process_limits(self) -> wire.Limits:
+        """The limits its task process sets on itself (bytes for sizes)."""
+        limits = self.limits
+
+        def value(v: int | None, scale: int = 1) -> int:
+            return wire.NO_LIMIT if v is None else v * scale
+        return wire.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
+                           value(limits.processes), value(limits.file_size_mb, MIB))
 
 
 @dataclass(frozen=True)
@@ -138,16 +160,18 @@ class Config:
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
 
-    def all_tasks(self) -> dict[str, TaskConfig]:
-        """The tasks to serve: installed entry points (if enabled), overridden by explicit ones."""
-        return dict(self._catalogue)
-
     @functools.cached_property
-    def _catalogue(self) -> dict[str, TaskConfig]:
-        # Looked up once per Config, that is once per load: scanning entry points is slow.
+    def catalogue(self) -> Mapping[str, Task]:
+        """The tasks to serve, by name: installed entry points (if enabled), overridden by explicit ones.
+
+        Built once per Config, that is once per load: scanning entry points is slow.
+        """
         found = {name: TaskConfig(target) for name, target in installed_tasks().items()} if self.entry_points else {}
         found.update(self.tasks)
-        return found
+        return types.MappingProxyType({
+            name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits))
+            for name, entry in sorted(found.items())
+        })
 
     def timeouts_ms(self, task: TaskConfig) -> tuple[int, int]:
         """The (default, maximum) timeout of a task."""

@@ -18,7 +18,9 @@ import logging
 import os
 import pwd
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -28,12 +30,14 @@ from grpc_reflection.v1alpha import reflection
 
 from task_runner.server import cgroups, uids
 from task_runner.server.config import Config
+from task_runner.server.execution import Executor, Generation
+from task_runner.server.forkclient import ForkServerClient
 from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
 from task_runner.server.security import TokenAuth, check_exposure, load_token, open_to_tasks, server_credentials
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
-from task_runner.server.supervisor import ForkServerClient, Stop
+from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
 
 log = logging.getLogger("task_runner.server")
@@ -64,20 +68,34 @@ def task_owner(config: Config) -> tuple[int, int] | None:
 
 
 class Daemon:
-    """One running daemon. Build with a Config, then `await start()`, `await serve()`.
+    """One running daemon. Build with a Config, then `await start()`, `await serve()`; or embed it:
+
+        async with Daemon(config, own_process=False) as daemon:
+            ...  # serving on daemon.addresses until the block ends (a drain, then a stop)
+
+    The constructor does nothing but remember; `start` does the work.
 
     Args:
         config: the configuration.
-        reload_config: builds the configuration afresh on SIGHUP (None: SIGHUP re-imports tasks only).
+        reload_config: builds the configuration afresh on SIGHUP or `request_reload` (None: the tasks
+            are re-imported with the same configuration).
+        notifier: where READY=1, STOPPING=1 and the rest go (default: $NOTIFY_SOCKET, if set).
+        own_process: the daemon is the whole process, as `task-runner serve` runs it: SIGTERM, SIGINT
+            and SIGHUP are its to handle, it makes itself undumpable and the subreaper of what its
+            fork servers leave behind (and kills those). Embedded in another program, pass False:
+            no signal handler is installed and no process-wide setting changed; call `request_stop`
+            and `request_reload` instead, and use cgroups to end what a dead fork server leaves.
     """
 
     def __init__(self, config: Config, reload_config: Callable[[], Config] | None = None,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, own_process: bool = True) -> None:
         self.config = config
+        self.own_process = own_process
         self._reload_config = reload_config
         self.notifier = notifier or Notifier()
         self.addresses: list[str] = []
         self._stop_requested = asyncio.Event()
+        self._stopped = False
         self._force = asyncio.Event()
         self._reloading: asyncio.Future[None] | None = None
         self._reload_again = False
@@ -85,9 +103,9 @@ class Daemon:
         self._server: grpc.aio.Server | None = None
         self._forkservers: set[ForkServerClient] = set()
         self._watchers: set[asyncio.Future[None]] = set()
-        self._service: TaskRunnerService | None = None
+        self._executor: Executor | None = None
         self._health = health_aio.HealthServicer()
-        self._owner = task_owner(config)
+        self._owner: tuple[int, int] | None = None
         self._cgroup: str | None = None
         self._uids: uids.UidPool | None = None
         self._workdirs = Workdirs(config.workdir_base)
@@ -96,20 +114,23 @@ class Daemon:
     async def start(self) -> None:
         """Start the fork server, then gRPC, and bind every listen address."""
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
-            loop.add_signal_handler(signum, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        if self.own_process:
+            for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
+                loop.add_signal_handler(signum, self.request_stop)
+            loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        self._owner = task_owner(self.config)
         check_exposure(self.config)
         if self._owner is not None and (reachable := open_to_tasks(self.config)):
             log.warning("tasks can call this daemon on %s (no token or client certificate needed): configure "
                         "[auth], or listen on a unix socket closed to others", ", ".join(reachable))
         if self.config.insecure and not (self.config.tls.enabled or self.config.auth.enabled):
             log.warning("insecure = true: anyone who can reach %s can run tasks", ", ".join(self.config.listen))
-        # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
-        # the TLS key). exec() resets it, so the fork server and the tasks are unaffected.
-        prctl(PR_SET_DUMPABLE, 0)
-        # Orphans of a fork server that dies come to us, not to PID 1, so that we can end them.
-        prctl(PR_SET_CHILD_SUBREAPER, 1)
+        if self.own_process:
+            # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
+            # the TLS key). exec() resets it, so the fork server and the tasks are unaffected.
+            prctl(PR_SET_DUMPABLE, 0)
+            # Orphans of a fork server that dies come to us, not to PID 1, so that we can end them.
+            prctl(PR_SET_CHILD_SUBREAPER, 1)
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         try:
@@ -120,8 +141,8 @@ class Daemon:
         self._uids = self._claim_uids()
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
-        forkserver = await self._start_forkserver(self.config)
-        self._service = TaskRunnerService(self.config, forkserver, self.metrics)
+        self._executor = Executor(await self._start_generation(self.config), self.metrics)
+        service = TaskRunnerService(self._executor, self.metrics)
         message_cap = self.config.result_max_bytes + 2 * self.config.output_tail_bytes + (1 << 20)
         server = grpc.aio.server(
             interceptors=[TokenAuth(token)] if token else None,
@@ -136,7 +157,7 @@ class Daemon:
             ],
         )
         self._server = server
-        server.add_generic_rpc_handlers((self._service.handler(),))
+        server.add_generic_rpc_handlers((service.handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         for address in self.config.listen:
@@ -147,7 +168,7 @@ class Daemon:
             self.metrics.serve(self.config.metrics_listen)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        log.info("listening on %s; serving tasks: %s", ", ".join(self.addresses), ", ".join(self._service.task_names()))
+        log.info("listening on %s; serving tasks: %s", ", ".join(self.addresses), ", ".join(self.config.catalogue))
         self.notifier.notify("READY=1", f"STATUS=listening on {' '.join(self.addresses)}")
 
     def _claim_uids(self) -> uids.UidPool | None:
@@ -170,9 +191,11 @@ class Daemon:
                         "other's files", config.run_as_user)
         return pool
 
-    async def _start_forkserver(self, config: Config) -> ForkServerClient:
-        tasks = {name: task.target for name, task in config.all_tasks().items()}
-        cgroup = cgroups.new_generation(self._cgroup, next(self._generation))
+    async def _start_generation(self, config: Config) -> Generation:
+        """A fork server for `config`'s tasks, started (the tasks imported), as the generation to serve with."""
+        tasks = {name: task.target for name, task in config.catalogue.items()}
+        number = next(self._generation)
+        cgroup = cgroups.new_generation(self._cgroup, number)
         forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids)
         self._forkservers.add(forkserver)
         try:
@@ -183,10 +206,14 @@ class Daemon:
         for name, info in forkserver.info.items():
             if info.import_error:
                 log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)
-        watcher = asyncio.ensure_future(self._replace_if_it_dies(forkserver, config))
-        self._watchers.add(watcher)
-        watcher.add_done_callback(self._watchers.discard)
-        return forkserver
+        generation = Generation(number, config, forkserver)
+        self._background(self._replace_if_it_dies(generation))
+        return generation
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        job = asyncio.ensure_future(work)
+        self._watchers.add(job)  # a reference, so that it is not collected while it waits
+        job.add_done_callback(self._watchers.discard)
 
     async def _end(self, forkserver: ForkServerClient) -> None:
         """End a fork server and everything of its generation: its process, its tasks' cgroups, and
@@ -194,7 +221,7 @@ class Daemon:
         await forkserver.close()
         self._forkservers.discard(forkserver)
         await asyncio.to_thread(cgroups.end_generation, forkserver.cgroup)
-        while orphans := children() - {f.pid for f in self._forkservers}:
+        while self.own_process and (orphans := children() - {f.pid for f in self._forkservers}):
             for pid in orphans:
                 kill_tree(pid)
             await asyncio.to_thread(reap, orphans)
@@ -203,21 +230,24 @@ class Daemon:
             for uid in forkserver.leftover_uids():
                 self._uids.give_back(uid)
 
-    async def _replace_if_it_dies(self, forkserver: ForkServerClient, config: Config) -> None:
+    async def _replace_if_it_dies(self, generation: Generation) -> None:
         """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""
+        forkserver = generation.forkserver
         await forkserver.closed.wait()
-        if forkserver.retired or self._stop_requested.is_set() or self._service is None:
+        if forkserver.retired or self._stop_requested.is_set() or self._executor is None:
             return
         await self._end(forkserver)
         log.error("the fork server died (exit code %s); starting a new one", forkserver.exit_code)
+        self.notifier.notify(f"STATUS=the fork server died (exit code {forkserver.exit_code}); starting a new one")
         while not self._stop_requested.is_set():
             try:
-                replacement = await self._start_forkserver(config)
+                replacement = await self._start_generation(generation.config)
             except Exception as exc:
                 log.error("cannot start a fork server: %s; trying again in a second", exc)
                 await asyncio.sleep(1.0)
                 continue
-            self._service.reload(config, replacement)
+            self._executor.swap(replacement)
+            self.notifier.notify("STATUS=a new fork server serves")
             return
 
     @staticmethod
@@ -271,32 +301,50 @@ class Daemon:
 
     async def reload(self) -> None:
         """Start a new fork server with the tasks afresh; the old one finishes what it runs, then ends."""
-        assert self._service is not None
+        assert self._executor is not None
         while True:
             self._reload_again = False
             self.notifier.notify("RELOADING=1", "STATUS=reloading tasks")
             try:
                 config = self._reload_config() if self._reload_config else self.config
-                forkserver = await self._start_forkserver(config)
+                generation = await self._start_generation(config)
             except Exception as exc:
                 log.error("reload failed, still serving the old tasks: %s", exc)
                 self.notifier.notify("READY=1", "STATUS=reload failed")
             else:
-                old = self._service.reload(config, forkserver)
+                old = self._executor.swap(generation)
                 self.config = config  # drain_grace_s and the rest read at a stop come from the file now
-                log.info("reloaded; serving tasks: %s", ", ".join(self._service.task_names()))
+                log.info("reloaded; serving tasks: %s", ", ".join(config.catalogue))
                 self.notifier.notify("READY=1", "STATUS=reloaded")
-                retiring = asyncio.ensure_future(self._retire(old))
-                self._watchers.add(retiring)
-                retiring.add_done_callback(self._watchers.discard)
+                self._background(self._retire(old))
             if not self._reload_again:
                 return
 
-    async def _retire(self, old: ForkServerClient) -> None:
-        """End a fork server that no longer gets new tasks, once its running tasks are done."""
-        old.retired = True
-        await old.idle()
-        await self._end(old)
+    async def _retire(self, old: Generation) -> None:
+        """End a generation that no longer gets new calls, once its running tasks are done."""
+        assert self._executor is not None
+        old.forkserver.retired = True
+        await self._executor.finished(old)
+        await self._end(old.forkserver)
+
+    async def __aenter__(self) -> Daemon:
+        try:
+            await self.start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.stop()
+            raise
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._stopped:
+            return  # serve() ran to its end inside the block
+        self._stop_requested.set()
+        try:
+            await self.drain()
+        finally:
+            await self.stop()
 
     async def serve(self) -> None:
         """Serve until a stop is requested, then drain and stop."""
@@ -309,20 +357,27 @@ class Daemon:
             await self.stop()
 
     async def drain(self) -> None:
-        assert self._service is not None
+        """Refuse new calls, let running ones finish within the drain grace, then cancel the rest."""
+        executor = self._executor
+        assert executor is not None
         self.notifier.notify("STOPPING=1", "STATUS=draining")
-        self._service.draining = True
+        executor.draining = True
         await self._health.enter_graceful_shutdown()
-        idle = asyncio.ensure_future(self._service.slots.wait_idle())
+        idle = asyncio.ensure_future(executor.wait_idle())
         force = asyncio.ensure_future(self._force.wait())
         await asyncio.wait((idle, force), timeout=self.config.drain_grace_s, return_when=asyncio.FIRST_COMPLETED)
         if not idle.done():
-            log.warning("drain grace over: cancelling %d running tasks", self._service.slots.running)
-            self._service.stop_all(Stop.CANCELLED)
+            log.warning("drain grace over: cancelling %d running tasks", executor.slots.running)
+            executor.stop_all(Stop.CANCELLED)
             await idle
         force.cancel()
 
     async def stop(self) -> None:
+        """End everything: gRPC (after a last second for answers to go out), the fork servers and what
+        their tasks left, the working directories, cgroups and uids. Safe to call twice."""
+        if self._stopped:
+            return
+        self._stopped = True
         if self._reloading is not None:
             self._reloading.cancel()  # a fork server still importing the tasks is ended below
             with contextlib.suppress(BaseException):
@@ -339,6 +394,8 @@ class Daemon:
         log.info("stopped")
 
     async def _watchdog(self) -> None:
+        if not self.own_process:
+            return  # systemd watches processes: an embedded daemon is not one
         usec = int(os.environ.pop("WATCHDOG_USEC", "0") or 0)
         if not usec or not self.notifier.enabled:
             return
@@ -349,14 +406,8 @@ class Daemon:
 
 async def run(config: Config, reload_config: Callable[[], Config] | None = None) -> int:
     """Run a daemon until it is told to stop; the process's exit code."""
-    daemon = Daemon(config, reload_config)
-    try:
-        await daemon.start()
-    except BaseException:
-        with contextlib.suppress(Exception):
-            await daemon.stop()
-        raise
-    await daemon.serve()
+    async with Daemon(config, reload_config) as daemon:
+        await daemon.serve()
     return 0
 
 

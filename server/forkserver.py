@@ -84,7 +84,7 @@ class ForkServer:
         self._live: dict[int, int] = {}  # task processes forked here and not yet reaped -> their serial
         self._serial = 0
         self._to_fork: collections.deque[int] = collections.deque()  # uids of spares asked for, not yet forked
-        self._kill_reason: dict[int, int] = {}
+        self._kill_reason: dict[int, wire.Stop] = {}
         self._pid = os.getpid()
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -249,9 +249,8 @@ class ForkServer:
                 del self._live[pid]
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
-                self._send(wire.Exited(
-                    pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, self._kill_reason.pop(pid, 0), oom,
-                ).pack())
+                why = self._kill_reason.pop(pid, wire.Stop.NONE)
+                self._send(wire.Exited(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, why, oom).pack())
         if reaped:
             self._kill_orphans()
             self._cgroups.sweep()

@@ -22,6 +22,7 @@ messages only.
 
 from __future__ import annotations
 
+import enum
 import struct
 from typing import NamedTuple
 
@@ -40,6 +41,16 @@ _KILL = struct.Struct("!cIIB")
 _READY = struct.Struct("!cIII")
 _EXITED = struct.Struct("!cIiddqBB")
 _ASSIGNMENT = struct.Struct("!qqqqqH")
+
+
+class Stop(enum.IntEnum):
+    """Why the daemon had a task process killed: sent in a Kill, reported back in its Exited."""
+
+    NONE = 0
+    TIMEOUT = 1
+    CANCELLED = 2
+    RESULT_TOO_LARGE = 3
+    LINGERED = 4  # it answered, then did not end
 
 
 class Limits(NamedTuple):
@@ -89,7 +100,7 @@ class ForkFailed(NamedTuple):
 class Kill(NamedTuple):
     pid: int
     serial: int
-    why: int
+    why: Stop
 
     def pack(self) -> bytes:
         return _KILL.pack(b"K", *self)
@@ -111,7 +122,7 @@ class Exited(NamedTuple):
     user_s: float
     system_s: float
     max_rss_kib: int
-    why: int  # why the daemon had it killed, if it did
+    why: Stop  # why the daemon had it killed, if it did
     oom_killed: bool  # the kernel killed something in its cgroup for want of memory
 
     def pack(self) -> bytes:
@@ -133,13 +144,14 @@ def unpack(message: bytes) -> Message:
         uids = struct.unpack_from(f"!{count}I", message, _COUNT.size)
         return Fork(uids) if kind == b"F" else ForkFailed(uids)
     if kind == b"K":
-        return Kill(*_KILL.unpack(message)[1:])
+        pid, serial, why = _KILL.unpack(message)[1:]
+        return Kill(pid, serial, Stop(why))
     if kind == b"R":
         pid, serial, uid = _READY.unpack_from(message)[1:]
         return Ready(pid, serial, uid, message[_READY.size:].decode())
     if kind == b"X":
         pid, status, user_s, system_s, max_rss, why, oom = _EXITED.unpack(message)[1:]
-        return Exited(pid, status, user_s, system_s, max_rss, why, bool(oom))
+        return Exited(pid, status, user_s, system_s, max_rss, Stop(why), bool(oom))
     raise ValueError(f"unknown message kind {kind!r}")
 
 

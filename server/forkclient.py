@@ -1,8 +1,8 @@
-"""The daemon's side of task processes: starts the fork server, keeps spares ready, runs one task per process.
+"""The daemon's side of the fork server: starts it, keeps spare task processes ready, kills and reaps through it.
 
-Everything here runs on the daemon's event loop. A task's options go straight to its process
-over the process's own channel, its output and result come straight back; the fork server
-only forks, kills and reaps, and reports each exit with the process's resource usage.
+Everything here runs on the daemon's event loop. The fork server only forks, kills and reaps,
+and reports each exit with the process's resource usage; a task's options, output and result
+never pass through it (see task_runner.server.run).
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import fnmatch
 import json
 import logging
@@ -20,36 +19,18 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Any
-
-from google.protobuf.message import DecodeError
 
 from task_runner.server import wire
 from task_runner.server.config import Config
 from task_runner.server.uids import UidError, UidPool
+from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
-from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
 log = logging.getLogger("task_runner.server")
-Kind = TaskError.Kind
-READ_CHUNK = 1 << 16
 FORKSERVER_START_TIMEOUT_S = 60.0
 FORKSERVER_CLOSE_TIMEOUT_S = 3.0
 FORK_RETRY_S = 0.1
-ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
-LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
-# The error kinds a task process's own answer may carry; the others are the runner's alone.
-TASK_KINDS = frozenset({Kind.EXCEPTION, Kind.CRASHED, Kind.RESULT_INVALID, Kind.RESULT_TOO_LARGE, Kind.LIMIT_EXCEEDED})
 
-
-class Stop(enum.IntEnum):
-    """Why the daemon had a task process killed (sent to the fork server, reported back)."""
-
-    NONE = 0
-    TIMEOUT = 1
-    CANCELLED = 2
-    RESULT_TOO_LARGE = 3
-    LINGERED = 4  # it answered, then did not end
 
 class ForkServerDied(RuntimeError):
     """The fork server ended: running tasks are lost, no new one can start until it is back."""
@@ -68,22 +49,6 @@ class Exit:
     stop: Stop
     at: float  # loop time of the report
     oom_killed: bool = False  # the kernel killed something in the task's cgroup for memory
-
-
-class Tail:
-    """The last `cap` bytes of a stream, and how many came before them."""
-
-    __slots__ = ("buffer", "cap", "dropped")
-
-    def __init__(self, cap: int) -> None:
-        self.cap, self.buffer, self.dropped = cap, bytearray(), 0
-
-    def add(self, data: bytes) -> None:
-        self.buffer += data
-        excess = len(self.buffer) - self.cap
-        if excess > 0:
-            del self.buffer[:excess]
-            self.dropped += excess
 
 
 @dataclass(eq=False)
@@ -145,9 +110,6 @@ class ForkServerClient:
         self._forking = 0
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._failing = False  # task processes cannot be made ready (logged once until they can again)
-        self._running = 0  # taken and not yet reaped
-        self._idle = asyncio.Event()
-        self._idle.set()
         self.closed = asyncio.Event()
         self.retired = False  # closed on purpose (a reload, a stop), not died
 
@@ -186,23 +148,13 @@ class ForkServerClient:
                 if waiter.done() and not waiter.cancelled():
                     self._spares.appendleft(waiter.result())  # handed over just as the caller left
                 raise
+            if self.closed.is_set():  # handed over, then closed (a reload retiring it) before we woke
+                raise ForkServerDied("the fork server is not running")
         if len(self._spares) < (self._config.spare_processes + 1) // 2:
             self._want_spares()
         # Otherwise the refill waits for a process to end: forking now would take a CPU from the
         # task just handed over, and there are spares enough for the next calls.
-        self._running += 1
-        self._idle.clear()
-        process.exited.add_done_callback(self._on_task_reaped)
         return process
-
-    def _on_task_reaped(self, _: asyncio.Future[Exit]) -> None:
-        self._running -= 1
-        if self._running == 0:
-            self._idle.set()
-
-    async def idle(self) -> None:
-        """Return once no task process of this fork server is running (spares aside)."""
-        await self._idle.wait()
 
     def kill(self, process: TaskProcess, why: Stop) -> None:
         if not process.exited.done():
@@ -423,222 +375,3 @@ class ForkServerClient:
 def clean_environment(allow: tuple[str, ...]) -> dict[str, str]:
     """The daemon's environment, but only the variables whose names `allow` matches."""
     return {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, pattern) for pattern in allow)}
-
-
-class Run:
-    """One task run in one task process: hand it the task, gather output, enforce the deadline, answer.
-
-    The answer is ready as soon as the task's answer frame arrives (the process ends itself
-    right after it) or the process is reaped, whichever is first. The process keeps its slot
-    until it is reaped: `reaped` is the process's exit future.
-    """
-
-    def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config,
-                 cpu_limit_s: int | None = None) -> None:
-        self._server, self._process, self._config = server, process, config
-        self._cpu_limit_s = cpu_limit_s
-        self._loop = asyncio.get_running_loop()
-        self._stdout = Tail(config.output_tail_bytes)
-        self._stderr = Tail(config.output_tail_bytes)
-        self._result = bytearray()
-        self._settled: asyncio.Future[None] = self._loop.create_future()
-        self._timer: asyncio.TimerHandle | None = None
-        self._limit = wire.FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
-        self.reaped = process.exited
-
-    def stop(self, why: Stop) -> None:
-        self._server.kill(self._process, why)
-
-    async def execute(self, assignment: bytes, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
-        """Run the task: `assignment` from wire.Assignment.head, then the serialized request.
-
-        Returns:
-            The response, usage and output filled, and when the task was handed over.
-        """
-        process, loop = self._process, self._loop
-        handed_at = loop.time()
-        self._timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)  # armed first: even the hand-over is timed
-        process.exited.add_done_callback(self._on_exit)
-        with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
-            await loop.sock_sendall(process.channel, assignment)
-            await loop.sock_sendall(process.channel, request)
-        del request  # sent: the daemon holds no copy of it while the task runs
-        loop.add_reader(process.channel.fileno(), self._read_result)
-        loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
-        loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
-        await self._settled
-        settled_at = loop.time()
-        self._drain()
-        frame = self._frame()
-        if frame is not None:
-            response = answer_response(frame)
-            response.usage.wall_ms = (settled_at - handed_at) * 1e3
-            # The process ends itself right after answering; should it linger, it gets a second.
-            self._timer.cancel()
-            self._timer = loop.call_later(ANSWER_EXIT_GRACE_S, self.stop, Stop.LINGERED)
-        else:
-            exit_ = process.exited.result()
-            response = self._failure(exit_, deadline - handed_at)
-            fill_usage(response, exit_, handed_at)
-        for output, tail in ((response.stdout, self._stdout), (response.stderr, self._stderr)):
-            output.tail, output.dropped_bytes = bytes(tail.buffer), tail.dropped
-        response.timings.run_ms = (settled_at - handed_at) * 1e3
-        response.timings.collect_ms = (loop.time() - settled_at) * 1e3
-        return response, handed_at
-
-    def _on_exit(self, exited: asyncio.Future[Exit]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self._settled.done():
-            self._settled.set_result(None)
-
-    def _read_result(self) -> None:
-        try:
-            data = self._process.channel.recv(READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._loop.remove_reader(self._process.channel.fileno())
-            return
-        self._result += data
-        if len(self._result) > self._limit:
-            self._loop.remove_reader(self._process.channel.fileno())
-            self.stop(Stop.RESULT_TOO_LARGE)
-        elif not self._settled.done() and self._frame() is not None:
-            self._settled.set_result(None)
-
-    def _read_output(self, fd: int, tail: Tail) -> None:
-        try:
-            data = os.read(fd, READ_CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            tail.add(data)
-        else:
-            self._loop.remove_reader(fd)
-
-    def _drain(self) -> None:
-        """Take what is already buffered, without waiting for more, and close the daemon's ends."""
-        process, loop = self._process, self._loop
-        loop.remove_reader(process.channel.fileno())
-        with contextlib.suppress(OSError):
-            while len(self._result) <= self._limit and (data := process.channel.recv(READ_CHUNK)):
-                self._result += data
-        for fd, tail in ((process.stdout, self._stdout), (process.stderr, self._stderr)):
-            loop.remove_reader(fd)
-            # The task flushed its output before answering; a descendant may still hold the pipe
-            # and write on, so read what is there now and stop.
-            with contextlib.suppress(OSError):
-                for _ in range(64):
-                    data = os.read(fd, READ_CHUNK)
-                    if not data:
-                        break
-                    tail.add(data)
-        process.close()
-
-    def _frame(self) -> bytes | None:
-        if len(self._result) < wire.FRAME.size:
-            return None
-        (size,) = wire.FRAME.unpack_from(self._result)
-        end = wire.FRAME.size + size
-        return bytes(self._result[wire.FRAME.size:end]) if len(self._result) >= end else None
-
-    def _failure(self, exit_: Exit, budget_s: float) -> PerformResponse:
-        """The response for a process that ended without a (complete) answer."""
-        if exit_.stop is Stop.RESULT_TOO_LARGE:
-            return error_response(
-                Kind.RESULT_TOO_LARGE, "ResultTooLarge",
-                f"the task wrote more than {self._limit} bytes as its answer; it was killed",
-            )
-        if exit_.stop is Stop.TIMEOUT:
-            return error_response(
-                Kind.TIMEOUT, "Timeout",
-                f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
-                exit_.status,
-            )
-        signum = exit_fields(exit_.status)[1]
-        limit = LIMIT_SIGNALS.get(signum)
-        if (signum == signal.SIGKILL and exit_.stop is Stop.NONE and self._cpu_limit_s is not None
-                and exit_.user_s + exit_.system_s >= self._cpu_limit_s):
-            limit = "cpu_time"  # it ignored SIGXCPU: the kernel killed it at the hard limit
-        if exit_.oom_killed:
-            limit = "memory"
-        if limit is not None:
-            response = error_response(
-                Kind.LIMIT_EXCEEDED, "LimitExceeded",
-                f"the task exceeded its {limit} limit: its process {describe_status(exit_.status)}", exit_.status,
-            )
-            response.error.limit = limit
-            return response
-        if exit_.stop is Stop.CANCELLED:
-            return error_response(
-                Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",
-                exit_.status,
-            )
-        return error_response(
-            Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
-            exit_.status,
-        )
-
-
-def answer_response(frame: bytes) -> PerformResponse:
-    """The response for a task's own answer: only its verdict and its self-measured usage are kept."""
-    try:
-        answer = PerformResponse.FromString(frame)
-    except DecodeError:
-        return error_response(Kind.RESULT_INVALID, "ResultInvalid", "the task's answer could not be decoded")
-    response = PerformResponse(outcome=answer.outcome)
-    response.result.CopyFrom(answer.result)
-    if answer.HasField("error"):
-        invalid_options = answer.error.kind == Kind.KIND_UNSPECIFIED and answer.error.type == wire.INVALID_OPTIONS
-        if answer.error.kind not in TASK_KINDS and not invalid_options:  # a task's own frame may claim anything
-            name = Kind.Name(answer.error.kind) if answer.error.kind in Kind.values() else str(answer.error.kind)
-            return error_response(
-                Kind.RESULT_INVALID, "ResultInvalid",
-                f"the task's answer claimed the error kind {name}, which only the runner gives",
-            )
-        response.error.CopyFrom(answer.error)
-        response.error.exit_code = response.error.signal = 0  # the runner's to tell, from the exit status
-    usage = response.usage
-    usage.user_cpu_ms, usage.system_cpu_ms = answer.usage.user_cpu_ms, answer.usage.system_cpu_ms
-    usage.max_rss_kib = answer.usage.max_rss_kib
-    return response
-
-
-def fill_usage(response: PerformResponse, exit_: Exit, handed_at: float) -> None:
-    usage = response.usage
-    usage.wall_ms = (exit_.at - handed_at) * 1e3
-    usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
-    usage.max_rss_kib = exit_.max_rss_kib
-    usage.exit_code, usage.signal = exit_fields(exit_.status)
-
-
-def exit_fields(status: int) -> tuple[int, int]:
-    """(exit code, signal) of a wait status; the one that does not apply is 0."""
-    if os.WIFSIGNALED(status):
-        return 0, os.WTERMSIG(status)
-    return (os.WEXITSTATUS(status) if os.WIFEXITED(status) else 0), 0
-
-
-def describe_status(status: int) -> str:
-    code, signum = exit_fields(status)
-    if signum:
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
-        return f"was killed by {name} (signal {signum})"
-    return f"exited with code {code}"
-
-
-def error_response(kind: Any, type_: str, message: str, status: int | None = None) -> PerformResponse:
-    """A task-error response from the daemon, with the exit code or signal of `status`, if given."""
-    exit_code, signum = exit_fields(status) if status is not None else (0, 0)
-    return wire.error_response(kind, type_, message, exit_code=exit_code, signal=signum)
-
-
-__all__ = ["ForkServerClient", "ForkServerDied", "ModuleInfo", "NoProcess", "Run", "Stop", "error_response"]

@@ -1,0 +1,373 @@
+"""An execution's life, in one place: admission, a spare task process, the run, the answer, the release.
+
+    Executor.perform: the idempotency cache -> admission (a slot, or a place in the queue)
+        -> a spare process of the current generation -> Run -> the answer to every caller attached
+        -> the slot back once the process is reaped
+
+The servicer (task_runner.server.service) decodes and validates a request and maps a `Refusal`
+to a gRPC status; everything after that is here. `Slots` holds the one count of what runs and
+the one idle event; a reload swaps the whole `Generation` new calls are served with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import hashlib
+import logging
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from google.protobuf.struct_pb2 import Struct
+
+from task_runner.server import cgroups, wire
+from task_runner.server.config import Config, Task
+from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
+from task_runner.server.metrics import Metrics
+from task_runner.server.run import Run
+from task_runner.server.slots import QueueFull, Slots
+from task_runner.server.wire import Stop
+from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
+
+log = logging.getLogger("task_runner.server")
+MIB = 1 << 20
+QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
+
+
+class Reason(enum.Enum):
+    """Why a call is refused; the servicer maps each to a gRPC status (and the retryable ones to
+    google.rpc.ErrorInfo, the reason's name as ErrorInfo.reason)."""
+
+    QUEUE_FULL = "QUEUE_FULL"
+    QUEUE_BYTES_FULL = "QUEUE_BYTES_FULL"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    NO_TASK_PROCESS = "NO_TASK_PROCESS"
+    UNKNOWN_TASK = "UNKNOWN_TASK"
+    INVALID_OPTIONS = "INVALID_OPTIONS"
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
+    INTERNAL = "INTERNAL"
+
+
+class Refusal(Exception):
+    """A call the daemon does not run (or could not finish running). `retry_after_s` is set when a
+    retry may cure it, and says how soon."""
+
+    def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.reason, self.retry_after_s = reason, retry_after_s
+
+
+def _shutting_down() -> Refusal:
+    return Refusal(Reason.SHUTTING_DOWN, "the daemon is shutting down; call another", 0.0)
+
+
+def options_digest(options: Struct) -> bytes:
+    """The same for the same options however a caller serialized them (map order varies)."""
+    return hashlib.sha256(options.SerializeToString(deterministic=True)).digest()
+
+
+@dataclass(frozen=True, eq=False)
+class Generation:
+    """What new calls are served with, swapped whole at a reload: a config, its tasks, and the fork
+    server that imported them. Calls already running finish on the generation they started on."""
+
+    number: int
+    config: Config
+    forkserver: ForkServerClient
+
+    @property
+    def tasks(self) -> Mapping[str, Task]:
+        return self.config.catalogue
+
+
+@dataclass(eq=False)
+class Execution:
+    """One run of a task. Every call with the same request_id attaches to it and gets its answer."""
+
+    request_id: str
+    task: str
+    options_digest: bytes  # sha256 of the options, to tell a different request under the same request_id
+    request: bytes  # the raw request, until it is handed to the task process
+    received_at: float
+    run: Run | None = None
+    job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
+    answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    attached: int = 0
+
+    def abandon(self) -> None:
+        """Every caller left before the answer: kill the run, or leave the queue."""
+        if self.run is not None:
+            self.run.stop(Stop.CANCELLED)  # the slot is freed once the process is reaped
+        elif self.job is not None:
+            self.job.cancel()
+
+
+class _Kept(NamedTuple):
+    """A finished execution's answer, as little as is needed to give it again."""
+
+    task: str
+    options_digest: bytes  # as in Execution
+    answer: bytes
+    expires: float
+
+
+class AnswerCache:
+    """Executions by caller-given request_id: running ones, and finished ones' answers for `window_s`.
+
+    Bounded by entry count and by the bytes kept; the oldest finished go first. A CANCELLED
+    answer is not kept: the caller went away, and a retry should run the task.
+    """
+
+    def __init__(self, window_s: float, max_entries: int, max_bytes: int) -> None:
+        self.window_s, self.max_entries, self.max_bytes = window_s, max_entries, max_bytes
+        self._running: dict[str, Execution] = {}
+        self._finished: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
+        self._bytes = 0
+
+    def get(self, request_id: str, now: float) -> Execution | _Kept | None:
+        while self._finished and next(iter(self._finished.values())).expires <= now:
+            self._drop_oldest()
+        return self._running.get(request_id) or self._finished.get(request_id)
+
+    def add(self, execution: Execution) -> None:
+        self._running[execution.request_id] = execution
+
+    def forget(self, execution: Execution) -> None:
+        """A running execution no caller waits for any more: a retry must start afresh."""
+        if self._running.get(execution.request_id) is execution:
+            del self._running[execution.request_id]
+
+    def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
+        if self._running.get(execution.request_id) is not execution:
+            return  # forgotten, or never kept (no caller-given request_id)
+        del self._running[execution.request_id]
+        if answer is None or self.window_s <= 0:
+            return
+        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s)
+        self._finished[execution.request_id] = kept
+        self._bytes += len(answer) + len(kept.options_digest)
+        while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
+            self._drop_oldest()
+
+    def _drop_oldest(self) -> None:
+        _, kept = self._finished.popitem(last=False)
+        self._bytes -= len(kept.answer) + len(kept.options_digest)
+
+
+class Executor:
+    """Runs the calls the servicer accepted, each in a fresh task process, and answers them.
+
+    Admission limits (max_running, max_queued, max_queued_bytes) and the idempotency cache are
+    those of the configuration the daemon started with; a reload changes the tasks and their
+    settings, not these.
+    """
+
+    def __init__(self, generation: Generation, metrics: Metrics) -> None:
+        config = generation.config
+        self.generation = generation
+        self.metrics = metrics
+        self.slots = Slots(config.max_running, config.max_queued)  # the one count of what runs
+        metrics.running.set_function(lambda: self.slots.running)
+        metrics.queued.set_function(lambda: self.slots.queued)
+        self._max_queued_bytes = config.max_queued_bytes
+        self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
+        self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
+        self._jobs: set[asyncio.Future[None]] = set()
+        self._held_bytes = 0  # of requests not yet handed to a task process
+        self.draining = False  # new calls are refused
+        self.stopping = False  # and calls still queued are refused too
+
+    def swap(self, generation: Generation) -> Generation:
+        """Serve new calls with `generation`; returns the one it replaces."""
+        old, self.generation = self.generation, generation
+        return old
+
+    def check_room(self, size: int) -> None:
+        """Refuse a request of `size` bytes at once if waiting calls already hold all the room there is:
+        checked before the request is even parsed, since parsing a big request costs memory too."""
+        if self._held_bytes and self._held_bytes + size > self._max_queued_bytes:
+            raise Refusal(
+                Reason.QUEUE_BYTES_FULL,
+                f"queue full: {self._held_bytes} bytes of requests wait for a task process "
+                f"(max_queued_bytes = {self._max_queued_bytes}); retry later", QUEUE_RETRY_S,
+            )
+
+    async def perform(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
+                      rpc_deadline: float, received_at: float) -> bytes:
+        """Run a validated request (or attach to its execution under `request_id`); its serialized answer.
+
+        Args:
+            request: the serialized PerformRequest, sent to the task process as it came.
+            task: the task it names, from the current generation.
+            request_id: the caller's, or "" (then it is neither looked up nor kept).
+            digest: options_digest of its options (empty without a request_id).
+            timeout_ms: the task's time to run, from hand-over.
+            rpc_deadline: loop time by which the answer must be on its way (inf: none).
+            received_at: loop time the call arrived.
+
+        Raises:
+            Refusal: the call is not run, or could not be.
+        """
+        found = self._cache.get(request_id, received_at) if request_id else None
+        if found is not None:
+            if found.task != task.name or found.options_digest != digest:
+                raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
+            return found.answer if isinstance(found, _Kept) else await self._attach(found)
+        if self.draining:
+            raise _shutting_down()
+        execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request, received_at)
+        self._held_bytes += len(request)
+        if request_id:
+            self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
+        execution.job = asyncio.ensure_future(self._execute(execution, task, timeout_ms, rpc_deadline))
+        self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
+        execution.job.add_done_callback(self._jobs.discard)
+        del request
+        return await self._attach(execution)
+
+    async def _attach(self, execution: Execution) -> bytes:
+        """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
+        execution.attached += 1
+        try:
+            return await asyncio.shield(execution.answer)
+        except asyncio.CancelledError:
+            execution.attached -= 1
+            if execution.attached == 0 and not execution.answer.done():
+                self._cache.forget(execution)
+                execution.abandon()
+            raise
+
+    def _release_request(self, execution: Execution) -> bytes:
+        """The request's bytes, handed over (or given up): they no longer count as waiting."""
+        request, execution.request = execution.request, b""
+        self._held_bytes -= len(request)
+        return request
+
+    async def _admit(self) -> float:
+        """Take a slot, waiting in the queue if need be; the loop time it was taken."""
+        try:
+            await self.slots.acquire()
+        except QueueFull:
+            raise Refusal(
+                Reason.QUEUE_FULL,
+                f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
+                QUEUE_RETRY_S,
+            ) from None
+        return asyncio.get_running_loop().time()
+
+    async def _start(self, execution: Execution, task: Task) -> tuple[Run, Task]:
+        """A run in a spare process of the current generation (the task as that generation has it)."""
+        generation = self.generation  # read once admitted: a reload meanwhile sends us to the new one
+        while True:
+            try:
+                process = await generation.forkserver.take()
+                break
+            except (ForkServerDied, NoProcess) as exc:
+                if generation.forkserver.retired and generation is not self.generation:
+                    generation = self.generation  # a reload retired it while we waited: take the new one's
+                    if (renewed := generation.tasks.get(task.name)) is None:
+                        raise Refusal(Reason.UNKNOWN_TASK, f"task {task.name!r} is no longer served") from None
+                    task = renewed
+                    continue
+                raise Refusal(Reason.NO_TASK_PROCESS, f"{exc}; retry", FORK_RETRY_S) from None
+        run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s)
+        self._runs[run] = generation
+        run.reaped.add_done_callback(lambda _: self._reaped(run))
+        return run, task
+
+    async def _execute(self, execution: Execution, task: Task, timeout_ms: int, rpc_deadline: float) -> None:
+        """Admit, run and answer one execution, whatever happens to its callers; record it.
+
+        The slot is held from admission until the task's process is reaped (or, if no process
+        was started, until this ends).
+        """
+        loop = asyncio.get_running_loop()
+        response: PerformResponse | None = None
+        answer: bytes | None = None
+        admitted_at = execution.received_at
+        admitted = refused = False
+        try:
+            admitted_at = await self._admit()
+            admitted = True
+            run, task = await self._start(execution, task)
+            if self.stopping:
+                run.stop(Stop.CANCELLED)
+                raise _shutting_down()
+            limits = task.process_limits()
+            if run.process.cgroup:
+                limits = cgroups.limit(run.process.cgroup, limits)
+            deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
+            request = self._release_request(execution)
+            response, handed_at = await run.execute(
+                wire.Assignment(limits, run.process.workdir).head(len(request)), request, deadline,
+            )
+            if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == wire.INVALID_OPTIONS:
+                refused = True  # found by the task process as it read them, before any task code ran
+                raise Refusal(Reason.INVALID_OPTIONS, response.error.message)
+            response.request_id = execution.request_id
+            response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
+            response.timings.start_ms = (handed_at - admitted_at) * 1e3
+            answer = response.SerializeToString()
+            execution.answer.set_result(answer)
+        except Refusal as exc:
+            execution.answer.set_exception(exc)  # every caller attached is refused alike
+        except asyncio.CancelledError:
+            execution.answer.cancel()  # every caller left before it ran
+        except Exception:
+            log.exception("task %s: the daemon failed to run it", execution.task,
+                          extra={"request_id": execution.request_id})
+            execution.answer.set_exception(Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
+        finally:
+            if execution.request:
+                self._release_request(execution)
+            if execution.run is None:
+                if admitted:
+                    self.slots.release()
+            elif response is None:
+                execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
+            cancelled = response is not None and response.error.kind == TaskError.CANCELLED
+            self._cache.finish(execution, None if cancelled else answer, loop.time())
+            if admitted and not refused:
+                self._record(execution, response, admitted_at, loop.time())
+
+    def _reaped(self, run: Run) -> None:
+        """The task's process is gone: its slot is free."""
+        del self._runs[run]
+        self.slots.release()
+
+    def _record(self, execution: Execution, response: PerformResponse | None, admitted_at: float,
+                now: float) -> None:
+        if response is None:
+            verdict, outcome, kind = "lost", "", "INTERNAL"
+        elif response.HasField("error"):
+            kind = TaskError.Kind.Name(response.error.kind)
+            verdict, outcome = f"error={kind}", ""
+        else:
+            outcome, kind = str(response.outcome).lower(), ""
+            verdict = f"outcome={outcome}"
+        metrics = self.metrics
+        metrics.finished.labels(execution.task, outcome, kind).inc()
+        metrics.queue_wait.observe(admitted_at - execution.received_at)
+        if response is not None:
+            metrics.start.observe(response.timings.start_ms / 1e3)
+            metrics.run.labels(execution.task).observe(response.timings.run_ms / 1e3)
+        log.info("task %s finished: %s in %.1f ms", execution.task, verdict, (now - execution.received_at) * 1e3,
+                 extra={"request_id": execution.request_id})
+
+    async def wait_idle(self) -> None:
+        """Return once nothing runs (no slot is held)."""
+        await self.slots.wait_idle()
+
+    async def finished(self, generation: Generation) -> None:
+        """Return once no process of `generation` is running (it serves no new calls by then)."""
+        while pending := [run.reaped for run, of in self._runs.items() if of is generation]:
+            await asyncio.wait(pending)
+
+    def stop_all(self, why: Stop) -> None:
+        """Have every running task killed and every queued call refused (the drain grace is over)."""
+        self.stopping = True
+        for run in list(self._runs):
+            run.stop(why)
