@@ -111,6 +111,13 @@ class Daemon:
         self._workdirs = Workdirs(config.workdir_base)
         self.metrics = Metrics()
 
+    @property
+    def executor(self) -> Executor:
+        """What runs the calls (and counts them), once started."""
+        if self._executor is None:
+            raise RuntimeError("the daemon is not started")
+        return self._executor
+
     async def start(self) -> None:
         """Start the fork server, then gRPC, and bind every listen address."""
         loop = asyncio.get_running_loop()

@@ -61,6 +61,15 @@ class Daemon:
         self.notifications += new
         return new
 
+    def wait_for(self, state: str, timeout: float = 20) -> bool:
+        """Wait for the daemon to send `state` (e.g. "STOPPING=1", "STATUS=reloaded") to its notify
+        socket, among the messages not read yet."""
+        deadline = time.monotonic() + timeout
+        while state not in self.read_notifications(timeout=max(0.0, deadline - time.monotonic())):
+            if time.monotonic() >= deadline:
+                return False
+        return True
+
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 

@@ -271,13 +271,6 @@ def forkserver_of(daemon: Daemon) -> psutil.Process:
     return next(p for p in psutil.Process(daemon.process.pid).children() if "forkserver" in " ".join(p.cmdline()))
 
 
-def wait_for_notification(daemon: Daemon, wanted: str, timeout: float = 20) -> None:
-    """Wait for the daemon to send `wanted` to its notify socket (from now on)."""
-    deadline = time.monotonic() + timeout
-    while wanted not in daemon.read_notifications(timeout=max(0.0, deadline - time.monotonic())):
-        assert time.monotonic() < deadline, f"no {wanted} within {timeout} s: {daemon.notifications}"
-
-
 def serves(client: Client) -> bool:
     try:
         return client.call("echo", 5000).outcome
@@ -331,7 +324,7 @@ def test_sigterm_while_a_reload_hangs_at_import_exits_within_the_grace(tmp_path:
     try:
         write_version(module, 2, prelude="import time\ntime.sleep(600)\n")  # the new code hangs at import
         daemon.process.send_signal(signal.SIGHUP)
-        wait_for_notification(daemon, "RELOADING=1")
+        assert daemon.wait_for("RELOADING=1"), daemon.notifications
         started = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(20) == 0
@@ -348,13 +341,13 @@ def test_every_sighup_takes_effect_and_no_call_is_refused_for_a_reload(tmp_path:
             slow = pool.submit(client.call, "version", 30_000, {"s": 4})  # holds the first fork server
             write_version(module, 2)
             daemon.process.send_signal(signal.SIGHUP)
-            wait_for_notification(daemon, "STATUS=reloaded")
+            assert daemon.wait_for("STATUS=reloaded"), daemon.notifications
             # The first fork server still waits for its slow task; these SIGHUPs come during that.
             calls = [pool.submit(client.call, "version", 30_000) for _ in range(60)]  # waiting for forks
             write_version(module, 3)
             daemon.process.send_signal(signal.SIGHUP)
             daemon.process.send_signal(signal.SIGHUP)
-            wait_for_notification(daemon, "STATUS=reloaded")
+            assert daemon.wait_for("STATUS=reloaded"), daemon.notifications
             assert {call.result(30).result["version"] for call in calls} <= {2, 3}  # none refused
             assert wait_until(lambda: client.call("version", 5000).result == {"version": 3}, 10)
             assert slow.result(30).result == {"version": 1}

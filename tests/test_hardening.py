@@ -313,7 +313,7 @@ def test_sighup_reloads_task_code_and_registrations(tmp_path: Path) -> None:
             config = directory / "config.toml"
             config.write_text(config.read_text() + '[tasks.added]\ntarget = "version_task:version"\n')
             daemon.process.send_signal(signal.SIGHUP)
-            assert wait_until(lambda: "reloaded" in daemon.log_text(), 15), daemon.log_text()
+            assert daemon.wait_for("STATUS=reloaded", 15), daemon.log_text()
             assert client.call("version", 5000).result == {"version": 20}
             assert client.call("added", 5000).result == {"version": 20}
             assert in_flight.result(timeout=30).result == {"version": 1}  # untouched by the reload

@@ -36,7 +36,7 @@ def test_sigterm_drains_running_tasks_and_refuses_new_ones(tmp_path: Path) -> No
         running = pool.submit(client.call, "write_pid_and_sleep", 30_000, {"pidfile": str(pidfile), "s": 5})
         assert wait_until(lambda: read_pids(pidfile), 10)
         daemon.process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: "draining" in daemon.log_text(), 10)
+        assert daemon.wait_for("STOPPING=1", 10), daemon.log_text()
         with Client(daemon.unix, retry=NO_RETRY) as once, pytest.raises(Unavailable, match="shutting down"):
             once.call("echo", 5000)
         assert running.result(timeout=30).outcome is True  # it was allowed to finish
@@ -51,7 +51,7 @@ def test_second_sigterm_cancels_running_tasks(tmp_path: Path) -> None:
         running = pool.submit(client.call, "write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60})
         assert wait_until(lambda: read_pids(pidfile), 10)
         daemon.process.send_signal(signal.SIGTERM)
-        assert wait_until(lambda: "draining" in daemon.log_text(), 10)
+        assert daemon.wait_for("STOPPING=1", 10), daemon.log_text()
         daemon.process.send_signal(signal.SIGTERM)
         with pytest.raises(TaskCancelled):
             running.result(timeout=30)
@@ -129,7 +129,7 @@ def test_a_dead_fork_server_is_replaced(tmp_path: Path) -> None:
             zygote = next(p for p in psutil.Process(daemon.process.pid).children()
                           if "forkserver" in " ".join(p.cmdline()))
             zygote.kill()
-            assert wait_until(lambda: "starting a new one" in daemon.log_text(), 10), daemon.log_text()
+            assert daemon.wait_for("STATUS=a new fork server serves", 10), daemon.log_text()
             assert client.call("echo", 5000, {"after": "replacement"}).outcome  # retried until it is back
     finally:
         assert daemon.stop() == 0
@@ -219,9 +219,7 @@ def test_a_reload_takes_the_new_drain_grace(tmp_path: Path) -> None:
         config = tmp_path / "d" / "config.toml"
         config.write_text(config.read_text().replace("drain_grace_s = 120", "drain_grace_s = 1"))
         daemon.process.send_signal(signal.SIGHUP)
-        deadline = time.monotonic() + 20
-        while "STATUS=reloaded" not in daemon.read_notifications(timeout=1):
-            assert time.monotonic() < deadline, daemon.log_text()
+        assert daemon.wait_for("STATUS=reloaded"), daemon.log_text()
         with daemon.client() as client, ThreadPoolExecutor(1) as pool:
             running = pool.submit(client.call, "write_pid_and_sleep", 60_000, {"pidfile": str(pidfile), "s": 60})
             assert wait_until(lambda: read_pids(pidfile), 10)
