@@ -39,9 +39,13 @@ class AsyncClient:
         request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
         retries: int = 0,
+        priority: int = 0,
+        fairness_key: str = "",
+        queue_timeout_ms: int | None = None,
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
-        steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+        steps = plan(request, self._retry, retries, request_id)
         got: PerformResponse | TaskRunnerError | None = None
         try:
             while True:
@@ -61,12 +65,15 @@ class AsyncClient:
 
     def perform(
         self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
-        *, request_id: str | None = None, retries: int = 0,
+        *, request_id: str | None = None, retries: int = 0, priority: int = 0, fairness_key: str = "",
+        queue_timeout_ms: int | None = None,
     ) -> asyncio.Task[None]:
         """Callback style: schedules the call and returns its asyncio.Task; the callback runs once, on the loop."""
         async def run() -> None:
             try:
-                answer = await self.call(task, timeout_ms, options, request_id=request_id, retries=retries)
+                answer = await self.call(task, timeout_ms, options, request_id=request_id, retries=retries,
+                                         priority=priority, fairness_key=fairness_key,
+                                         queue_timeout_ms=queue_timeout_ms)
             except TaskRunnerError as exc:
                 err: TaskRunnerError | None = exc
                 outcome, result = None, None

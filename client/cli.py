@@ -36,6 +36,12 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     perform.add_argument("--target", metavar="ADDR",
                          help="the daemon (default: $TASK_RUNNER_TARGET or 127.0.0.1:50051)")
     perform.add_argument("--request-id", metavar="ID")
+    perform.add_argument("--priority", type=int, default=0, metavar="N",
+                         help="while every slot is busy, higher runs first (default 0)")
+    perform.add_argument("--fairness-key", default="", metavar="K",
+                         help="a tenant or caller name: keys take turns within a priority")
+    perform.add_argument("--queue-timeout", type=int, metavar="MS",
+                         help="give up if no slot is free after this long (the task never runs)")
     perform.set_defaults(run=_perform)
 
     tasks = commands.add_parser("tasks", help="list the tasks a daemon serves")
@@ -55,7 +61,9 @@ def _perform(args: argparse.Namespace) -> int:
         return 2
     with Client(args.target) as client:
         try:
-            answer = client.call(args.task, args.timeout, options, request_id=args.request_id)
+            answer = client.call(args.task, args.timeout, options, request_id=args.request_id,
+                                 priority=args.priority, fairness_key=args.fairness_key,
+                                 queue_timeout_ms=args.queue_timeout)
         except TaskFailed as exc:
             out: dict[str, Any] = exc.answer.to_json() if exc.answer else {}
             out["error"] = {"kind": exc.kind, "type": exc.type, "message": exc.message,
@@ -64,8 +72,10 @@ def _perform(args: argparse.Namespace) -> int:
             print(json.dumps(out, indent=2))
             return 2
         except RpcError as exc:
-            print(json.dumps({"error": {"status": exc.status.name if exc.status else "UNKNOWN",
-                                        "message": exc.message}}, indent=2))
+            error: dict[str, Any] = {"status": exc.status.name if exc.status else "UNKNOWN", "message": exc.message}
+            error.update({k: v for k, v in (("reason", exc.reason), ("retry_delay_s", exc.retry_delay_s),
+                                            ("quota", list(exc.quota))) if v})
+            print(json.dumps({"error": error}, indent=2))
             return 2
         except TaskRunnerError as exc:
             print(f"task-runner: {exc}", file=sys.stderr)
@@ -86,7 +96,11 @@ def _tasks(args: argparse.Namespace) -> int:
     else:
         for t in tasks:
             note = " (import error)" if t.import_error else ""
-            print(f"{t.name:<20} {t.default_timeout_ms:>8} ms (max {t.max_timeout_ms} ms)  {t.description}{note}")
+            limits = [f"{name} {value:g}" for name, value in (("max_running", t.max_running),
+                      ("max_queued", t.max_queued), ("rate_per_s", t.rate_per_s), ("burst", t.burst)) if value]
+            admission = f"  [{', '.join(limits)}]" if limits else ""
+            print(f"{t.name:<20} {t.default_timeout_ms:>8} ms (max {t.max_timeout_ms} ms)  {t.description}{note}"
+                  f"{admission}")
     return 0
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 
 from task_runner.v1.task_runner_pb2 import TaskError
@@ -126,12 +126,13 @@ class RpcError(TaskRunnerError):
     code: ClassVar[grpc.StatusCode | None] = None
 
     def __init__(self, message: str, *, status: grpc.StatusCode | None = None, reason: str = "",
-                 retry_delay_s: float | None = None) -> None:
+                 retry_delay_s: float | None = None, quota: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.message = message
         self.status = status or self.code
         self.reason = reason  # the daemon's google.rpc.ErrorInfo reason, e.g. "QUEUE_FULL"
         self.retry_delay_s = retry_delay_s  # its google.rpc.RetryInfo: try again after this, it says
+        self.quota = quota  # its google.rpc.QuotaFailure: the limits hit, e.g. ("tasks.scrape.max_queued",)
 
     def __str__(self) -> str:
         name = self.status.name if self.status else "UNKNOWN"
@@ -151,7 +152,7 @@ class InvalidRequest(RpcError):
 
 
 class Overloaded(RpcError):
-    """Every slot is busy and the daemon's queue is full."""
+    """A queue is full: the daemon's, or the task's own (`quota` names it); `retry_delay_s` says when to retry."""
 
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
@@ -164,7 +165,8 @@ class Unavailable(RpcError):
 
 
 class DeadlineExceeded(RpcError):
-    """The call's own deadline passed before the answer came."""
+    """The call's own deadline passed before the answer came, or its queue_timeout_ms while it still
+    waited for a slot (`reason` "QUEUE_TIMEOUT": the task never ran)."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -195,19 +197,22 @@ _BY_STATUS: dict[grpc.StatusCode, type[RpcError]] = {
 
 def from_grpc_error(error: Any) -> RpcError:
     """The exception for a failed gRPC call (a grpc.RpcError or grpc.aio.AioRpcError), with the
-    retry hints of its status details (google.rpc.ErrorInfo and RetryInfo), if it has any."""
+    hints of its status details (google.rpc.ErrorInfo, RetryInfo and QuotaFailure), if it has any."""
     status = error.code()
     cls = _BY_STATUS.get(status, RpcError)
-    reason, retry_delay_s = "", None
+    reason, retry_delay_s, quota = "", None, []
     trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailer or ():
         if key != STATUS_DETAILS_KEY:
             continue
         with contextlib.suppress(DecodeError):
             for detail in Status.FromString(value).details:
-                info, retry = ErrorInfo(), RetryInfo()
+                info, retry, failure = ErrorInfo(), RetryInfo(), QuotaFailure()
                 if detail.Unpack(info):  # False for a detail of another type
                     reason = info.reason
                 elif detail.Unpack(retry):
                     retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
-    return cls(error.details() or status.name, status=status, reason=reason, retry_delay_s=retry_delay_s)
+                elif detail.Unpack(failure):
+                    quota += [violation.subject for violation in failure.violations]
+    return cls(error.details() or status.name, status=status, reason=reason, retry_delay_s=retry_delay_s,
+               quota=tuple(quota))

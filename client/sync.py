@@ -48,6 +48,9 @@ class Client:
         request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
         retries: int = 0,
+        priority: int = 0,
+        fairness_key: str = "",
+        queue_timeout_ms: int | None = None,
     ) -> TaskResult:
         """Run a task and return its answer.
 
@@ -60,6 +63,10 @@ class Client:
                 minute's grace (none when timeout_ms is None); None for no deadline.
             retries: how many times to run the task again after a task failure (TaskFailed).
                 Transport failures are retried regardless, per the client's RetryPolicy.
+            priority: while every slot is busy, higher runs first (within the daemon's bounds).
+            fairness_key: a tenant or caller name: keys take turns within a priority.
+            queue_timeout_ms: give up (DeadlineExceeded, the task never ran) if no slot is free
+                after this long; None: wait as long as the call does.
 
         Returns:
             The answer; `outcome` False is a deterministic failure, not an exception.
@@ -68,7 +75,8 @@ class Client:
             TaskFailed: the task failed (TaskException, TaskTimeout, TaskCrashed, ...).
             RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
         """
-        steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+        steps = plan(request, self._retry, retries, request_id)
         got: PerformResponse | TaskRunnerError | None = None
         try:
             while True:
@@ -95,6 +103,9 @@ class Client:
         *,
         request_id: str | None = None,
         retries: int = 0,
+        priority: int = 0,
+        fairness_key: str = "",
+        queue_timeout_ms: int | None = None,
     ) -> None:
         """The original library's style: returns at once; `callback(err, outcome, result)` runs exactly once.
 
@@ -104,7 +115,8 @@ class Client:
         """
         once = _Once(callback)
         try:
-            steps = plan(build_request(task, timeout_ms, options, request_id), self._retry, retries, request_id)
+            request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+            steps = plan(request, self._retry, retries, request_id)
         except TaskRunnerError as exc:
             once(exc, None, None)
             return

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from task_runner.server import wire
+from task_runner.server.admission import TaskRules
 from task_runner.server.registry import installed_tasks, parse_target
 from task_runner.server.uids import parse_range
 
@@ -58,6 +59,13 @@ class TaskConfig:
     default_timeout_ms: int | None = None  # None: the global default
     max_timeout_ms: int | None = None  # None: the global maximum
     limits: Limits | None = None  # None: the global limits; else these keys override them
+    # Admission: at most this many of it run at once (None: as many as there are slots) ...
+    max_running: int | None = None
+    # ... and wait (None: as many as the daemon's queue holds);
+    max_queued: int | None = None
+    # it starts at most rate_per_s a second on average, burst at once (a token bucket; None: no rate).
+    rate_per_s: float | None = None
+    burst: int | None = None  # None: 1
 
 
 @dataclass(frozen=True)
@@ -69,6 +77,7 @@ class Task:
     default_timeout_ms: int
     max_timeout_ms: int
     limits: Limits  # the global limits with the task's own on top
+    admission: TaskRules = field(default_factory=TaskRules)  # its own admission limits
 
     def process_limits(self) -> wire.Limits:
         """The limits its task process sets on itself (bytes for sizes)."""
@@ -120,6 +129,11 @@ class Config:
     # How many tasks run at once, and how many more may wait for a slot.
     max_running: int = field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1)))
     max_queued: int = 1024
+    # The priorities a request may ask for, and how fast a waiting call's priority rises: by one for
+    # each priority_aging_s it has waited (so that nothing starves).
+    min_priority: int = -10
+    max_priority: int = 10
+    priority_aging_s: float = 10.0
     # The bytes of requests that may wait for a task process at once (each is held as it came, once).
     max_queued_bytes: int = 256 << 20
     # Calls gRPC has accepted but the daemon has not yet looked at (a burst). Beyond this gRPC
@@ -169,7 +183,8 @@ class Config:
         found = {name: TaskConfig(target) for name, target in installed_tasks().items()} if self.entry_points else {}
         found.update(self.tasks)
         return types.MappingProxyType({
-            name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits))
+            name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits),
+                       TaskRules(entry.max_running, entry.max_queued, entry.rate_per_s, entry.burst or 1))
             for name, entry in sorted(found.items())
         })
 
@@ -305,7 +320,19 @@ def _validate(config: Config, where: str) -> None:
             value = getattr(limits, f.name) if limits is not None else None
             if value is not None and value <= 0:
                 raise ConfigError(f"{where}: '{scope}.{f.name}' must be above 0")
+    if not config.min_priority <= 0 <= config.max_priority:
+        raise ConfigError(f"{where}: 'min_priority' and 'max_priority' must hold 0, the default priority")
+    if config.priority_aging_s <= 0:
+        raise ConfigError(f"{where}: 'priority_aging_s' must be above 0")
     for name, task in config.tasks.items():
+        for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1)):
+            value = getattr(task, key)
+            if value is not None and value < low:
+                raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be at least {low}")
+        if task.rate_per_s is not None and not task.rate_per_s > 0:
+            raise ConfigError(f"{where}: 'tasks.{name}.rate_per_s' must be above 0")
+        if task.burst is not None and task.rate_per_s is None:
+            raise ConfigError(f"{where}: 'tasks.{name}.burst' needs 'tasks.{name}.rate_per_s'")
         for key in ("default_timeout_ms", "max_timeout_ms"):
             value = getattr(task, key)
             if value is not None and not 0 < value <= MAX_TIMEOUT_MS:

@@ -374,7 +374,7 @@ class Daemon:
         force = asyncio.ensure_future(self._force.wait())
         await asyncio.wait((idle, force), timeout=self.config.drain_grace_s, return_when=asyncio.FIRST_COMPLETED)
         if not idle.done():
-            log.warning("drain grace over: cancelling %d running tasks", executor.slots.running)
+            log.warning("drain grace over: cancelling %d running tasks", executor.admission.running)
             executor.stop_all(Stop.CANCELLED)
             await idle
         force.cancel()

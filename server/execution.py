@@ -24,11 +24,11 @@ from typing import NamedTuple
 from google.protobuf.struct_pb2 import Struct
 
 from task_runner.server import cgroups, wire
+from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.config import Config, Task
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
-from task_runner.server.slots import QueueFull, Slots
 from task_runner.server.wire import Stop
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
@@ -45,6 +45,7 @@ class Reason(enum.Enum):
     QUEUE_BYTES_FULL = "QUEUE_BYTES_FULL"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     NO_TASK_PROCESS = "NO_TASK_PROCESS"
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
     UNKNOWN_TASK = "UNKNOWN_TASK"
     INVALID_OPTIONS = "INVALID_OPTIONS"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
@@ -53,11 +54,19 @@ class Reason(enum.Enum):
 
 class Refusal(Exception):
     """A call the daemon does not run (or could not finish running). `retry_after_s` is set when a
-    retry may cure it, and says how soon."""
+    retry may cure it, and says how soon; `quota` names the limit hit, if one was."""
 
-    def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None) -> None:
+    def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None, quota: str = "") -> None:
         super().__init__(message)
-        self.reason, self.retry_after_s = reason, retry_after_s
+        self.reason, self.retry_after_s, self.quota = reason, retry_after_s, quota
+
+
+class Wants(NamedTuple):
+    """What a call asks of admission."""
+
+    priority: int = 0
+    fairness_key: str = ""
+    queue_timeout_s: float | None = None  # None: it may wait as long as its RPC does
 
 
 def _shutting_down() -> Refusal:
@@ -160,18 +169,19 @@ class AnswerCache:
 class Executor:
     """Runs the calls the servicer accepted, each in a fresh task process, and answers them.
 
-    Admission limits (max_running, max_queued, max_queued_bytes) and the idempotency cache are
-    those of the configuration the daemon started with; a reload changes the tasks and their
-    settings, not these.
+    The daemon-wide admission limits (max_running, max_queued, max_queued_bytes, the aging) and
+    the idempotency cache are those of the configuration the daemon started with; a reload
+    changes the tasks and their own limits, not these.
     """
 
     def __init__(self, generation: Generation, metrics: Metrics) -> None:
         config = generation.config
         self.generation = generation
         self.metrics = metrics
-        self.slots = Slots(config.max_running, config.max_queued)  # the one count of what runs
-        metrics.running.set_function(lambda: self.slots.running)
-        metrics.queued.set_function(lambda: self.slots.queued)
+        # The one count of what runs, and the queue in front of the slots.
+        self.admission = Admission(config.max_running, config.max_queued, config.priority_aging_s)
+        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
+        metrics.watch(self.admission)
         self._max_queued_bytes = config.max_queued_bytes
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
@@ -183,20 +193,22 @@ class Executor:
     def swap(self, generation: Generation) -> Generation:
         """Serve new calls with `generation`; returns the one it replaces."""
         old, self.generation = self.generation, generation
+        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
         return old
 
     def check_room(self, size: int) -> None:
         """Refuse a request of `size` bytes at once if waiting calls already hold all the room there is:
         checked before the request is even parsed, since parsing a big request costs memory too."""
         if self._held_bytes and self._held_bytes + size > self._max_queued_bytes:
+            self.metrics.admission_rejected.labels("max_queued_bytes").inc()
             raise Refusal(
                 Reason.QUEUE_BYTES_FULL,
                 f"queue full: {self._held_bytes} bytes of requests wait for a task process "
-                f"(max_queued_bytes = {self._max_queued_bytes}); retry later", QUEUE_RETRY_S,
+                f"(max_queued_bytes = {self._max_queued_bytes}); retry later", QUEUE_RETRY_S, "max_queued_bytes",
             )
 
     async def perform(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
-                      rpc_deadline: float, received_at: float) -> bytes:
+                      rpc_deadline: float, received_at: float, wants: Wants | None = None) -> bytes:
         """Run a validated request (or attach to its execution under `request_id`); its serialized answer.
 
         Args:
@@ -205,6 +217,7 @@ class Executor:
             request_id: the caller's, or "" (then it is neither looked up nor kept).
             digest: options_digest of its options (empty without a request_id).
             timeout_ms: the task's time to run, from hand-over.
+            wants: its priority, fairness key and queue timeout.
             rpc_deadline: loop time by which the answer must be on its way (inf: none).
             received_at: loop time the call arrived.
 
@@ -222,7 +235,8 @@ class Executor:
         self._held_bytes += len(request)
         if request_id:
             self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
-        execution.job = asyncio.ensure_future(self._execute(execution, task, timeout_ms, rpc_deadline))
+        job = self._execute(execution, task, timeout_ms, rpc_deadline, wants or Wants())
+        execution.job = asyncio.ensure_future(job)
         self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
         execution.job.add_done_callback(self._jobs.discard)
         del request
@@ -246,39 +260,40 @@ class Executor:
         self._held_bytes -= len(request)
         return request
 
-    async def _admit(self) -> float:
+    async def _admit(self, task: Task, wants: Wants) -> float:
         """Take a slot, waiting in the queue if need be; the loop time it was taken."""
         try:
-            await self.slots.acquire()
-        except QueueFull:
-            raise Refusal(
-                Reason.QUEUE_FULL,
-                f"queue full: {self.slots.running} tasks running and {self.slots.queued} queued; retry later",
-                QUEUE_RETRY_S,
-            ) from None
+            await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s)
+        except QueueFull as exc:
+            self.metrics.admission_rejected.labels(exc.limit).inc()
+            raise Refusal(Reason.QUEUE_FULL, str(exc), exc.retry_after_s, exc.limit) from None
+        except QueueTimeout as exc:
+            self.metrics.admission_rejected.labels("queue_timeout_ms").inc()
+            raise Refusal(Reason.QUEUE_TIMEOUT, str(exc)) from None
         return asyncio.get_running_loop().time()
 
-    async def _start(self, execution: Execution, task: Task) -> tuple[Run, Task]:
-        """A run in a spare process of the current generation (the task as that generation has it)."""
+    async def _start(self, execution: Execution, name: str, admitted_at: float) -> tuple[Run, Task]:
+        """A run in a spare process of the current generation, and the task as that generation has it."""
         generation = self.generation  # read once admitted: a reload meanwhile sends us to the new one
         while True:
+            task = generation.tasks.get(name)
+            if task is None:
+                raise Refusal(Reason.UNKNOWN_TASK, f"task {name!r} is no longer served (the daemon was reloaded)")
             try:
                 process = await generation.forkserver.take()
                 break
             except (ForkServerDied, NoProcess) as exc:
                 if generation.forkserver.retired and generation is not self.generation:
                     generation = self.generation  # a reload retired it while we waited: take the new one's
-                    if (renewed := generation.tasks.get(task.name)) is None:
-                        raise Refusal(Reason.UNKNOWN_TASK, f"task {task.name!r} is no longer served") from None
-                    task = renewed
                     continue
                 raise Refusal(Reason.NO_TASK_PROCESS, f"{exc}; retry", FORK_RETRY_S) from None
         run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s)
         self._runs[run] = generation
-        run.reaped.add_done_callback(lambda _: self._reaped(run))
+        run.reaped.add_done_callback(lambda _: self._reaped(run, name, admitted_at))
         return run, task
 
-    async def _execute(self, execution: Execution, task: Task, timeout_ms: int, rpc_deadline: float) -> None:
+    async def _execute(self, execution: Execution, task: Task, timeout_ms: int, rpc_deadline: float,
+                       wants: Wants) -> None:
         """Admit, run and answer one execution, whatever happens to its callers; record it.
 
         The slot is held from admission until the task's process is reaped (or, if no process
@@ -290,9 +305,9 @@ class Executor:
         admitted_at = execution.received_at
         admitted = refused = False
         try:
-            admitted_at = await self._admit()
+            admitted_at = await self._admit(task, wants)
             admitted = True
-            run, task = await self._start(execution, task)
+            run, task = await self._start(execution, task.name, admitted_at)
             if self.stopping:
                 run.stop(Stop.CANCELLED)
                 raise _shutting_down()
@@ -325,7 +340,7 @@ class Executor:
                 self._release_request(execution)
             if execution.run is None:
                 if admitted:
-                    self.slots.release()
+                    self.admission.release(execution.task)
             elif response is None:
                 execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
             cancelled = response is not None and response.error.kind == TaskError.CANCELLED
@@ -333,10 +348,10 @@ class Executor:
             if admitted and not refused:
                 self._record(execution, response, admitted_at, loop.time())
 
-    def _reaped(self, run: Run) -> None:
+    def _reaped(self, run: Run, task: str, admitted_at: float) -> None:
         """The task's process is gone: its slot is free."""
         del self._runs[run]
-        self.slots.release()
+        self.admission.release(task, asyncio.get_running_loop().time() - admitted_at)
 
     def _record(self, execution: Execution, response: PerformResponse | None, admitted_at: float,
                 now: float) -> None:
@@ -359,7 +374,7 @@ class Executor:
 
     async def wait_idle(self) -> None:
         """Return once nothing runs (no slot is held)."""
-        await self.slots.wait_idle()
+        await self.admission.wait_idle()
 
     async def finished(self, generation: Generation) -> None:
         """Return once no process of `generation` is running (it serves no new calls by then)."""
@@ -369,5 +384,6 @@ class Executor:
     def stop_all(self, why: Stop) -> None:
         """Have every running task killed and every queued call refused (the drain grace is over)."""
         self.stopping = True
+        self.admission.refuse_waiting(_shutting_down)
         for run in list(self._runs):
             run.stop(why)

@@ -13,11 +13,11 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
-from google.rpc.error_details_pb2 import ErrorInfo, RetryInfo
+from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 
 from task_runner.server.config import Task
-from task_runner.server.execution import Executor, Reason, Refusal, options_digest
+from task_runner.server.execution import Executor, Reason, Refusal, Wants, options_digest
 from task_runner.server.metrics import Metrics
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
@@ -29,6 +29,7 @@ from task_runner.v1.task_runner_pb2 import (
 
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
 MAX_REQUEST_ID = 128
+MAX_FAIRNESS_KEY = 128
 RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so its answer still arrives
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 ERROR_DOMAIN = "task_runner.v1.TaskRunner"
@@ -37,32 +38,38 @@ _STATUS = {
     Reason.QUEUE_BYTES_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Reason.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
     Reason.NO_TASK_PROCESS: grpc.StatusCode.UNAVAILABLE,
+    Reason.QUEUE_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.UNKNOWN_TASK: grpc.StatusCode.NOT_FOUND,
     Reason.INVALID_OPTIONS: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.REQUEST_ID_REUSED: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
 }
+# The reasons callers may act on, named in google.rpc.ErrorInfo (the .proto lists them).
+_PUBLIC = frozenset({Reason.QUEUE_FULL, Reason.QUEUE_BYTES_FULL, Reason.SHUTTING_DOWN, Reason.NO_TASK_PROCESS,
+                     Reason.QUEUE_TIMEOUT})
 
 
 class RequestError(Exception):
     """A request the daemon refuses: carries the gRPC status code to answer with.
 
-    A refusal that a retry may cure carries a `reason` and a `retry_after_s`: they travel as
-    `google.rpc.ErrorInfo` and `google.rpc.RetryInfo` in the status details, which a caller in any
-    language reads (the Python client retries on them; nothing reads the message).
+    A refusal a caller may act on carries a `reason`, and a retry delay (`retry_after_s`) when a
+    retry may cure it, and the limit hit (`quota`) when one was: they travel as
+    `google.rpc.ErrorInfo`, `google.rpc.RetryInfo` and `google.rpc.QuotaFailure` in the status
+    details, which a caller in any language reads (the Python client retries on them; nothing
+    reads the message).
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after_s: float | None = None,
-                 ) -> None:
+                 quota: str = "") -> None:
         super().__init__(message)
-        self.code, self.reason, self.retry_after_s = code, reason, retry_after_s
+        self.code, self.reason, self.retry_after_s, self.quota = code, reason, retry_after_s, quota
 
     @classmethod
     def of(cls, refusal: Refusal) -> RequestError:
-        """The status for the executor's refusal: a retryable one names its reason and delay."""
-        retryable = refusal.retry_after_s is not None
-        return cls(_STATUS[refusal.reason], str(refusal), refusal.reason.value if retryable else "",
-                   refusal.retry_after_s)
+        """The status for the executor's refusal, with the details of a reason callers may act on."""
+        if refusal.reason not in _PUBLIC:
+            return cls(_STATUS[refusal.reason], str(refusal))
+        return cls(_STATUS[refusal.reason], str(refusal), refusal.reason.value, refusal.retry_after_s, refusal.quota)
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """The status details, as gRPC carries them (grpc-status-details-bin), or none."""
@@ -74,6 +81,10 @@ class RequestError(Exception):
             retry = RetryInfo()
             retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self.retry_after_s))
             status.details.add().Pack(retry)
+        if self.quota:
+            failure = QuotaFailure()
+            failure.violations.add(subject=self.quota, description=str(self))
+            status.details.add().Pack(failure)
         return ((STATUS_DETAILS_KEY, status.SerializeToString()),)
 
 
@@ -101,9 +112,12 @@ class TaskRunnerService:
         response = ListTasksResponse()
         for task in generation.tasks.values():
             info = generation.forkserver.info.get(task.name)
+            rules = task.admission
             response.tasks.append(TaskInfo(
                 name=task.name, default_timeout_ms=task.default_timeout_ms, max_timeout_ms=task.max_timeout_ms,
                 description=info.description if info else "", import_error=info.import_error if info else "",
+                max_running=rules.max_running or 0, max_queued=rules.max_queued or 0,
+                rate_per_s=rules.rate_per_s or 0.0, burst=rules.burst if rules.rate_per_s else 0,
             ))
         return response.SerializeToString()
 
@@ -116,12 +130,14 @@ class TaskRunnerService:
                 self._executor.check_room(len(request))
                 parsed, task = self._validate(request)
                 request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
+                wants = Wants(parsed.priority, parsed.fairness_key,
+                              parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None)
                 # Only a request_id needs the options again (to tell a different request under it): a
                 # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
                 digest = options_digest(parsed.options) if request_id else b""
                 del parsed
                 return await self._executor.perform(request, task, request_id, digest, timeout_ms, rpc_deadline,
-                                                    received_at)
+                                                    received_at, wants)
             except Refusal as exc:
                 raise RequestError.of(exc) from None
         except RequestError as exc:
@@ -155,6 +171,18 @@ class TaskRunnerService:
             raise RequestError(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 "request_id must be printable text (no newlines or control characters)",
+            )
+        config = self._executor.generation.config
+        if not config.min_priority <= parsed.priority <= config.max_priority:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"priority {parsed.priority} is outside what this daemon allows "
+                f"({config.min_priority} to {config.max_priority})",
+            )
+        if len(parsed.fairness_key.encode()) > MAX_FAIRNESS_KEY or not parsed.fairness_key.isprintable():
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"fairness_key must be printable text of at most {MAX_FAIRNESS_KEY} bytes",
             )
         return parsed, task
 

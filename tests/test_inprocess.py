@@ -91,11 +91,11 @@ def test_one_count_of_what_runs(embedded: InProcessDaemon, tmp_path: Path) -> No
         calls = [pool.submit(client.call, "write_pid_and_sleep", 30_000, {"pidfile": str(pidfile), "s": 1.5})
                  for _ in range(3)]
         assert wait_until(lambda: len(read_pids(pidfile)) == 3, 10)
-        assert executor.slots.running == 3
+        assert executor.admission.running == 3
         assert registry.get_sample_value("task_runner_tasks_running") == 3
         assert all(call.result(timeout=30).outcome for call in calls)
     # The slot is given back once the process is reaped, just after the answer.
-    assert wait_until(lambda: executor.slots.running == 0, 10)
+    assert wait_until(lambda: executor.admission.running == 0, 10)
     assert registry.get_sample_value("task_runner_tasks_running") == 0
 
 
@@ -111,7 +111,7 @@ def test_a_reload_swaps_the_whole_generation(tmp_path: Path, monkeypatch: pytest
     with InProcessDaemon(directory, text) as d, d.client() as client, ThreadPoolExecutor(1) as pool:
         first = d.daemon.executor.generation
         in_flight = pool.submit(client.call, "version", 10_000, {"s": 1.0})
-        assert wait_until(lambda: d.daemon.executor.slots.running == 1, 10)
+        assert wait_until(lambda: d.daemon.executor.admission.running == 1, 10)
         module.write_text("def version(options):\n    return True, {'version': 2}\n")
         mark = len(d.notifier.states)
         d.request_reload()

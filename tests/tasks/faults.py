@@ -470,3 +470,18 @@ def reach_others(options):
     reached = [f"{name} ({pid})" for pid, cwd in targets.items() for name, ok in _probes(pid, cwd).items() if ok]
     return True, {"control": control, "targets": len(targets), "reached": reached}
 
+
+
+def log_start(options):
+    """Append "LABEL start T" to options["log"] as it starts (T on the monotonic clock); then wait, if
+    told to, until the file options["gate"] exists; then append "LABEL end T"."""
+    label = options.get("label", "")
+    with open(options["log"], "a") as f:
+        f.write(f"{label} start {time.monotonic():.6f}\n")
+    gate = options.get("gate")
+    end = time.monotonic() + 60
+    while gate and not os.path.exists(gate) and time.monotonic() < end:
+        time.sleep(0.002)
+    with open(options["log"], "a") as f:
+        f.write(f"{label} end {time.monotonic():.6f}\n")
+    return True

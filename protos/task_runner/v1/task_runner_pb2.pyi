@@ -21,6 +21,8 @@ gRPC status codes describe the request, never the task:
   RESOURCE_EXHAUSTED  every slot is busy and the queue is full ("queue full"; retry
                       later), or the request is larger than the daemon accepts.
   UNAVAILABLE         the daemon is shutting down (or not reachable).
+  DEADLINE_EXCEEDED   queue_timeout_ms passed while the call still waited for a
+                      slot (ErrorInfo reason QUEUE_TIMEOUT): the task never ran.
   UNAUTHENTICATED     authentication is configured and the call carries none.
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
 
@@ -28,7 +30,12 @@ A refusal that a retry may cure carries, in its status details
 (grpc-status-details-bin, a google.rpc.Status), a google.rpc.ErrorInfo with
 domain "task_runner.v1.TaskRunner" and a reason, and a google.rpc.RetryInfo
 with the delay to wait before retrying:
-  QUEUE_FULL          RESOURCE_EXHAUSTED: every slot busy, max_queued calls wait.
+  QUEUE_FULL          RESOURCE_EXHAUSTED: a queue is full, the daemon's
+                      (max_queued) or the task's own (tasks.NAME.max_queued).
+                      A google.rpc.QuotaFailure names the limit hit as its
+                      violation's subject, e.g. "max_queued" or
+                      "tasks.scrape.max_queued"; the RetryInfo delay is computed
+                      from the queue's pace (or the task's rate_per_s).
   QUEUE_BYTES_FULL    RESOURCE_EXHAUSTED: max_queued_bytes of requests wait.
   SHUTTING_DOWN       UNAVAILABLE: the daemon drains; call another (delay 0).
   NO_TASK_PROCESS     UNAVAILABLE: no task process could be made ready (the
@@ -68,6 +75,9 @@ class PerformRequest(_message.Message):
     TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     OPTIONS_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    FAIRNESS_KEY_FIELD_NUMBER: _builtins.int
+    QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The registered name of the task, e.g. "echo". A caller never names a module
     path: only tasks the operator registered can run. Unknown -> NOT_FOUND.
@@ -86,6 +96,23 @@ class PerformRequest(_message.Message):
     different options is INVALID_ARGUMENT. A CANCELLED answer is not kept. The id
     appears in the daemon's log line for the call.
     """
+    priority: _builtins.int
+    """Admission (see the README's "Fair admission"). While every slot is busy,
+    waiting calls run highest `priority` first (0 is the default; the daemon
+    bounds the range a caller may ask for: outside it -> INVALID_ARGUMENT). A
+    waiting call's priority rises by one for each `priority_aging_s` it has
+    waited, so nothing starves.
+    """
+    fairness_key: _builtins.str
+    """A tenant or caller name (at most 128 bytes, printable). Within one priority,
+    waiting calls are served round robin across keys, so that one key's burst
+    cannot starve another key's single call. Empty is a key like any other.
+    """
+    queue_timeout_ms: _builtins.int
+    """A call still waiting for a slot this many milliseconds after it arrived is
+    answered DEADLINE_EXCEEDED at once and never runs. 0: no such bound (the
+    RPC's own deadline still counts).
+    """
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """The task's input, a JSON object. Whole numbers within +-2^53 reach the task
@@ -99,10 +126,13 @@ class PerformRequest(_message.Message):
         timeout_ms: _builtins.int = ...,
         options: _struct_pb2.Struct | None = ...,
         request_id: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        fairness_key: _builtins.str = ...,
+        queue_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["options", b"options", "request_id", b"request_id", "task", b"task", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fairness_key", b"fairness_key", "options", b"options", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "request_id", b"request_id", "task", b"task", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -448,6 +478,10 @@ class TaskInfo(_message.Message):
     DEFAULT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     MAX_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     IMPORT_ERROR_FIELD_NUMBER: _builtins.int
+    MAX_RUNNING_FIELD_NUMBER: _builtins.int
+    MAX_QUEUED_FIELD_NUMBER: _builtins.int
+    RATE_PER_S_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name callers use in PerformRequest.task."""
     description: _builtins.str
@@ -462,6 +496,14 @@ class TaskInfo(_message.Message):
     """Set when the task's module failed to import in the fork server; each
     Perform of it then answers EXCEPTION with the traceback.
     """
+    max_running: _builtins.int
+    """Its admission limits (0: none): at most `max_running` of it run at once, at
+    most `max_queued` of it wait, and it starts at most `rate_per_s` a second
+    on average, `burst` at once (a token bucket).
+    """
+    max_queued: _builtins.int
+    rate_per_s: _builtins.float
+    burst: _builtins.int
     def __init__(
         self,
         *,
@@ -470,10 +512,14 @@ class TaskInfo(_message.Message):
         default_timeout_ms: _builtins.int = ...,
         max_timeout_ms: _builtins.int = ...,
         import_error: _builtins.str = ...,
+        max_running: _builtins.int = ...,
+        max_queued: _builtins.int = ...,
+        rate_per_s: _builtins.float = ...,
+        burst: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["default_timeout_ms", b"default_timeout_ms", "description", b"description", "import_error", b"import_error", "max_timeout_ms", b"max_timeout_ms", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "default_timeout_ms", b"default_timeout_ms", "description", b"description", "import_error", b"import_error", "max_queued", b"max_queued", "max_running", b"max_running", "max_timeout_ms", b"max_timeout_ms", "name", b"name", "rate_per_s", b"rate_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -21,6 +21,8 @@ gRPC status codes describe the request, never the task:
   RESOURCE_EXHAUSTED  every slot is busy and the queue is full ("queue full"; retry
                       later), or the request is larger than the daemon accepts.
   UNAVAILABLE         the daemon is shutting down (or not reachable).
+  DEADLINE_EXCEEDED   queue_timeout_ms passed while the call still waited for a
+                      slot (ErrorInfo reason QUEUE_TIMEOUT): the task never ran.
   UNAUTHENTICATED     authentication is configured and the call carries none.
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
 
@@ -28,7 +30,12 @@ A refusal that a retry may cure carries, in its status details
 (grpc-status-details-bin, a google.rpc.Status), a google.rpc.ErrorInfo with
 domain "task_runner.v1.TaskRunner" and a reason, and a google.rpc.RetryInfo
 with the delay to wait before retrying:
-  QUEUE_FULL          RESOURCE_EXHAUSTED: every slot busy, max_queued calls wait.
+  QUEUE_FULL          RESOURCE_EXHAUSTED: a queue is full, the daemon's
+                      (max_queued) or the task's own (tasks.NAME.max_queued).
+                      A google.rpc.QuotaFailure names the limit hit as its
+                      violation's subject, e.g. "max_queued" or
+                      "tasks.scrape.max_queued"; the RetryInfo delay is computed
+                      from the queue's pace (or the task's rate_per_s).
   QUEUE_BYTES_FULL    RESOURCE_EXHAUSTED: max_queued_bytes of requests wait.
   SHUTTING_DOWN       UNAVAILABLE: the daemon drains; call another (delay 0).
   NO_TASK_PROCESS     UNAVAILABLE: no task process could be made ready (the

@@ -1,0 +1,340 @@
+"""Admission: which waiting call runs next, so that many callers and task types share the slots fairly.
+
+`max_running` slots are shared by the whole daemon. A call takes one at once if one is free and
+nothing waits; otherwise it waits, holding no slot, while every slot is busy, while its task has
+its own `max_running` of it running, or while its task's token bucket (`rate_per_s`, `burst`)
+is empty. Whenever a slot, a task's turn or a token comes free, the next call is chosen:
+
+1. Priorities: each priority level offers the call whose turn it is there (below); the level whose
+   offer has the highest *effective* priority wins: the call's priority plus one for every
+   `aging_s` it has waited. A low-priority call therefore overtakes fresh high-priority ones once it
+   has waited long enough: nothing starves.
+2. Fairness keys take turns within a level: the key served least recently goes first, so one key's
+   burst of a thousand calls cannot starve another key's single call.
+3. Within a key, the oldest call first (among the tasks that may start now).
+
+The one count of what runs (`running`) and the idle event a drain waits on are here too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+HOLD_EWMA = 0.1  # the weight of the newest slot hold time in the queue's pace
+MIN_RETRY_S, MAX_RETRY_S = 0.05, 60.0
+
+
+class QueueFull(Exception):
+    """The call may not wait: a queue is full. `limit` names it ("max_queued", "tasks.NAME.max_queued")."""
+
+    def __init__(self, limit: str, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.limit, self.retry_after_s = limit, retry_after_s
+
+
+class QueueTimeout(Exception):
+    """The call waited its whole queue_timeout_ms and never ran."""
+
+
+@dataclass(frozen=True)
+class TaskRules:
+    """A task's own admission limits; None: none."""
+
+    max_running: int | None = None
+    max_queued: int | None = None
+    rate_per_s: float | None = None
+    burst: int = 1  # the starts a full bucket allows at once
+
+
+class _Bucket:
+    """A token bucket: `burst` tokens at most, refilled at `rate` a second; a start takes one."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens, self._at = float(burst), now
+
+    def refill(self, now: float) -> float:
+        self.tokens = min(self.burst, self.tokens + (now - self._at) * self.rate)
+        self._at = now
+        return self.tokens
+
+    def ready_at(self, now: float) -> float:
+        """When a token is there (now, if one is)."""
+        tokens = self.refill(now)
+        return now if tokens >= 1 else now + (1 - tokens) / self.rate
+
+
+@dataclass(eq=False)
+class _Task:
+    """A task's admission state, kept by name across reloads."""
+
+    rules: TaskRules
+    bucket: _Bucket | None
+    running: int = 0
+    queued: int = 0
+
+    def may_start(self, now: float) -> bool:
+        if self.rules.max_running is not None and self.running >= self.rules.max_running:
+            return False
+        return self.bucket is None or self.bucket.refill(now) >= 1
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One call waiting for a slot."""
+
+    task: str
+    priority: int
+    key: str
+    arrived: float
+    future: asyncio.Future[None]
+    live: bool = True
+    timer: asyncio.TimerHandle | None = None
+
+
+@dataclass(eq=False)
+class _Level:
+    """The calls waiting at one priority: by fairness key (in turn order), then by task (each oldest first)."""
+
+    keys: collections.OrderedDict[str, dict[str, collections.deque[Ticket]]] = field(
+        default_factory=collections.OrderedDict)
+    count: int = 0
+
+
+class Admission:
+    """The slots, the queue in front of them and the order it is served in.
+
+    Args:
+        max_running: slots, daemon-wide.
+        max_queued: calls that may wait, daemon-wide.
+        aging_s: a waiting call's priority rises by one for each `aging_s` it has waited.
+        clock: the monotonic clock (the event loop's).
+    """
+
+    def __init__(self, max_running: int, max_queued: int, aging_s: float,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.max_running, self.max_queued, self.aging_s = max_running, max_queued, aging_s
+        self._clock = clock or asyncio.get_running_loop().time
+        self.running = 0
+        self.queued = 0
+        self._tasks: dict[str, _Task] = {}
+        self._levels: dict[int, _Level] = {}
+        self._hold_s = 0.0  # the pace of the queue: a moving average of how long a slot is held
+        self._wake: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def configure(self, rules: Mapping[str, TaskRules]) -> None:
+        """Take the tasks' limits (at start and at each reload); what runs and waits stays counted."""
+        now = self._clock()
+        for name, rule in rules.items():
+            state = self._tasks.get(name)
+            bucket = _Bucket(rule.rate_per_s, rule.burst, now) if rule.rate_per_s else None
+            if state is None:
+                self._tasks[name] = _Task(rule, bucket)
+            elif state.rules != rule:
+                state.rules, state.bucket = rule, bucket
+        for name in [n for n, s in self._tasks.items() if n not in rules and not s.running and not s.queued]:
+            del self._tasks[name]
+        self._dispatch()
+
+    # Read by the metrics' thread too: list() copies a dict's items without letting the loop in.
+    def running_by_task(self) -> dict[str, int]:
+        return {name: state.running for name, state in list(self._tasks.items())}
+
+    def queued_by_task(self) -> dict[str, int]:
+        return {name: state.queued for name, state in list(self._tasks.items())}
+
+    def queued_by_priority(self) -> dict[int, int]:
+        return {priority: level.count for priority, level in list(self._levels.items()) if level.count}
+
+    async def acquire(self, task: str, priority: int = 0, key: str = "", queue_timeout_s: float | None = None,
+                      ) -> None:
+        """Take a slot for a call of `task`, waiting in the queue if need be.
+
+        Raises:
+            QueueFull: at once, if the daemon's queue or the task's own is full.
+            QueueTimeout: if it waited `queue_timeout_s` without a slot (it is out of the queue then).
+        """
+        state = self._task(task)
+        now = self._clock()
+        if not self.queued and self.running < self.max_running and state.may_start(now):
+            self._take(state)
+            return
+        if self.queued >= self.max_queued:
+            raise QueueFull("max_queued", f"queue full: {self.running} tasks running and {self.queued} queued "
+                            "(max_queued); retry later", self._pace(self.queued, self.max_running))
+        if state.rules.max_queued is not None and state.queued >= state.rules.max_queued:
+            raise QueueFull(
+                f"tasks.{task}.max_queued",
+                f"queue full for task {task!r}: {state.queued} of its calls wait (tasks.{task}.max_queued = "
+                f"{state.rules.max_queued}); retry later", self._task_pace(state, now),
+            )
+        loop = asyncio.get_running_loop()
+        ticket = Ticket(task, priority, key, now, loop.create_future())
+        self._enqueue(ticket, state)
+        if queue_timeout_s is not None:
+            ticket.timer = loop.call_at(now + queue_timeout_s, self._expire, ticket, queue_timeout_s)
+        self._dispatch()
+        try:
+            await ticket.future
+        except asyncio.CancelledError:
+            if ticket.future.done() and not ticket.future.cancelled() and ticket.future.exception() is None:
+                self.release(task)  # the slot was handed over just as the caller left: pass it on
+            else:
+                self._leave(ticket)
+            raise
+        finally:
+            if ticket.timer is not None:
+                ticket.timer.cancel()
+
+    def release(self, task: str, held_s: float | None = None) -> None:
+        """Give a slot back (`held_s`: how long it was held, for the queue's pace); the next call takes it."""
+        if held_s is not None:
+            self._hold_s = held_s if not self._hold_s else self._hold_s + HOLD_EWMA * (held_s - self._hold_s)
+        self._tasks[task].running -= 1
+        self.running -= 1
+        self._dispatch()
+        if self.running == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once no slot is held."""
+        await self._idle.wait()
+
+    def refuse_waiting(self, make_error: Callable[[], BaseException]) -> None:
+        """Answer every waiting call with an error (a drain's end): the queue is empty after this."""
+        for level in self._levels.values():
+            for by_task in level.keys.values():
+                for tickets in by_task.values():
+                    for ticket in tickets:
+                        if ticket.live and not ticket.future.done():
+                            ticket.future.set_exception(make_error())
+                        self._leave(ticket)
+        self._levels.clear()
+
+    # -- inside
+
+    def _task(self, task: str) -> _Task:
+        state = self._tasks.get(task)
+        if state is None:  # a task with no rules of its own (or not configured yet)
+            state = self._tasks[task] = _Task(TaskRules(), None)
+        return state
+
+    def _take(self, state: _Task) -> None:
+        state.running += 1
+        self.running += 1
+        if state.bucket is not None:
+            state.bucket.tokens -= 1
+        self._idle.clear()
+
+    def _enqueue(self, ticket: Ticket, state: _Task) -> None:
+        level = self._levels.get(ticket.priority)
+        if level is None:
+            level = self._levels[ticket.priority] = _Level()
+        by_task = level.keys.get(ticket.key)
+        if by_task is None:
+            by_task = level.keys[ticket.key] = {}  # a new key takes its turn after those waiting
+        by_task.setdefault(ticket.task, collections.deque()).append(ticket)
+        level.count += 1
+        state.queued += 1
+        self.queued += 1
+
+    def _leave(self, ticket: Ticket) -> None:
+        """Out of the queue (granted, cancelled, timed out, refused): counted out now, removed lazily."""
+        if not ticket.live:
+            return
+        ticket.live = False
+        self.queued -= 1
+        self._tasks[ticket.task].queued -= 1
+        level = self._levels.get(ticket.priority)
+        if level is not None:
+            level.count -= 1
+
+    def _expire(self, ticket: Ticket, waited_s: float) -> None:
+        if ticket.live and not ticket.future.done():
+            self._leave(ticket)
+            ticket.future.set_exception(QueueTimeout(
+                f"the call waited {waited_s * 1e3:.0f} ms for a slot (queue_timeout_ms) and never ran",
+            ))
+
+    def _offer(self, level: _Level, now: float) -> tuple[str, str] | None:
+        """The (key, task) whose turn it is at this level: the first key in turn order with a call of a
+        task that may start now, and its oldest such call."""
+        for key in list(level.keys):
+            by_task = level.keys[key]
+            best: tuple[float, str] | None = None
+            for task in list(by_task):
+                tickets = by_task[task]
+                while tickets and not tickets[0].live:
+                    tickets.popleft()
+                if not tickets:
+                    del by_task[task]
+                    continue
+                if self._tasks[task].may_start(now) and (best is None or tickets[0].arrived < best[0]):
+                    best = (tickets[0].arrived, task)
+            if not by_task:
+                del level.keys[key]
+            elif best is not None:
+                return key, best[1]
+        return None
+
+    def _dispatch(self) -> None:
+        """Hand free slots to the calls whose turn it is."""
+        if self._wake is not None:
+            self._wake.cancel()
+            self._wake = None
+        now = self._clock()
+        while self.queued and self.running < self.max_running:
+            chosen: tuple[tuple[int, float], int, str, str] | None = None
+            for priority in list(self._levels):
+                level = self._levels[priority]
+                if not level.count:
+                    del self._levels[priority]
+                    continue
+                offer = self._offer(level, now)
+                if offer is None:
+                    continue
+                key, task = offer
+                arrived = level.keys[key][task][0].arrived
+                rank = (priority + math.floor((now - arrived) / self.aging_s), -arrived)  # the older among equals
+                if chosen is None or rank > chosen[0]:
+                    chosen = (rank, priority, key, task)
+            if chosen is None:
+                self._wake_for_tokens(now)
+                return
+            _, priority, key, task = chosen
+            level = self._levels[priority]
+            ticket = level.keys[key][task].popleft()
+            self._leave(ticket)
+            if ticket.future.done():  # its caller left this very moment (cancelled, not yet told): skip it
+                continue
+            level.keys.move_to_end(key)  # its turn is over: every other key waiting goes before it again
+            self._take(self._tasks[task])
+            ticket.future.set_result(None)
+
+    def _wake_for_tokens(self, now: float) -> None:
+        """Calls wait only for tokens: dispatch again when the first comes."""
+        times = [state.bucket.ready_at(now) for state in self._tasks.values()
+                 if state.queued and state.bucket is not None and state.bucket.refill(now) < 1
+                 and (state.rules.max_running is None or state.running < state.rules.max_running)]
+        if times:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                self._wake = asyncio.get_running_loop().call_at(min(times), self._dispatch)
+
+    def _pace(self, ahead: int, slots: int) -> float:
+        """A retry delay from the queue's pace: the time for `ahead` calls to go through `slots`."""
+        if not self._hold_s:
+            return 0.1
+        return min(MAX_RETRY_S, max(MIN_RETRY_S, self._hold_s * (ahead + 1) / max(1, slots)))
+
+    def _task_pace(self, state: _Task, now: float) -> float:
+        if state.bucket is not None:  # its rate sets the pace: the time for the tokens its queue needs
+            need = state.queued + 1 - state.bucket.refill(now)
+            return min(MAX_RETRY_S, max(MIN_RETRY_S, need / state.bucket.rate))
+        return self._pace(state.queued, state.rules.max_running or self.max_running)
