@@ -93,12 +93,13 @@ def test_a_capped_task_never_runs_more_than_its_cap_while_others_use_the_free_sl
 
 
 def test_a_high_priority_call_queued_after_a_hundred_low_ones_runs_first(tmp_path: Path, gate: Gate) -> None:
-    with daemon(tmp_path, "max_running = 2\nmax_queued = 500\n") as d:
+    # One slot, so that calls start in the order they are admitted (two slots freed at once would let
+    # two task processes race to log their start).
+    with daemon(tmp_path, "max_running = 1\nmax_queued = 500\n") as d:
         async def scenario() -> None:
             async with AsyncClient(d.unix) as client:
-                blockers = [asyncio.ensure_future(client.call("log_start", 30_000, gate.options("block", wait=True)))
-                            for _ in range(2)]
-                await asyncio.to_thread(lambda: wait_until(lambda: len(gate.started()) == 2, 10))
+                blockers = [asyncio.ensure_future(client.call("log_start", 30_000, gate.options("block", wait=True)))]
+                await asyncio.to_thread(lambda: wait_until(lambda: len(gate.started()) == 1, 10))
                 low = [asyncio.ensure_future(client.call("log_start", 30_000, gate.options("low")))
                        for _ in range(100)]
                 await asyncio.to_thread(wait_queued, d, 100)
@@ -109,8 +110,7 @@ def test_a_high_priority_call_queued_after_a_hundred_low_ones_runs_first(tmp_pat
                 assert all(answer.outcome for answer in answers)
         asyncio.run(scenario())
     started = gate.started()
-    assert started[:2] == ["block", "block"]
-    assert started[2] == "high", started[:6]
+    assert started[:2] == ["block", "high"], started[:6]
 
 
 def test_a_waiting_call_rises_with_its_age_so_nothing_starves(tmp_path: Path, gate: Gate) -> None:
@@ -155,7 +155,7 @@ def test_a_rate_limit_holds_starts_to_its_bucket(tmp_path: Path, gate: Gate) -> 
     starts = sorted(at for _, what, at in gate.events() if what == "start")
     assert len(starts) == 30
     assert starts[-1] - starts[0] >= (30 - 5) / 20 - 0.1  # it was held back: not a vacuous check
-    jitter = 0.02  # a start is logged a little after its admission, by a varying delay
+    jitter = 0.05  # a start is logged a little after its admission, by a varying delay (one token at most)
     for i, first in enumerate(starts):
         for j in range(i, len(starts)):
             t = starts[j] - first
