@@ -26,10 +26,12 @@ from task_runner.client.errors import (
     TaskResultInvalid,
     TaskResultTooLarge,
     TaskRunnerError,
+    TaskStalled,
     TaskTimeout,
     Unauthenticated,
     Unavailable,
 )
+from task_runner.client.events import Event, Finished, Gap, Heartbeat, Output, Progress, Queued, Started
 from task_runner.client.results import TaskInfo, TaskResult, Timings, Usage
 from task_runner.client.retry import NO_RETRY, RetryPolicy
 from task_runner.client.sync import Callback, Client, perform
@@ -44,12 +46,20 @@ __all__ = [
     "Cancelled",
     "Client",
     "DeadlineExceeded",
+    "Event",
+    "Finished",
+    "Gap",
+    "Heartbeat",
     "InvalidRequest",
+    "Output",
     "Overloaded",
     "PermissionDenied",
+    "Progress",
+    "Queued",
     "RetryPolicy",
     "RpcError",
     "Security",
+    "Started",
     "TaskCancelled",
     "TaskCrashed",
     "TaskException",
@@ -61,6 +71,7 @@ __all__ = [
     "TaskResultInvalid",
     "TaskResultTooLarge",
     "TaskRunnerError",
+    "TaskStalled",
     "TaskTimeout",
     "Timings",
     "Unauthenticated",

@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
+from task_runner.client.events import Event, Progress, read_event
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
-from task_runner.client.sync import Callback
-from task_runner.v1.task_runner_pb2 import ListTasksRequest, ListTasksResponse, PerformResponse
+from task_runner.client.sync import Callback, OnProgress, _new_request_id
+from task_runner.v1.task_runner_pb2 import (
+    CancelRequest,
+    CancelResponse,
+    ListTasksRequest,
+    ListTasksResponse,
+    PerformEvent,
+    PerformResponse,
+    WatchRequest,
+)
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
 
 log = logging.getLogger("task_runner.client")
@@ -42,9 +51,12 @@ class AsyncClient:
         priority: int = 0,
         fairness_key: str = "",
         queue_timeout_ms: int | None = None,
+        grace_ms: int | None = None,
+        on_progress: OnProgress | None = None,
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
+                                grace_ms)
         steps = plan(request, self._retry, retries, request_id)
         got: PerformResponse | TaskRunnerError | None = None
         try:
@@ -54,11 +66,18 @@ class AsyncClient:
                     await asyncio.sleep(step)
                     got = None
                     continue
+                timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
                 try:
-                    got = await self._stub.Perform(step, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
-                                                   metadata=self._metadata)
+                    if on_progress is None:
+                        got = await self._stub.Perform(step, timeout=timeout, metadata=self._metadata)
+                    else:
+                        got = await self._answer_of(
+                            self._stub.PerformStream(step, timeout=timeout, metadata=self._metadata), on_progress,
+                        )
                 except grpc.aio.AioRpcError as exc:
                     got = from_grpc_error(exc)
+                except TaskRunnerError as exc:
+                    got = exc
         except StopIteration as done:
             answer: TaskResult = done.value
             return answer
@@ -66,14 +85,15 @@ class AsyncClient:
     def perform(
         self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
         *, request_id: str | None = None, retries: int = 0, priority: int = 0, fairness_key: str = "",
-        queue_timeout_ms: int | None = None,
+        queue_timeout_ms: int | None = None, grace_ms: int | None = None, on_progress: OnProgress | None = None,
     ) -> asyncio.Task[None]:
         """Callback style: schedules the call and returns its asyncio.Task; the callback runs once, on the loop."""
         async def run() -> None:
             try:
                 answer = await self.call(task, timeout_ms, options, request_id=request_id, retries=retries,
                                          priority=priority, fairness_key=fairness_key,
-                                         queue_timeout_ms=queue_timeout_ms)
+                                         queue_timeout_ms=queue_timeout_ms, grace_ms=grace_ms,
+                                         on_progress=on_progress)
             except TaskRunnerError as exc:
                 err: TaskRunnerError | None = exc
                 outcome, result = None, None
@@ -85,6 +105,62 @@ class AsyncClient:
                 log.exception("a perform() callback raised")
 
         return asyncio.ensure_future(run())
+
+    async def stream(
+        self, task: str, timeout_ms: int | None = None, options: Mapping[str, Any] | None = None, *,
+        request_id: str | None = None, rpc_timeout: float | _Default | None = DEFAULT, priority: int = 0,
+        fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
+    ) -> AsyncIterator[Event]:
+        """Run a task and follow it; the same contract as `Client.stream`, as an async iterator."""
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
+                                grace_ms)
+        if not request.request_id:
+            request.request_id = _new_request_id()
+        async for event in self._events(self._stub.PerformStream(
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata)):
+            yield event
+
+    async def watch(self, request_id: str, rpc_timeout: float | None = None) -> AsyncIterator[Event]:
+        """Attach to the execution of `request_id`; the same contract as `Client.watch`."""
+        async for event in self._events(self._stub.Watch(WatchRequest(request_id=request_id), timeout=rpc_timeout,
+                                                         metadata=self._metadata)):
+            yield event
+
+    async def cancel(self, request_id: str, grace_ms: int = 0, rpc_timeout: float | None = 10.0) -> bool:
+        """Stop the execution of `request_id`; the same contract as `Client.cancel`."""
+        try:
+            response: CancelResponse = await self._stub.Cancel(
+                CancelRequest(request_id=request_id, grace_ms=grace_ms), timeout=rpc_timeout, metadata=self._metadata,
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc) from exc
+        return bool(response.was_running)
+
+    @staticmethod
+    async def _events(call: Any) -> AsyncIterator[Event]:
+        try:
+            async for event in call:
+                yield read_event(event)
+        except grpc.aio.AioRpcError as exc:
+            raise from_grpc_error(exc) from exc
+        finally:
+            call.cancel()  # a no-op once it ended; else the caller left early: the call is cancelled
+
+    @staticmethod
+    async def _answer_of(call: Any, on_progress: OnProgress) -> PerformResponse:
+        event: PerformEvent
+        async for event in call:
+            which = event.WhichOneof("event")
+            if which == "response":
+                return event.response
+            if which == "progress":
+                progress = read_event(event)
+                assert isinstance(progress, Progress)
+                try:
+                    on_progress(progress)
+                except Exception:
+                    log.exception("an on_progress callable raised")
+        raise TaskRunnerError("the daemon's stream ended without an answer")
 
     async def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""

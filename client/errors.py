@@ -43,7 +43,7 @@ class TaskFailed(TaskRunnerError):
 
     def __init__(
         self, message: str, *, type: str = "", traceback: str = "", exit_code: int = 0, signal: int = 0,
-        limit: str = "", answer: TaskResult | None = None,
+        limit: str = "", answer: TaskResult | None = None, notice_given: bool = False,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -53,6 +53,7 @@ class TaskFailed(TaskRunnerError):
         self.signal = signal
         self.limit = limit  # for LIMIT_EXCEEDED: which limit
         self.answer = answer  # the whole answer: usage, output tails, timings
+        self.notice_given = notice_given  # for TIMEOUT and CANCELLED: the task was told to stop first
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.type + ': ' if self.type else ''}{self.message}"
@@ -94,6 +95,12 @@ class TaskResultTooLarge(TaskFailed):
     kind = "RESULT_TOO_LARGE"
 
 
+class TaskStalled(TaskFailed):
+    """The task sent a heartbeat, then none for longer than its heartbeat_timeout_ms; its tree was killed."""
+
+    kind = "STALLED"
+
+
 class TaskLimitExceeded(TaskFailed):
     """The task exceeded a resource limit; `limit` names it ("memory", "cpu_time", ...)."""
 
@@ -108,6 +115,7 @@ _BY_KIND: dict[int, type[TaskFailed]] = {
     TaskError.RESULT_INVALID: TaskResultInvalid,
     TaskError.RESULT_TOO_LARGE: TaskResultTooLarge,
     TaskError.LIMIT_EXCEEDED: TaskLimitExceeded,
+    TaskError.STALLED: TaskStalled,
 }
 
 
@@ -116,7 +124,7 @@ def from_task_error(error: TaskError, answer: TaskResult | None = None) -> TaskF
     cls = _BY_KIND.get(error.kind, TaskFailed)
     return cls(
         error.message, type=error.type, traceback=error.traceback, exit_code=error.exit_code,
-        signal=error.signal, limit=error.limit, answer=answer,
+        signal=error.signal, limit=error.limit, answer=answer, notice_given=error.notice_given,
     )
 
 

@@ -80,24 +80,27 @@ class TaskInfo:
     max_queued: int = 0
     rate_per_s: float = 0.0
     burst: int = 0
+    grace_ms: int = 0  # its notice before the deadline
+    heartbeat_timeout_ms: int = 0  # 0: none
 
 
 def build_request(
     task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, request_id: str | None,
-    priority: int = 0, fairness_key: str = "", queue_timeout_ms: int | None = None,
+    priority: int = 0, fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
 ) -> PerformRequest:
     """A PerformRequest; options must be JSON-like.
 
     Raises:
         InvalidRequest: for options that are not JSON-like or a timeout out of range, before any call.
     """
-    for name, value in (("timeout_ms", timeout_ms), ("queue_timeout_ms", queue_timeout_ms)):
+    for name, value in (("timeout_ms", timeout_ms), ("queue_timeout_ms", queue_timeout_ms), ("grace_ms", grace_ms)):
         if value is not None and not 0 <= value < 2**32:
             raise InvalidRequest(f"{name} must be between 0 and 2^32-1, got {value}")
     if not -2**31 <= priority < 2**31:
         raise InvalidRequest(f"priority must be a 32-bit integer, got {priority}")
     request = PerformRequest(task=task, timeout_ms=timeout_ms or 0, request_id=request_id or "",
-                             priority=priority, fairness_key=fairness_key, queue_timeout_ms=queue_timeout_ms or 0)
+                             priority=priority, fairness_key=fairness_key, queue_timeout_ms=queue_timeout_ms or 0,
+                             grace_ms=grace_ms or 0)
     try:
         to_struct(options or {}, request.options)
     except NotJsonLike as exc:
@@ -132,7 +135,7 @@ def read_response(response: PerformResponse) -> TaskResult:
 def read_tasks(response: ListTasksResponse) -> list[TaskInfo]:
     return [
         TaskInfo(t.name, t.description, t.default_timeout_ms, t.max_timeout_ms, t.import_error,
-                 t.max_running, t.max_queued, t.rate_per_s, t.burst)
+                 t.max_running, t.max_queued, t.rate_per_s, t.burst, t.grace_ms, t.heartbeat_timeout_ms)
         for t in response.tasks
     ]
 

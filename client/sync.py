@@ -5,22 +5,53 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
+from task_runner.client.events import Event, Progress, read_event
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
-from task_runner.v1.task_runner_pb2 import ListTasksRequest, PerformResponse
+from task_runner.v1.task_runner_pb2 import (
+    CancelRequest,
+    ListTasksRequest,
+    PerformEvent,
+    PerformResponse,
+    WatchRequest,
+)
 from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
 
 log = logging.getLogger("task_runner.client")
 
+
+def _new_request_id() -> str:
+    import uuid
+
+    return uuid.uuid4().hex
+
 #: callback(err, outcome, result): err is a TaskRunnerError or None.
 Callback = Callable[[TaskRunnerError | None, bool | None, dict[str, Any] | None], None]
+#: on_progress(progress): called for each progress event of the task, as it comes.
+OnProgress = Callable[[Progress], None]
+
+
+def answer_of(events: Iterable[PerformEvent], on_progress: OnProgress) -> PerformResponse:
+    """Follow a PerformStream to its response, handing each progress event to `on_progress`."""
+    for event in events:
+        which = event.WhichOneof("event")
+        if which == "response":
+            return event.response
+        if which == "progress":
+            progress = read_event(event)
+            assert isinstance(progress, Progress)
+            try:
+                on_progress(progress)
+            except Exception:
+                log.exception("an on_progress callable raised")
+    raise TaskRunnerError("the daemon's stream ended without an answer")
 
 
 class Client:
@@ -51,6 +82,8 @@ class Client:
         priority: int = 0,
         fairness_key: str = "",
         queue_timeout_ms: int | None = None,
+        grace_ms: int | None = None,
+        on_progress: OnProgress | None = None,
     ) -> TaskResult:
         """Run a task and return its answer.
 
@@ -67,6 +100,9 @@ class Client:
             fairness_key: a tenant or caller name: keys take turns within a priority.
             queue_timeout_ms: give up (DeadlineExceeded, the task never ran) if no slot is free
                 after this long; None: wait as long as the call does.
+            grace_ms: tell the task to stop this long before its deadline (None: the task's own).
+            on_progress: called with each Progress event the task reports, as it comes (the call
+                then runs as a PerformStream).
 
         Returns:
             The answer; `outcome` False is a deterministic failure, not an exception.
@@ -75,7 +111,8 @@ class Client:
             TaskFailed: the task failed (TaskException, TaskTimeout, TaskCrashed, ...).
             RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
         """
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
+                                grace_ms)
         steps = plan(request, self._retry, retries, request_id)
         got: PerformResponse | TaskRunnerError | None = None
         try:
@@ -85,11 +122,17 @@ class Client:
                     time.sleep(step)
                     got = None
                     continue
+                timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
                 try:
-                    got = self._stub.Perform(step, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
-                                             metadata=self._metadata)
+                    if on_progress is None:
+                        got = self._stub.Perform(step, timeout=timeout, metadata=self._metadata)
+                    else:
+                        got = answer_of(self._stub.PerformStream(step, timeout=timeout, metadata=self._metadata),
+                                        on_progress)
                 except grpc.RpcError as exc:
                     got = from_grpc_error(exc)
+                except TaskRunnerError as exc:
+                    got = exc
         except StopIteration as done:
             answer: TaskResult = done.value
             return answer
@@ -106,19 +149,35 @@ class Client:
         priority: int = 0,
         fairness_key: str = "",
         queue_timeout_ms: int | None = None,
+        grace_ms: int | None = None,
+        on_progress: OnProgress | None = None,
     ) -> None:
         """The original library's style: returns at once; `callback(err, outcome, result)` runs exactly once.
 
         Retries as `call` does, without blocking any thread while it waits. The callback runs on
         a gRPC (or timer) thread, or at once in this thread if the request is invalid before it
-        is sent. An exception raised by the callback is logged.
+        is sent. An exception raised by the callback is logged. With `on_progress`, the call runs
+        on a thread of its own, which calls `on_progress` for each progress event, then the callback.
         """
         once = _Once(callback)
         try:
-            request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms)
+            request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
+                                    grace_ms)
             steps = plan(request, self._retry, retries, request_id)
         except TaskRunnerError as exc:
             once(exc, None, None)
+            return
+        if on_progress is not None:
+            def follow() -> None:
+                try:
+                    answer = self.call(task, timeout_ms, options, request_id=request.request_id, retries=retries,
+                                       priority=priority, fairness_key=fairness_key,
+                                       queue_timeout_ms=queue_timeout_ms, grace_ms=grace_ms, on_progress=on_progress)
+                except TaskRunnerError as exc:
+                    once(exc, None, None)
+                else:
+                    once(None, answer.outcome, answer.result)
+            threading.Thread(target=follow, name="task_runner.perform", daemon=True).start()
             return
 
         def advance(got: PerformResponse | TaskRunnerError | None) -> None:
@@ -151,6 +210,61 @@ class Client:
             advance(got)
 
         advance(None)
+
+    def stream(
+        self, task: str, timeout_ms: int | None = None, options: Mapping[str, Any] | None = None, *,
+        request_id: str | None = None, rpc_timeout: float | _Default | None = DEFAULT, priority: int = 0,
+        fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
+    ) -> Iterator[Event]:
+        """Run a task and follow it: its events as they come (Queued, Started, Progress, Output,
+        Heartbeat, Gap), the last a Finished with its answer. Leaving the iteration early cancels the
+        call. No retries: the events of one execution.
+
+        Raises:
+            TaskFailed: at the end, when the task failed (its events came before).
+            RpcError: the request was refused or the daemon unreachable.
+        """
+        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
+                                grace_ms)
+        if not request.request_id:
+            request.request_id = _new_request_id()  # so that a Watch or Cancel elsewhere can name it
+        yield from self._events(self._stub.PerformStream(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
+                                                         metadata=self._metadata))
+
+    def watch(self, request_id: str, rpc_timeout: float | None = None) -> Iterator[Event]:
+        """Attach to the execution of `request_id` (running, or finished within the idempotency window):
+        its buffered events, then the rest as they come, the last a Finished. Leaving it cancels nothing.
+
+        Raises:
+            TaskFailed: at the end, when the task failed.
+            TaskNotFound: no execution of that request_id.
+        """
+        yield from self._events(self._stub.Watch(WatchRequest(request_id=request_id), timeout=rpc_timeout,
+                                                 metadata=self._metadata))
+
+    def cancel(self, request_id: str, grace_ms: int = 0, rpc_timeout: float | None = 10.0) -> bool:
+        """Stop the execution of `request_id`: told first and killed after `grace_ms` (at once if 0),
+        or taken out of the queue. Returns whether it was running.
+
+        Raises:
+            TaskNotFound: no execution of that request_id runs or waits.
+        """
+        try:
+            response = self._stub.Cancel(CancelRequest(request_id=request_id, grace_ms=grace_ms),
+                                         timeout=rpc_timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+        return bool(response.was_running)
+
+    @staticmethod
+    def _events(stream: Any) -> Iterator[Event]:
+        try:
+            for event in stream:
+                yield read_event(event)
+        except grpc.RpcError as exc:
+            raise from_grpc_error(exc) from exc
+        finally:
+            stream.cancel()  # a no-op once it ended; else the caller left early: the call is cancelled
 
     def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""

@@ -153,6 +153,10 @@ class Admission:
     def queued_by_priority(self) -> dict[int, int]:
         return {priority: level.count for priority, level in list(self._levels.items()) if level.count}
 
+    def must_wait(self, task: str) -> bool:
+        """Whether a call of `task` arriving now would wait in the queue."""
+        return bool(self.queued) or self.running >= self.max_running or not self._task(task).may_start(self._clock())
+
     async def acquire(self, task: str, priority: int = 0, key: str = "", queue_timeout_s: float | None = None,
                       ) -> None:
         """Take a slot for a call of `task`, waiting in the queue if need be.

@@ -42,6 +42,7 @@ def answer_response(frame: bytes) -> PerformResponse:
             )
         response.error.CopyFrom(answer.error)
         response.error.exit_code = response.error.signal = 0  # the runner's to tell, from the exit status
+        response.error.notice_given = False
     usage = response.usage
     usage.user_cpu_ms, usage.system_cpu_ms = answer.usage.user_cpu_ms, answer.usage.system_cpu_ms
     usage.max_rss_kib = answer.usage.max_rss_kib
@@ -80,7 +81,8 @@ def error_response(kind: Any, type_: str, message: str, status: int | None = Non
     return wire.error_response(kind, type_, message, exit_code=exit_code, signal=signum)
 
 
-def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_s: int | None) -> PerformResponse:
+def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_s: int | None,
+                     noticed: wire.Stop | None = None, stall_s: float | None = None) -> PerformResponse:
     """The response for a task process that ended without a (complete) answer.
 
     Args:
@@ -88,21 +90,36 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
         budget_s: the time it had.
         answer_limit: the bytes it could write as its answer.
         cpu_limit_s: its CPU time limit, if any: a SIGKILL past it is the kernel's, at the hard limit.
+        noticed: why it was told to stop before it ended, if it was (TIMEOUT: its grace before the
+            deadline; CANCELLED: a Cancel or a drain).
+        stall_s: its heartbeat timeout, if it had one.
     """
-    if exit_.stop is wire.Stop.RESULT_TOO_LARGE:
+    notice = " (it was told to stop first)" if noticed is not None else ""
+    stop = exit_.stop
+    if stop is wire.Stop.NONE and noticed is not None and not os.WIFSIGNALED(exit_.status):
+        stop = noticed  # told to stop, it ended without answering: as if killed for that reason
+    if stop is wire.Stop.RESULT_TOO_LARGE:
         return error_response(
             Kind.RESULT_TOO_LARGE, "ResultTooLarge",
             f"the task wrote more than {answer_limit} bytes as its answer; it was killed",
         )
-    if exit_.stop is wire.Stop.TIMEOUT:
+    if stop is wire.Stop.STALLED:
         return error_response(
+            Kind.STALLED, "Stalled",
+            f"the task sent no heartbeat for {(stall_s or 0) * 1e3:.0f} ms (its heartbeat_timeout_ms); "
+            "its process tree was killed", exit_.status,
+        )
+    if stop is wire.Stop.TIMEOUT:
+        response = error_response(
             Kind.TIMEOUT, "Timeout",
-            f"the task did not finish within {budget_s * 1e3:.0f} ms; its process tree was killed",
+            f"the task did not finish within {budget_s * 1e3:.0f} ms{notice}; its process tree was killed",
             exit_.status,
         )
+        response.error.notice_given = noticed is not None
+        return response
     signum = exit_fields(exit_.status)[1]
     limit = LIMIT_SIGNALS.get(signum)
-    if (signum == signal.SIGKILL and exit_.stop is wire.Stop.NONE and cpu_limit_s is not None
+    if (signum == signal.SIGKILL and stop is wire.Stop.NONE and cpu_limit_s is not None
             and exit_.user_s + exit_.system_s >= cpu_limit_s):
         limit = "cpu_time"  # it ignored SIGXCPU: the kernel killed it at the hard limit
     if exit_.oom_killed:
@@ -114,11 +131,13 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
         )
         response.error.limit = limit
         return response
-    if exit_.stop is wire.Stop.CANCELLED:
-        return error_response(
-            Kind.CANCELLED, "Cancelled", "the call was cancelled; the task's process tree was killed",
+    if stop is wire.Stop.CANCELLED:
+        response = error_response(
+            Kind.CANCELLED, "Cancelled", f"the call was cancelled{notice}; the task's process tree was killed",
             exit_.status,
         )
+        response.error.notice_given = noticed is not None
+        return response
     return error_response(
         Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
         exit_.status,

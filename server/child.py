@@ -14,12 +14,14 @@ import errno
 import importlib
 import os
 import resource
+import signal
 import sys
 import threading
 from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+import task_runner.task as task_api
 from task_runner.server import registry, wire
 from task_runner.server.registry import Form, Loaded, load
 from task_runner.server.wire import error_response as _error
@@ -124,17 +126,21 @@ class _Answer:
                 Kind.RESULT_TOO_LARGE, "ResultTooLarge",
                 f"the result is {len(payload)} bytes, above the cap of {self._result_max_bytes} bytes",
             ).SerializeToString()
-        for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing; the task may have closed them
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_output()
         with contextlib.suppress(OSError):
-            _write_all(CHANNEL_FD, wire.FRAME.pack(len(payload)) + payload)
+            task_api._channel.write(task_api.ANSWER, payload)
         os._exit(0)
 
     def outcome(self, outcome: Any, result: Any) -> NoReturn:
         self.give(_verdict(outcome, result))
 
     def exception(self, exc: BaseException) -> NoReturn:
+        asyncio = sys.modules.get("asyncio")
+        if task_api.cancelled() and asyncio is not None and isinstance(exc, asyncio.CancelledError):
+            # Told to stop, the task let its coroutine be cancelled: that is no answer of its own.
+            # The daemon answers TIMEOUT or CANCELLED, saying the notice was given.
+            _flush_output()
+            os._exit(0)
         self.give(_exception_error(exc))
 
 
@@ -147,10 +153,15 @@ def _measure(response: PerformResponse) -> None:
     usage.max_rss_kib = max(own.ru_maxrss, waited.ru_maxrss)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+def _flush_output() -> None:
+    for stream in (sys.stdout, sys.stderr):  # os._exit flushes nothing; the task may have closed them
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
+def _on_notice(signum: int, frame: Any) -> None:
+    """SIGTERM: the task is told to stop (its grace began); it is killed at the grace's end."""
+    task_api._channel.cancelled = True
 
 
 def _is_runner_frame(tb: TracebackType) -> bool:
@@ -212,6 +223,16 @@ def _run_async(answer: _Answer, loaded: Loaded, options: dict[str, Any]) -> NoRe
         answer.exception(exc if isinstance(exc, BaseException) else RuntimeError(context.get("message")))
 
     async def run_and_answer() -> None:
+        main = asyncio.current_task()
+        assert main is not None
+
+        def notice() -> None:
+            task_api._channel.cancelled = True
+            main.cancel()  # the task's coroutine hears the stop as CancelledError
+
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, notice)
+        if task_api.cancelled():  # told before the loop began
+            notice()
         # Answer from inside the loop: threads or tasks the task left behind must not delay it.
         _returned(answer, await loaded.function(options))
 
@@ -279,6 +300,9 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
         os._exit(0)
     assignment, serialized = wire.Assignment.unpack(frame)
     workdir = assignment.workdir
+    channel = task_api._channel
+    channel.fd, channel.deadline, channel.request_id = CHANNEL_FD, assignment.deadline, assignment.request_id
+    signal.signal(signal.SIGTERM, _on_notice)
     request = PerformRequest.FromString(serialized)
     answer = _Answer(result_max_bytes)
     try:
@@ -302,9 +326,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
         run_task(answer, loaded, options)
     except SystemExit as exc:  # sys.exit() ends the process without an answer, as it would anywhere
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        _flush_output()
         os._exit(code)
     except BaseException as exc:
         answer.exception(exc)

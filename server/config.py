@@ -66,6 +66,10 @@ class TaskConfig:
     # it starts at most rate_per_s a second on average, burst at once (a token bucket; None: no rate).
     rate_per_s: float | None = None
     burst: int | None = None  # None: 1
+    # Told to stop this long before its deadline (a request's grace_ms overrides it); 0: not told.
+    grace_ms: int = 0
+    # Once it has sent a heartbeat (or progress), killed as STALLED after this long without one.
+    heartbeat_timeout_ms: int | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,8 @@ class Task:
     max_timeout_ms: int
     limits: Limits  # the global limits with the task's own on top
     admission: TaskRules = field(default_factory=TaskRules)  # its own admission limits
+    grace_ms: int = 0  # its notice before the deadline, unless a request says otherwise
+    heartbeat_timeout_ms: int | None = None
 
     def process_limits(self) -> wire.Limits:
         """The limits its task process sets on itself (bytes for sizes)."""
@@ -184,7 +190,8 @@ class Config:
         found.update(self.tasks)
         return types.MappingProxyType({
             name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits),
-                       TaskRules(entry.max_running, entry.max_queued, entry.rate_per_s, entry.burst or 1))
+                       TaskRules(entry.max_running, entry.max_queued, entry.rate_per_s, entry.burst or 1),
+                       entry.grace_ms, entry.heartbeat_timeout_ms)
             for name, entry in sorted(found.items())
         })
 
@@ -325,7 +332,8 @@ def _validate(config: Config, where: str) -> None:
     if config.priority_aging_s <= 0:
         raise ConfigError(f"{where}: 'priority_aging_s' must be above 0")
     for name, task in config.tasks.items():
-        for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1)):
+        for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1), ("grace_ms", 0),
+                         ("heartbeat_timeout_ms", 1)):
             value = getattr(task, key)
             if value is not None and value < low:
                 raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be at least {low}")

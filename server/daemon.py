@@ -369,6 +369,7 @@ class Daemon:
         assert executor is not None
         self.notifier.notify("STOPPING=1", "STATUS=draining")
         executor.draining = True
+        executor.notice_all(asyncio.get_running_loop().time() + self.config.drain_grace_s)
         await self._health.enter_graceful_shutdown()
         idle = asyncio.ensure_future(executor.wait_idle())
         force = asyncio.ensure_future(self._force.wait())

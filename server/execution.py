@@ -17,7 +17,7 @@ import enum
 import hashlib
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -25,12 +25,14 @@ from google.protobuf.struct_pb2 import Struct
 
 from task_runner.server import cgroups, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
+from task_runner.server.answers import error_response
 from task_runner.server.config import Config, Task
+from task_runner.server.events import EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
 from task_runner.server.wire import Stop
-from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
+from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse, TaskError
 
 log = logging.getLogger("task_runner.server")
 MIB = 1 << 20
@@ -46,6 +48,7 @@ class Reason(enum.Enum):
     SHUTTING_DOWN = "SHUTTING_DOWN"
     NO_TASK_PROCESS = "NO_TASK_PROCESS"
     QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
+    NO_SUCH_EXECUTION = "NO_SUCH_EXECUTION"
     UNKNOWN_TASK = "UNKNOWN_TASK"
     INVALID_OPTIONS = "INVALID_OPTIONS"
     REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
@@ -67,6 +70,7 @@ class Wants(NamedTuple):
     priority: int = 0
     fairness_key: str = ""
     queue_timeout_s: float | None = None  # None: it may wait as long as its RPC does
+    grace_s: float | None = None  # its notice before the deadline; None: the task's own grace_ms
 
 
 def _shutting_down() -> Refusal:
@@ -101,10 +105,12 @@ class Execution:
     options_digest: bytes  # sha256 of the options, to tell a different request under the same request_id
     request: bytes  # the raw request, until it is handed to the task process
     received_at: float
+    events: EventLog
     run: Run | None = None
     job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
     answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attached: int = 0
+    cancelled: bool = False  # a Cancel asked for it: the answer is CANCELLED even if it never ran
 
     def abandon(self) -> None:
         """Every caller left before the answer: kill the run, or leave the queue."""
@@ -121,6 +127,11 @@ class _Kept(NamedTuple):
     options_digest: bytes  # as in Execution
     answer: bytes
     expires: float
+    events: EventLog  # for a Watch after the end
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.answer) + len(self.options_digest) + self.events.nbytes
 
 
 class AnswerCache:
@@ -155,15 +166,15 @@ class AnswerCache:
         del self._running[execution.request_id]
         if answer is None or self.window_s <= 0:
             return
-        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s)
+        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events)
         self._finished[execution.request_id] = kept
-        self._bytes += len(answer) + len(kept.options_digest)
+        self._bytes += kept.nbytes
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
             self._drop_oldest()
 
     def _drop_oldest(self) -> None:
         _, kept = self._finished.popitem(last=False)
-        self._bytes -= len(kept.answer) + len(kept.options_digest)
+        self._bytes -= kept.nbytes
 
 
 class Executor:
@@ -185,6 +196,7 @@ class Executor:
         self._max_queued_bytes = config.max_queued_bytes
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
+        self._live: dict[str, Execution] = {}  # every execution not yet answered, by request id (for Cancel)
         self._jobs: set[asyncio.Future[None]] = set()
         self._held_bytes = 0  # of requests not yet handed to a task process
         self.draining = False  # new calls are refused
@@ -207,6 +219,32 @@ class Executor:
                 f"(max_queued_bytes = {self._max_queued_bytes}); retry later", QUEUE_RETRY_S, "max_queued_bytes",
             )
 
+    def _open(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
+              rpc_deadline: float, received_at: float, wants: Wants | None) -> Execution | _Kept:
+        """The execution of a validated request: the running or finished one of its request_id, or a new one.
+
+        Raises:
+            Refusal: the request_id was used for another request, or the daemon drains.
+        """
+        found = self._cache.get(request_id, received_at) if request_id else None
+        if found is not None:
+            if found.task != task.name or found.options_digest != digest:
+                raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
+            return found
+        if self.draining:
+            raise _shutting_down()
+        events = EventLog(received_at, self.metrics.events_dropped.inc)
+        execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request, received_at, events)
+        self._held_bytes += len(request)
+        if request_id:
+            self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
+        self._live[execution.request_id] = execution
+        job = self._execute(execution, task, timeout_ms, rpc_deadline, wants or Wants())
+        execution.job = asyncio.ensure_future(job)
+        self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
+        execution.job.add_done_callback(self._jobs.discard)
+        return execution
+
     async def perform(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
                       rpc_deadline: float, received_at: float, wants: Wants | None = None) -> bytes:
         """Run a validated request (or attach to its execution under `request_id`); its serialized answer.
@@ -217,30 +255,83 @@ class Executor:
             request_id: the caller's, or "" (then it is neither looked up nor kept).
             digest: options_digest of its options (empty without a request_id).
             timeout_ms: the task's time to run, from hand-over.
-            wants: its priority, fairness key and queue timeout.
             rpc_deadline: loop time by which the answer must be on its way (inf: none).
             received_at: loop time the call arrived.
+            wants: its priority, fairness key, queue timeout and grace.
 
         Raises:
             Refusal: the call is not run, or could not be.
         """
-        found = self._cache.get(request_id, received_at) if request_id else None
-        if found is not None:
-            if found.task != task.name or found.options_digest != digest:
-                raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
-            return found.answer if isinstance(found, _Kept) else await self._attach(found)
-        if self.draining:
-            raise _shutting_down()
-        execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request, received_at)
-        self._held_bytes += len(request)
-        if request_id:
-            self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
-        job = self._execute(execution, task, timeout_ms, rpc_deadline, wants or Wants())
-        execution.job = asyncio.ensure_future(job)
-        self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
-        execution.job.add_done_callback(self._jobs.discard)
+        opened = self._open(request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
         del request
-        return await self._attach(execution)
+        return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
+
+    async def perform_stream(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
+                             rpc_deadline: float, received_at: float, wants: Wants | None = None,
+                             ) -> AsyncIterator[bytes]:
+        """As `perform`, but the execution's serialized PerformEvents, the response last. The stream's
+        caller is attached to the execution as a Perform's is: the last to leave cancels it."""
+        opened = self._open(request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
+        del request
+        if isinstance(opened, _Kept):
+            async for event in opened.events.follow():
+                yield event
+            return
+        opened.attached += 1
+        try:
+            async for event in opened.events.follow():
+                yield event
+            await opened.answer  # the events end with the response, or else the refusal is raised here
+        finally:
+            opened.attached -= 1
+            if opened.attached == 0 and not opened.answer.done():
+                self._cache.forget(opened)
+                opened.abandon()
+
+    async def watch(self, request_id: str) -> AsyncIterator[bytes]:
+        """The serialized events of the execution of `request_id`, running or finished within the
+        idempotency window: what is buffered, then each as it comes, the response last. Watching
+        does not keep the execution alive.
+
+        Raises:
+            Refusal: no such execution (or its refusal, once the events end without a response).
+        """
+        found = self._live.get(request_id) or self._cache.get(request_id, asyncio.get_running_loop().time())
+        if found is None:
+            raise Refusal(Reason.NO_SUCH_EXECUTION,
+                          f"no execution of request_id {request_id!r} runs or finished within the idempotency window")
+        async for event in found.events.follow():
+            yield event
+        if isinstance(found, Execution):
+            await asyncio.shield(found.answer)  # a refusal ends the stream with its status
+
+    def cancel(self, request_id: str, grace_s: float) -> bool:
+        """Stop the execution of `request_id`: told first, killed after `grace_s` (at once if 0); out of
+        the queue if it waits. Returns whether it was running.
+
+        Raises:
+            Refusal: no execution of `request_id` is running or waiting.
+        """
+        execution = self._live.get(request_id)
+        if execution is None:
+            raise Refusal(Reason.NO_SUCH_EXECUTION, f"no execution of request_id {request_id!r} runs or waits")
+        execution.cancelled = True
+        if execution.run is None:
+            if execution.job is not None:
+                execution.job.cancel()
+            return False
+        if grace_s > 0:
+            execution.run.notice(Stop.CANCELLED, grace_s)
+        else:
+            execution.run.stop(Stop.CANCELLED)
+        return True
+
+    def notice_all(self, end: float) -> None:
+        """The drain ends at loop time `end`: tell each running task with a grace to stop, its grace before."""
+        loop = asyncio.get_running_loop()
+        for run in list(self._runs):
+            if run.grace_s > 0:
+                loop.call_at(max(loop.time(), end - run.grace_s), run.notice, Stop.CANCELLED, run.grace_s)
 
     async def _attach(self, execution: Execution) -> bytes:
         """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
@@ -260,8 +351,12 @@ class Executor:
         self._held_bytes -= len(request)
         return request
 
-    async def _admit(self, task: Task, wants: Wants) -> float:
+    async def _admit(self, execution: Execution, task: Task, wants: Wants) -> float:
         """Take a slot, waiting in the queue if need be; the loop time it was taken."""
+        if self.admission.must_wait(task.name):
+            queued = PerformEvent()
+            queued.queued.position = self.admission.queued
+            execution.events.add(queued)
         try:
             await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s)
         except QueueFull as exc:
@@ -287,7 +382,8 @@ class Executor:
                     generation = self.generation  # a reload retired it while we waited: take the new one's
                     continue
                 raise Refusal(Reason.NO_TASK_PROCESS, f"{exc}; retry", FORK_RETRY_S) from None
-        run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s)
+        run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s,
+                                  execution.events)
         self._runs[run] = generation
         run.reaped.add_done_callback(lambda _: self._reaped(run, name, admitted_at))
         return run, task
@@ -305,7 +401,7 @@ class Executor:
         admitted_at = execution.received_at
         admitted = refused = False
         try:
-            admitted_at = await self._admit(task, wants)
+            admitted_at = await self._admit(execution, task, wants)
             admitted = True
             run, task = await self._start(execution, task.name, admitted_at)
             if self.stopping:
@@ -315,10 +411,15 @@ class Executor:
             if run.process.cgroup:
                 limits = cgroups.limit(run.process.cgroup, limits)
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
+            run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
+            stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
             request = self._release_request(execution)
-            response, handed_at = await run.execute(
-                wire.Assignment(limits, run.process.workdir).head(len(request)), request, deadline,
-            )
+            started = PerformEvent()
+            started.started.pid = run.process.pid
+            execution.events.add(started)
+            assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id)
+            response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
+                                                    stall_s)
             if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == wire.INVALID_OPTIONS:
                 refused = True  # found by the task process as it read them, before any task code ran
                 raise Refusal(Reason.INVALID_OPTIONS, response.error.message)
@@ -326,16 +427,26 @@ class Executor:
             response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
             answer = response.SerializeToString()
+            execution.events.finish(answer)
             execution.answer.set_result(answer)
         except Refusal as exc:
             execution.answer.set_exception(exc)  # every caller attached is refused alike
         except asyncio.CancelledError:
-            execution.answer.cancel()  # every caller left before it ran
+            if execution.cancelled:  # a Cancel took it out of the queue: its callers are told so
+                response = error_response(TaskError.CANCELLED, "Cancelled", "the call was cancelled before it ran")
+                response.request_id = execution.request_id
+                answer = response.SerializeToString()
+                execution.events.finish(answer)
+                execution.answer.set_result(answer)
+            else:
+                execution.answer.cancel()  # every caller left before it ran
         except Exception:
             log.exception("task %s: the daemon failed to run it", execution.task,
                           extra={"request_id": execution.request_id})
             execution.answer.set_exception(Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
         finally:
+            self._live.pop(execution.request_id, None)
+            execution.events.end()
             if execution.request:
                 self._release_request(execution)
             if execution.run is None:

@@ -160,6 +160,11 @@ class ForkServerClient:
         if not process.exited.done():
             self._send(wire.Kill(process.pid, process.serial, why).pack(), urgent=True)
 
+    def notice(self, process: TaskProcess) -> None:
+        """Have the task process told to stop: SIGTERM to its process group."""
+        if not process.exited.done():
+            self._send(wire.Notice(process.pid, process.serial).pack(), urgent=True)
+
     def _send(self, message: bytes, urgent: bool = False) -> None:
         """Send a message to the fork server; never lose one.
 

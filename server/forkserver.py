@@ -153,6 +153,9 @@ class ForkServer:
             elif isinstance(record, wire.Kill) and self._live.get(record.pid) == record.serial:
                 self._kill_reason.setdefault(record.pid, record.why)
                 kill_tree(record.pid, self._cgroups)
+            elif isinstance(record, wire.Notice) and self._live.get(record.pid) == record.serial:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(record.pid, signal.SIGTERM)
 
     def _fork_one(self) -> None:
         try:

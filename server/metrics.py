@@ -31,6 +31,10 @@ class Metrics:
             "task_runner_admission_rejected", "Calls refused or ended by an admission limit, by the limit "
             "(max_queued, max_queued_bytes, tasks.NAME.max_queued, queue_timeout_ms)", ("limit",), registry=r,
         )
+        self.events_dropped = Counter(
+            "task_runner_events_dropped", "PerformEvents a PerformStream or Watch did not get (it fell behind)",
+            registry=r,
+        )
         self.queue_wait = Histogram("task_runner_queue_wait_seconds", "Time waiting for a slot", registry=r,
                                     buckets=_BUCKETS)
         self.start = Histogram("task_runner_start_seconds", "Time obtaining a ready task process", registry=r,

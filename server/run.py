@@ -10,12 +10,15 @@ import asyncio
 import contextlib
 import os
 
+from google.protobuf.message import DecodeError
+
 from task_runner.server import wire
-from task_runner.server.answers import answer_response, failure_response, fill_usage
+from task_runner.server.answers import Kind, answer_response, error_response, failure_response, fill_usage
 from task_runner.server.config import Config
+from task_runner.server.events import EventLog, Stream, heartbeat_event, progress_event
 from task_runner.server.forkclient import Exit, ForkServerClient, TaskProcess
-from task_runner.server.wire import Stop
-from task_runner.v1.task_runner_pb2 import PerformResponse
+from task_runner.server.wire import ANSWER, HEARTBEAT, PROGRESS, Stop
+from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 READ_CHUNK = 1 << 16
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
@@ -38,7 +41,8 @@ class Tail:
 
 
 class Run:
-    """One task run in one task process: hand it the task, gather output, enforce the deadline, answer.
+    """One task run in one task process: hand it the task, gather output and events, enforce the
+    deadline, the notice before it and the heartbeat timeout; answer.
 
     The answer is ready as soon as the task's answer frame arrives (the process ends itself
     right after it) or the process is reaped, whichever is first. The process keeps its slot
@@ -46,51 +50,97 @@ class Run:
     """
 
     def __init__(self, server: ForkServerClient, process: TaskProcess, config: Config,
-                 cpu_limit_s: int | None = None) -> None:
+                 cpu_limit_s: int | None = None, events: EventLog | None = None) -> None:
         self._server, self.process, self._config = server, process, config
         self._cpu_limit_s = cpu_limit_s
+        self._events = events
         self._loop = asyncio.get_running_loop()
         self._stdout = Tail(config.output_tail_bytes)
         self._stderr = Tail(config.output_tail_bytes)
-        self._result = bytearray()
+        self._incoming = bytearray()  # of the channel, up to the end of the last whole frame
+        self._answer: bytes | None = None
+        self._unknown_frame = False
         self._settled: asyncio.Future[None] = self._loop.create_future()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the kill at the deadline (or at a notice's end)
+        self._notice_timer: asyncio.TimerHandle | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_s: float | None = None
+        self._last_beat = 0.0
+        self._kill_at = float("inf")
         self._limit = wire.FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
+        self.noticed: Stop | None = None  # why the task was told to stop, if it was
+        self.grace_s = 0.0  # its notice before it is killed
         self.reaped = process.exited
 
     def stop(self, why: Stop) -> None:
+        """Kill the task's tree now."""
         self._server.kill(self.process, why)
 
-    async def execute(self, assignment: bytes, request: bytes, deadline: float) -> tuple[PerformResponse, float]:
+    def notice(self, why: Stop, grace_s: float) -> None:
+        """Tell the task to stop (SIGTERM to its process group, task_runner.task.cancelled() true); kill it
+        `grace_s` from now, or at its deadline if that is sooner, unless it answers first."""
+        if self.reaped.done() or self._answer is not None:
+            return
+        if self.noticed is None:
+            self.noticed = why
+            self._server.notice(self.process)
+        self._kill(self._loop.time() + grace_s, why)
+
+    def _kill(self, at: float, why: Stop) -> None:
+        if at < self._kill_at:
+            self._kill_at = at
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(at, self.stop, why)
+
+    async def execute(self, assignment: bytes, request: bytes, deadline: float, grace_s: float = 0.0,
+                      stall_s: float | None = None) -> tuple[PerformResponse, float]:
         """Run the task: `assignment` from wire.Assignment.head, then the serialized request.
+
+        Args:
+            deadline: loop time its tree is killed.
+            grace_s: told to stop this long before the deadline (0: not told).
+            stall_s: once it has sent a heartbeat, killed as STALLED after this long without one.
 
         Returns:
             The response, usage and output filled, and when the task was handed over.
         """
         process, loop = self.process, self._loop
         handed_at = loop.time()
-        self._timer = loop.call_at(deadline, self.stop, Stop.TIMEOUT)  # armed first: even the hand-over is timed
+        self._kill(deadline, Stop.TIMEOUT)  # armed first: even the hand-over is timed
+        if grace_s > 0:
+            self._notice_timer = loop.call_at(max(handed_at, deadline - grace_s), self.notice, Stop.TIMEOUT,
+                                              grace_s)
+        self._stall_s = stall_s
         process.exited.add_done_callback(self._on_exit)
         with contextlib.suppress(OSError):  # a spare that died: its exit report tells how
             await loop.sock_sendall(process.channel, assignment)
             await loop.sock_sendall(process.channel, request)
         del request  # sent: the daemon holds no copy of it while the task runs
-        loop.add_reader(process.channel.fileno(), self._read_result)
-        loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout)
-        loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr)
+        loop.add_reader(process.channel.fileno(), self._read_channel)
+        loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout, Stream.STDOUT)
+        loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr, Stream.STDERR)
         await self._settled
         settled_at = loop.time()
+        for timer in (self._notice_timer, self._stall_timer):
+            if timer is not None:
+                timer.cancel()
         self._drain()
-        frame = self._frame()
-        if frame is not None:
-            response = answer_response(frame)
+        if self._unknown_frame:
+            response = error_response(Kind.RESULT_INVALID, "ResultInvalid",
+                                      "the task process sent a frame of no known kind on its channel")
+        elif self._answer is not None:
+            response = answer_response(self._answer)
             response.usage.wall_ms = (settled_at - handed_at) * 1e3
+        if self._answer is not None or self._unknown_frame:
             # The process ends itself right after answering; should it linger, it gets a second.
-            self._timer.cancel()
+            if self._timer is not None:
+                self._timer.cancel()
             self._timer = loop.call_later(ANSWER_EXIT_GRACE_S, self.stop, Stop.LINGERED)
         else:
             exit_ = process.exited.result()
-            response = failure_response(exit_, deadline - handed_at, self._limit, self._cpu_limit_s)
+            response = failure_response(exit_, deadline - handed_at, self._limit, self._cpu_limit_s, self.noticed,
+                                        self._stall_s)
             fill_usage(response, exit_, handed_at)
         for output, tail in ((response.stdout, self._stdout), (response.stderr, self._stderr)):
             output.tail, output.dropped_bytes = bytes(tail.buffer), tail.dropped
@@ -104,7 +154,7 @@ class Run:
         if not self._settled.done():
             self._settled.set_result(None)
 
-    def _read_result(self) -> None:
+    def _read_channel(self) -> None:
         try:
             data = self.process.channel.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -114,14 +164,60 @@ class Run:
         if not data:
             self._loop.remove_reader(self.process.channel.fileno())
             return
-        self._result += data
-        if len(self._result) > self._limit:
-            self._loop.remove_reader(self.process.channel.fileno())
-            self.stop(Stop.RESULT_TOO_LARGE)
-        elif not self._settled.done() and self._frame() is not None:
+        self._incoming += data
+        self._parse()
+
+    def _parse(self) -> None:
+        """Take every whole frame received: events as they come, the answer last."""
+        buffer, offset, header = self._incoming, 0, wire.FRAME.size
+        while self._answer is None and not self._unknown_frame and len(buffer) - offset >= header:
+            (size,) = wire.FRAME.unpack_from(buffer, offset)
+            if size > self._limit:
+                self._loop.remove_reader(self.process.channel.fileno())
+                self.stop(Stop.RESULT_TOO_LARGE)
+                buffer.clear()
+                return
+            end = offset + header + size
+            if len(buffer) < end:
+                break
+            kind, payload = bytes(buffer[offset + header:offset + header + 1]), bytes(buffer[offset + header + 1:end])
+            offset = end
+            if kind == ANSWER:
+                self._answer = payload
+            elif kind in (PROGRESS, HEARTBEAT):
+                self._on_beat(kind, payload)
+            else:
+                self._unknown_frame = True
+        del buffer[:offset]
+        if (self._answer is not None or self._unknown_frame) and not self._settled.done():
             self._settled.set_result(None)
 
-    def _read_output(self, fd: int, tail: Tail) -> None:
+    def _on_beat(self, kind: bytes, payload: bytes) -> None:
+        """A progress or heartbeat frame: the task is alive; pass it on to the execution's events."""
+        self._last_beat = self._loop.time()
+        if self._stall_s is not None and self._stall_timer is None:
+            self._stall_timer = self._loop.call_at(self._last_beat + self._stall_s, self._check_stall)
+        if self._events is None:
+            return
+        try:
+            if kind == PROGRESS:
+                self._events.coalesce("progress", progress_event(PerformEvent.Progress.FromString(payload)))
+            else:
+                self._events.coalesce("heartbeat",
+                                      heartbeat_event(PerformEvent.Heartbeat.FromString(payload).details))
+        except DecodeError:
+            pass  # an event the task process mangled is dropped; its answer decides
+
+    def _check_stall(self) -> None:
+        assert self._stall_s is not None
+        silent_until = self._last_beat + self._stall_s
+        if self._loop.time() >= silent_until:
+            self._stall_timer = None
+            self.stop(Stop.STALLED)
+        else:
+            self._stall_timer = self._loop.call_at(silent_until, self._check_stall)
+
+    def _read_output(self, fd: int, tail: Tail, stream: PerformEvent.OutputChunk.Stream.ValueType) -> None:
         try:
             data = os.read(fd, READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -130,6 +226,8 @@ class Run:
             data = b""
         if data:
             tail.add(data)
+            if self._events is not None:
+                self._events.output(stream, data)
         else:
             self._loop.remove_reader(fd)
 
@@ -138,9 +236,12 @@ class Run:
         process, loop = self.process, self._loop
         loop.remove_reader(process.channel.fileno())
         with contextlib.suppress(OSError):
-            while len(self._result) <= self._limit and (data := process.channel.recv(READ_CHUNK)):
-                self._result += data
-        for fd, tail in ((process.stdout, self._stdout), (process.stderr, self._stderr)):
+            while (self._answer is None and not self._unknown_frame and len(self._incoming) <= self._limit
+                   and (data := process.channel.recv(READ_CHUNK))):
+                self._incoming += data
+                self._parse()
+        for fd, tail, stream in ((process.stdout, self._stdout, Stream.STDOUT),
+                                 (process.stderr, self._stderr, Stream.STDERR)):
             loop.remove_reader(fd)
             # The task flushed its output before answering; a descendant may still hold the pipe
             # and write on, so read what is there now and stop.
@@ -150,11 +251,6 @@ class Run:
                     if not data:
                         break
                     tail.add(data)
+                    if self._events is not None:
+                        self._events.output(stream, data)
         process.close()
-
-    def _frame(self) -> bytes | None:
-        if len(self._result) < wire.FRAME.size:
-            return None
-        (size,) = wire.FRAME.unpack_from(self._result)
-        end = wire.FRAME.size + size
-        return bytes(self._result[wire.FRAME.size:end]) if len(self._result) >= end else None

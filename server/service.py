@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -21,10 +22,13 @@ from task_runner.server.execution import Executor, Reason, Refusal, Wants, optio
 from task_runner.server.metrics import Metrics
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
+    CancelRequest,
+    CancelResponse,
     ListTasksRequest,
     ListTasksResponse,
     PerformRequest,
     TaskInfo,
+    WatchRequest,
 )
 
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
@@ -40,6 +44,7 @@ _STATUS = {
     Reason.NO_TASK_PROCESS: grpc.StatusCode.UNAVAILABLE,
     Reason.QUEUE_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
     Reason.UNKNOWN_TASK: grpc.StatusCode.NOT_FOUND,
+    Reason.NO_SUCH_EXECUTION: grpc.StatusCode.NOT_FOUND,
     Reason.INVALID_OPTIONS: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.REQUEST_ID_REUSED: grpc.StatusCode.INVALID_ARGUMENT,
     Reason.INTERNAL: grpc.StatusCode.INTERNAL,
@@ -99,9 +104,13 @@ class TaskRunnerService:
         """The service's handlers, taking and giving raw bytes so that decoding errors are ours to report."""
         def raw(behaviour: Any) -> grpc.RpcMethodHandler[bytes, bytes]:
             return grpc.unary_unary_rpc_method_handler(behaviour)
-        return grpc.method_handlers_generic_handler(
-            SERVICE_NAME, {"Perform": raw(self.perform), "ListTasks": raw(self.list_tasks)},
-        )
+
+        def raw_stream(behaviour: Any) -> grpc.RpcMethodHandler[bytes, bytes]:
+            return grpc.unary_stream_rpc_method_handler(behaviour)
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Perform": raw(self.perform), "PerformStream": raw_stream(self.perform_stream),
+            "Watch": raw_stream(self.watch), "Cancel": raw(self.cancel), "ListTasks": raw(self.list_tasks),
+        })
 
     async def list_tasks(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         try:
@@ -118,31 +127,69 @@ class TaskRunnerService:
                 description=info.description if info else "", import_error=info.import_error if info else "",
                 max_running=rules.max_running or 0, max_queued=rules.max_queued or 0,
                 rate_per_s=rules.rate_per_s or 0.0, burst=rules.burst if rules.rate_per_s else 0,
+                grace_ms=task.grace_ms, heartbeat_timeout_ms=task.heartbeat_timeout_ms or 0,
             ))
         return response.SerializeToString()
 
     async def perform(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            return await self._executor.perform(*self._accept(request, context))
+        except (RequestError, Refusal) as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort raises
+
+    async def perform_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
+                             ) -> AsyncIterator[bytes]:
+        try:
+            async for event in self._executor.perform_stream(*self._accept(request, context)):
+                yield event
+        except (RequestError, Refusal) as exc:
+            await self._abort(context, exc)
+
+    async def watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        try:
+            request_id = self._parse(WatchRequest, request).request_id
+            async for event in self._executor.watch(request_id):
+                yield event
+        except (RequestError, Refusal) as exc:
+            await self._abort(context, exc)
+
+    async def cancel(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        try:
+            parsed = self._parse(CancelRequest, request)
+            was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3)
+        except (RequestError, Refusal) as exc:
+            await self._abort(context, exc)
+            raise AssertionError("unreachable") from exc
+        return CancelResponse(was_running=was_running).SerializeToString()
+
+    @staticmethod
+    def _parse(message: Any, request: bytes) -> Any:
+        try:
+            return message.FromString(request)
+        except DecodeError:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.__name__}") from None
+
+    def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
+                ) -> tuple[bytes, Task, str, bytes, int, float, float, Wants]:
+        """A Perform or PerformStream request, validated: the executor's arguments for it.
+
+        Raises:
+            RequestError, Refusal: the request is refused.
+        """
         received_at = asyncio.get_running_loop().time()
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
-        try:
-            try:
-                self._executor.check_room(len(request))
-                parsed, task = self._validate(request)
-                request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
-                wants = Wants(parsed.priority, parsed.fairness_key,
-                              parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None)
-                # Only a request_id needs the options again (to tell a different request under it): a
-                # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
-                digest = options_digest(parsed.options) if request_id else b""
-                del parsed
-                return await self._executor.perform(request, task, request_id, digest, timeout_ms, rpc_deadline,
-                                                    received_at, wants)
-            except Refusal as exc:
-                raise RequestError.of(exc) from None
-        except RequestError as exc:
-            await self._abort(context, exc)
-            raise AssertionError("unreachable") from exc  # abort raises
+        self._executor.check_room(len(request))
+        parsed, task = self._validate(request)
+        request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
+        wants = Wants(parsed.priority, parsed.fairness_key,
+                      parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None,
+                      parsed.grace_ms / 1e3 if parsed.grace_ms else None)
+        # Only a request_id needs the options again (to tell a different request under it): a
+        # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
+        digest = options_digest(parsed.options) if request_id else b""
+        return request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants
 
     def _validate(self, request: bytes) -> tuple[PerformRequest, Task]:
         try:
@@ -186,6 +233,8 @@ class TaskRunnerService:
             )
         return parsed, task
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError | Refusal) -> None:
+        if isinstance(error, Refusal):
+            error = RequestError.of(error)
         self._metrics.rejected.labels(error.code.name).inc()
         await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())

@@ -6,6 +6,7 @@ hello); after that:
 
     daemon -> Fork(uids)        fork a spare task process under each uid (NO_UID: run_as_user's own)
     daemon -> Kill(pid, serial, why)   kill that task process's tree now
+    daemon -> Notice(pid, serial)      tell it to stop: SIGTERM to its process group
     fork server -> ForkFailed(uids)    these forks failed (EAGAIN, EMFILE): ask again later
     fork server -> Ready(pid, serial, uid, cgroup)   a spare is ready; SCM_RIGHTS: its channel,
                                 stdout, stderr. The serial tells this process from a later one that
@@ -13,8 +14,10 @@ hello); after that:
     fork server -> Exited(pid, status, usage, why, oom_killed)   a task process was reaped
 
 Daemon <-> task process: its channel, fd 3, a stream socket of length-prefixed frames: the daemon
-sends an Assignment frame (the limits, the working directory, then the serialized PerformRequest
-as it came); the task process answers one PerformResponse frame.
+sends an Assignment frame (the limits, the working directory, the deadline, the request id, then
+the serialized PerformRequest as it came); the task process sends frames of a kind byte and a
+payload: progress and heartbeats (PerformEvent.Progress, .Heartbeat) as the task reports them
+(task_runner.task), and last its answer, one PerformResponse.
 
 This module is imported by the fork server, so by every task process: struct and the generated
 messages only.
@@ -32,15 +35,18 @@ FRAME = struct.Struct("!I")  # the length of the frame that follows
 NO_LIMIT = -1
 BY_CGROUP = -2  # a limit the task's cgroup carries instead (pids.max)
 NO_UID = 0xFFFF_FFFF
+# The kinds of frame a task process sends on its channel, each a kind byte then its payload.
+PROGRESS, HEARTBEAT, ANSWER = b"P", b"H", b"A"  # PerformEvent.Progress, .Heartbeat, the PerformResponse
 # The error type of the answer for options a Struct can carry but JSON cannot (NaN, nesting too
 # deep), found before any task code runs: the daemon answers the call INVALID_ARGUMENT.
 INVALID_OPTIONS = "InvalidOptions"
 
 _COUNT = struct.Struct("!cI")
 _KILL = struct.Struct("!cIIB")
+_NOTICE = struct.Struct("!cII")
 _READY = struct.Struct("!cIII")
 _EXITED = struct.Struct("!cIiddqBB")
-_ASSIGNMENT = struct.Struct("!qqqqqH")
+_ASSIGNMENT = struct.Struct("!qqqqqdHH")
 
 
 class Stop(enum.IntEnum):
@@ -51,6 +57,7 @@ class Stop(enum.IntEnum):
     CANCELLED = 2
     RESULT_TOO_LARGE = 3
     LINGERED = 4  # it answered, then did not end
+    STALLED = 5  # it sent a heartbeat, then none for longer than its heartbeat timeout
 
 
 class Limits(NamedTuple):
@@ -68,19 +75,25 @@ class Assignment(NamedTuple):
 
     limits: Limits
     workdir: str
+    deadline: float  # time.monotonic() when its tree is killed (CLOCK_MONOTONIC is the machine's)
+    request_id: str
 
     def head(self, request_size: int) -> bytes:
         """The frame's start; the serialized request of `request_size` bytes follows it, sent as it is."""
-        directory = self.workdir.encode()
-        head = _ASSIGNMENT.pack(*self.limits, len(directory)) + directory
+        directory, request_id = self.workdir.encode(), self.request_id.encode()
+        head = (_ASSIGNMENT.pack(*self.limits, self.deadline, len(directory), len(request_id))
+                + directory + request_id)
         return FRAME.pack(len(head) + request_size) + head
 
     @classmethod
     def unpack(cls, frame: bytes) -> tuple[Assignment, bytes]:
         """The assignment in a frame (without its length), and the serialized request after it."""
-        *limits, length = _ASSIGNMENT.unpack_from(frame)
+        *limits, deadline, directory, request_id = _ASSIGNMENT.unpack_from(frame)
         start = _ASSIGNMENT.size
-        return cls(Limits(*limits), frame[start:start + length].decode()), frame[start + length:]
+        middle = start + directory
+        end = middle + request_id
+        assignment = cls(Limits(*limits), frame[start:middle].decode(), deadline, frame[middle:end].decode())
+        return assignment, frame[end:]
 
 
 class Fork(NamedTuple):
@@ -106,6 +119,16 @@ class Kill(NamedTuple):
         return _KILL.pack(b"K", *self)
 
 
+class Notice(NamedTuple):
+    """Tell that task process to stop: SIGTERM to its process group (it is killed later, by a Kill)."""
+
+    pid: int
+    serial: int
+
+    def pack(self) -> bytes:
+        return _NOTICE.pack(b"N", *self)
+
+
 class Ready(NamedTuple):
     pid: int
     serial: int
@@ -129,7 +152,7 @@ class Exited(NamedTuple):
         return _EXITED.pack(b"X", *self)
 
 
-Message = Fork | ForkFailed | Kill | Ready | Exited
+Message = Fork | ForkFailed | Kill | Notice | Ready | Exited
 
 
 def unpack(message: bytes) -> Message:
@@ -143,6 +166,8 @@ def unpack(message: bytes) -> Message:
         count = _COUNT.unpack_from(message)[1]
         uids = struct.unpack_from(f"!{count}I", message, _COUNT.size)
         return Fork(uids) if kind == b"F" else ForkFailed(uids)
+    if kind == b"N":
+        return Notice(*_NOTICE.unpack(message)[1:])
     if kind == b"K":
         pid, serial, why = _KILL.unpack(message)[1:]
         return Kill(pid, serial, Stop(why))

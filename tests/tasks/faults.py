@@ -338,7 +338,7 @@ def answer_then_linger(options):
 
     _record(options, os.getpid())
     payload = PerformResponse(outcome=True).SerializeToString()
-    os.write(3, struct.pack("!I", len(payload)) + payload)
+    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as wire.py has it
     time.sleep(600)
 
 
@@ -380,7 +380,7 @@ def forge_answer(options):
     response.error.message = "forged by the task"
     response.error.signal = 9
     payload = response.SerializeToString()
-    os.write(3, struct.pack("!I", len(payload)) + payload)
+    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as wire.py has it
     os._exit(0)
 
 
@@ -485,3 +485,85 @@ def log_start(options):
     with open(options["log"], "a") as f:
         f.write(f"{label} end {time.monotonic():.6f}\n")
     return True
+
+
+def chatty(options):
+    """Report progress, print to both streams, send a heartbeat; answer with what task_runner.task says."""
+    from task_runner import task
+
+    task.progress(0.5, stage="half", k=1)
+    print("out-line", flush=True)
+    print("err-line", file=sys.stderr, flush=True)
+    task.heartbeat(n=1)
+    time.sleep(0.2)  # the heartbeat goes out within 50 ms of the progress before it
+    return True, {"request_id": task.request_id()}
+
+
+def gated_progress(options):
+    """Report progress, wait for the gate file, report progress again."""
+    from task_runner import task
+
+    task.progress(0.1, stage="waiting")
+    while not os.path.exists(options["gate"]):
+        time.sleep(0.005)
+    task.progress(1.0, stage="done")
+    time.sleep(0.1)
+    return True
+
+
+def until_cancelled(options):
+    """Record its pid and a child's, wait until told to stop, then clean up and answer (outcome false)."""
+    from task_runner import task
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    _record(options, os.getpid(), child.pid)
+    while not task.cancelled():
+        time.sleep(0.005)
+    left = task.remaining()
+    child.kill()
+    child.wait()
+    return False, {"cleaned": True, "remaining": left}
+
+
+def ignores_notice(options):
+    """Record its pid and a child's, then run on, whatever it is told."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    _record(options, os.getpid(), child.pid)
+    time.sleep(600)
+
+
+async def async_until_cancelled(options):
+    """An async task whose coroutine is cancelled when it is told to stop: it cleans up and answers."""
+    try:
+        await asyncio.sleep(600)
+    except asyncio.CancelledError:
+        return False, {"cleaned": True}
+    return True
+
+
+def remaining_now(options):
+    from task_runner import task
+
+    return True, {"remaining": task.remaining()}
+
+
+def heartbeat_then_hang(options):
+    from task_runner import task
+
+    task.heartbeat(step="one")
+    time.sleep(600)
+
+
+def flood(options):
+    """Report progress and print as fast as it can for options["s"] seconds."""
+    from task_runner import task
+
+    end = time.monotonic() + options.get("s", 2)
+    line = "x" * 1000 + "\n"
+    i = 0
+    while time.monotonic() < end:
+        for _ in range(100):
+            task.progress(i % 1000 / 1000, stage="flooding", i=i)
+            i += 1
+        sys.stdout.write(line * 64)
+    return True, {"updates": i}

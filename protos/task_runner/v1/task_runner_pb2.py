@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n task_runner/v1/task_runner.proto\x12\x0etask_runner.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xb2\x01\n\x0ePerformRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0c\x66\x61irness_key\x18\x06 \x01(\t\x12\x18\n\x10queue_timeout_ms\x18\x07 \x01(\r\"\xa9\x02\n\x0fPerformResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\x08\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.task_runner.v1.TaskError\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.task_runner.v1.Usage\x12&\n\x06stdout\x18\x05 \x01(\x0b\x32\x16.task_runner.v1.Output\x12&\n\x06stderr\x18\x06 \x01(\x0b\x32\x16.task_runner.v1.Output\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.task_runner.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xb2\x02\n\tTaskError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.task_runner.v1.TaskError.Kind\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\r\n\x05limit\x18\x07 \x01(\t\"\x92\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tEXCEPTION\x10\x01\x12\x0b\n\x07TIMEOUT\x10\x02\x12\x0b\n\x07\x43RASHED\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\x12\n\x0eRESULT_INVALID\x10\x05\x12\x14\n\x10RESULT_TOO_LARGE\x10\x06\x12\x12\n\x0eLIMIT_EXCEEDED\x10\x07\"|\n\x05Usage\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x01\x12\x13\n\x0buser_cpu_ms\x18\x02 \x01(\x01\x12\x15\n\rsystem_cpu_ms\x18\x03 \x01(\x01\x12\x13\n\x0bmax_rss_kib\x18\x04 \x01(\x04\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\"-\n\x06Output\x12\x0c\n\x04tail\x18\x01 \x01(\x0c\x12\x15\n\rdropped_bytes\x18\x02 \x01(\x04\"Q\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08start_ms\x18\x02 \x01(\x01\x12\x0e\n\x06run_ms\x18\x03 \x01(\x01\x12\x12\n\ncollect_ms\x18\x04 \x01(\x01\"\x12\n\x10ListTasksRequest\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.task_runner.v1.TaskInfo\"\xc3\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_ms\x18\x03 \x01(\r\x12\x16\n\x0emax_timeout_ms\x18\x04 \x01(\r\x12\x14\n\x0cimport_error\x18\x05 \x01(\t\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x12\n\nmax_queued\x18\x07 \x01(\r\x12\x12\n\nrate_per_s\x18\x08 \x01(\x01\x12\r\n\x05\x62urst\x18\t \x01(\r2\xaa\x01\n\nTaskRunner\x12J\n\x07Perform\x12\x1e.task_runner.v1.PerformRequest\x1a\x1f.task_runner.v1.PerformResponse\x12P\n\tListTasks\x12 .task_runner.v1.ListTasksRequest\x1a!.task_runner.v1.ListTasksResponseB|\n\x1fio.github.isolatedtaskrunner.v1P\x01ZWgithub.com/isolated-task-runner/isolated-task-runner/gen/go/task_runner/v1;taskrunnerv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n task_runner/v1/task_runner.proto\x12\x0etask_runner.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xc4\x01\n\x0ePerformRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x12\n\ntimeout_ms\x18\x02 \x01(\r\x12(\n\x07options\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12\x14\n\x0c\x66\x61irness_key\x18\x06 \x01(\t\x12\x18\n\x10queue_timeout_ms\x18\x07 \x01(\r\x12\x10\n\x08grace_ms\x18\x08 \x01(\r\"\"\n\x0cWatchRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"5\n\rCancelRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08grace_ms\x18\x02 \x01(\r\"%\n\x0e\x43\x61ncelResponse\x12\x13\n\x0bwas_running\x18\x01 \x01(\x08\"\xe7\x06\n\x0cPerformEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0f\n\x07time_ms\x18\x02 \x01(\x01\x12\x35\n\x06queued\x18\x03 \x01(\x0b\x32#.task_runner.v1.PerformEvent.QueuedH\x00\x12\x37\n\x07started\x18\x04 \x01(\x0b\x32$.task_runner.v1.PerformEvent.StartedH\x00\x12\x39\n\x08progress\x18\x05 \x01(\x0b\x32%.task_runner.v1.PerformEvent.ProgressH\x00\x12:\n\x06output\x18\x06 \x01(\x0b\x32(.task_runner.v1.PerformEvent.OutputChunkH\x00\x12;\n\theartbeat\x18\x07 \x01(\x0b\x32&.task_runner.v1.PerformEvent.HeartbeatH\x00\x12\x33\n\x08response\x18\x08 \x01(\x0b\x32\x1f.task_runner.v1.PerformResponseH\x00\x12/\n\x03gap\x18\t \x01(\x0b\x32 .task_runner.v1.PerformEvent.GapH\x00\x1a\x1a\n\x06Queued\x12\x10\n\x08position\x18\x01 \x01(\r\x1a\x16\n\x07Started\x12\x0b\n\x03pid\x18\x01 \x01(\x05\x1ag\n\x08Progress\x12\x15\n\x08\x66raction\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05stage\x18\x02 \x01(\t\x12(\n\x07\x64\x65tails\x18\x03 \x01(\x0b\x32\x17.google.protobuf.StructB\x0b\n\t_fraction\x1a\xad\x01\n\x0bOutputChunk\x12?\n\x06stream\x18\x01 \x01(\x0e\x32/.task_runner.v1.PerformEvent.OutputChunk.Stream\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x15\n\rdropped_bytes\x18\x03 \x01(\x04\"8\n\x06Stream\x12\x16\n\x12STREAM_UNSPECIFIED\x10\x00\x12\n\n\x06STDOUT\x10\x01\x12\n\n\x06STDERR\x10\x02\x1a\x35\n\tHeartbeat\x12(\n\x07\x64\x65tails\x18\x01 \x01(\x0b\x32\x17.google.protobuf.Struct\x1a\x1d\n\x03Gap\x12\x16\n\x0e\x65vents_dropped\x18\x01 \x01(\x04\x42\x07\n\x05\x65vent\"\xa9\x02\n\x0fPerformResponse\x12\x0f\n\x07outcome\x18\x01 \x01(\x08\x12\'\n\x06result\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x19.task_runner.v1.TaskError\x12$\n\x05usage\x18\x04 \x01(\x0b\x32\x15.task_runner.v1.Usage\x12&\n\x06stdout\x18\x05 \x01(\x0b\x32\x16.task_runner.v1.Output\x12&\n\x06stderr\x18\x06 \x01(\x0b\x32\x16.task_runner.v1.Output\x12(\n\x07timings\x18\x07 \x01(\x0b\x32\x17.task_runner.v1.Timings\x12\x12\n\nrequest_id\x18\x08 \x01(\t\"\xd5\x02\n\tTaskError\x12,\n\x04kind\x18\x01 \x01(\x0e\x32\x1e.task_runner.v1.TaskError.Kind\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\ttraceback\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\x12\r\n\x05limit\x18\x07 \x01(\t\x12\x14\n\x0cnotice_given\x18\x08 \x01(\x08\"\x9f\x01\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\r\n\tEXCEPTION\x10\x01\x12\x0b\n\x07TIMEOUT\x10\x02\x12\x0b\n\x07\x43RASHED\x10\x03\x12\r\n\tCANCELLED\x10\x04\x12\x12\n\x0eRESULT_INVALID\x10\x05\x12\x14\n\x10RESULT_TOO_LARGE\x10\x06\x12\x12\n\x0eLIMIT_EXCEEDED\x10\x07\x12\x0b\n\x07STALLED\x10\x08\"|\n\x05Usage\x12\x0f\n\x07wall_ms\x18\x01 \x01(\x01\x12\x13\n\x0buser_cpu_ms\x18\x02 \x01(\x01\x12\x15\n\rsystem_cpu_ms\x18\x03 \x01(\x01\x12\x13\n\x0bmax_rss_kib\x18\x04 \x01(\x04\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0e\n\x06signal\x18\x06 \x01(\x05\"-\n\x06Output\x12\x0c\n\x04tail\x18\x01 \x01(\x0c\x12\x15\n\rdropped_bytes\x18\x02 \x01(\x04\"Q\n\x07Timings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x10\n\x08start_ms\x18\x02 \x01(\x01\x12\x0e\n\x06run_ms\x18\x03 \x01(\x01\x12\x12\n\ncollect_ms\x18\x04 \x01(\x01\"\x12\n\x10ListTasksRequest\"<\n\x11ListTasksResponse\x12\'\n\x05tasks\x18\x01 \x03(\x0b\x32\x18.task_runner.v1.TaskInfo\"\xf3\x01\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_ms\x18\x03 \x01(\r\x12\x16\n\x0emax_timeout_ms\x18\x04 \x01(\r\x12\x14\n\x0cimport_error\x18\x05 \x01(\t\x12\x13\n\x0bmax_running\x18\x06 \x01(\r\x12\x12\n\nmax_queued\x18\x07 \x01(\r\x12\x12\n\nrate_per_s\x18\x08 \x01(\x01\x12\r\n\x05\x62urst\x18\t \x01(\r\x12\x10\n\x08grace_ms\x18\n \x01(\r\x12\x1c\n\x14heartbeat_timeout_ms\x18\x0b \x01(\r2\x8b\x03\n\nTaskRunner\x12J\n\x07Perform\x12\x1e.task_runner.v1.PerformRequest\x1a\x1f.task_runner.v1.PerformResponse\x12O\n\rPerformStream\x12\x1e.task_runner.v1.PerformRequest\x1a\x1c.task_runner.v1.PerformEvent0\x01\x12\x45\n\x05Watch\x12\x1c.task_runner.v1.WatchRequest\x1a\x1c.task_runner.v1.PerformEvent0\x01\x12G\n\x06\x43\x61ncel\x12\x1d.task_runner.v1.CancelRequest\x1a\x1e.task_runner.v1.CancelResponse\x12P\n\tListTasks\x12 .task_runner.v1.ListTasksRequest\x1a!.task_runner.v1.ListTasksResponseB|\n\x1fio.github.isolatedtaskrunner.v1P\x01ZWgithub.com/isolated-task-runner/isolated-task-runner/gen/go/task_runner/v1;taskrunnerv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,25 +34,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\037io.github.isolatedtaskrunner.v1P\001ZWgithub.com/isolated-task-runner/isolated-task-runner/gen/go/task_runner/v1;taskrunnerv1'
   _globals['_PERFORMREQUEST']._serialized_start=83
-  _globals['_PERFORMREQUEST']._serialized_end=261
-  _globals['_PERFORMRESPONSE']._serialized_start=264
-  _globals['_PERFORMRESPONSE']._serialized_end=561
-  _globals['_TASKERROR']._serialized_start=564
-  _globals['_TASKERROR']._serialized_end=870
-  _globals['_TASKERROR_KIND']._serialized_start=724
-  _globals['_TASKERROR_KIND']._serialized_end=870
-  _globals['_USAGE']._serialized_start=872
-  _globals['_USAGE']._serialized_end=996
-  _globals['_OUTPUT']._serialized_start=998
-  _globals['_OUTPUT']._serialized_end=1043
-  _globals['_TIMINGS']._serialized_start=1045
-  _globals['_TIMINGS']._serialized_end=1126
-  _globals['_LISTTASKSREQUEST']._serialized_start=1128
-  _globals['_LISTTASKSREQUEST']._serialized_end=1146
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1148
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1208
-  _globals['_TASKINFO']._serialized_start=1211
-  _globals['_TASKINFO']._serialized_end=1406
-  _globals['_TASKRUNNER']._serialized_start=1409
-  _globals['_TASKRUNNER']._serialized_end=1579
+  _globals['_PERFORMREQUEST']._serialized_end=279
+  _globals['_WATCHREQUEST']._serialized_start=281
+  _globals['_WATCHREQUEST']._serialized_end=315
+  _globals['_CANCELREQUEST']._serialized_start=317
+  _globals['_CANCELREQUEST']._serialized_end=370
+  _globals['_CANCELRESPONSE']._serialized_start=372
+  _globals['_CANCELRESPONSE']._serialized_end=409
+  _globals['_PERFORMEVENT']._serialized_start=412
+  _globals['_PERFORMEVENT']._serialized_end=1283
+  _globals['_PERFORMEVENT_QUEUED']._serialized_start=857
+  _globals['_PERFORMEVENT_QUEUED']._serialized_end=883
+  _globals['_PERFORMEVENT_STARTED']._serialized_start=885
+  _globals['_PERFORMEVENT_STARTED']._serialized_end=907
+  _globals['_PERFORMEVENT_PROGRESS']._serialized_start=909
+  _globals['_PERFORMEVENT_PROGRESS']._serialized_end=1012
+  _globals['_PERFORMEVENT_OUTPUTCHUNK']._serialized_start=1015
+  _globals['_PERFORMEVENT_OUTPUTCHUNK']._serialized_end=1188
+  _globals['_PERFORMEVENT_OUTPUTCHUNK_STREAM']._serialized_start=1132
+  _globals['_PERFORMEVENT_OUTPUTCHUNK_STREAM']._serialized_end=1188
+  _globals['_PERFORMEVENT_HEARTBEAT']._serialized_start=1190
+  _globals['_PERFORMEVENT_HEARTBEAT']._serialized_end=1243
+  _globals['_PERFORMEVENT_GAP']._serialized_start=1245
+  _globals['_PERFORMEVENT_GAP']._serialized_end=1274
+  _globals['_PERFORMRESPONSE']._serialized_start=1286
+  _globals['_PERFORMRESPONSE']._serialized_end=1583
+  _globals['_TASKERROR']._serialized_start=1586
+  _globals['_TASKERROR']._serialized_end=1927
+  _globals['_TASKERROR_KIND']._serialized_start=1768
+  _globals['_TASKERROR_KIND']._serialized_end=1927
+  _globals['_USAGE']._serialized_start=1929
+  _globals['_USAGE']._serialized_end=2053
+  _globals['_OUTPUT']._serialized_start=2055
+  _globals['_OUTPUT']._serialized_end=2100
+  _globals['_TIMINGS']._serialized_start=2102
+  _globals['_TIMINGS']._serialized_end=2183
+  _globals['_LISTTASKSREQUEST']._serialized_start=2185
+  _globals['_LISTTASKSREQUEST']._serialized_end=2203
+  _globals['_LISTTASKSRESPONSE']._serialized_start=2205
+  _globals['_LISTTASKSRESPONSE']._serialized_end=2265
+  _globals['_TASKINFO']._serialized_start=2268
+  _globals['_TASKINFO']._serialized_end=2511
+  _globals['_TASKRUNNER']._serialized_start=2514
+  _globals['_TASKRUNNER']._serialized_end=2909
 # @@protoc_insertion_point(module_scope)

@@ -78,6 +78,7 @@ class PerformRequest(_message.Message):
     PRIORITY_FIELD_NUMBER: _builtins.int
     FAIRNESS_KEY_FIELD_NUMBER: _builtins.int
     QUEUE_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    GRACE_MS_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     """The registered name of the task, e.g. "echo". A caller never names a module
     path: only tasks the operator registered can run. Unknown -> NOT_FOUND.
@@ -113,6 +114,13 @@ class PerformRequest(_message.Message):
     answered DEADLINE_EXCEEDED at once and never runs. 0: no such bound (the
     RPC's own deadline still counts).
     """
+    grace_ms: _builtins.int
+    """The task's notice before its deadline, in milliseconds: at the deadline minus
+    this, the task is told to stop (task_runner.task.cancelled() turns true,
+    SIGTERM goes to its process group, an async task's coroutine is cancelled)
+    and it is killed whole at the deadline; an answer it gives meanwhile is its
+    answer. 0: the task's configured grace_ms (0 by default: no notice).
+    """
     @_builtins.property
     def options(self) -> _struct_pb2.Struct:
         """The task's input, a JSON object. Whole numbers within +-2^53 reach the task
@@ -129,14 +137,283 @@ class PerformRequest(_message.Message):
         priority: _builtins.int = ...,
         fairness_key: _builtins.str = ...,
         queue_timeout_ms: _builtins.int = ...,
+        grace_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["options", b"options"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["fairness_key", b"fairness_key", "options", b"options", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "request_id", b"request_id", "task", b"task", "timeout_ms", b"timeout_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fairness_key", b"fairness_key", "grace_ms", b"grace_ms", "options", b"options", "priority", b"priority", "queue_timeout_ms", b"queue_timeout_ms", "request_id", b"request_id", "task", b"task", "timeout_ms", b"timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PerformRequest: _TypeAlias = PerformRequest  # noqa: Y015
+
+@_typing.final
+class WatchRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchRequest: _TypeAlias = WatchRequest  # noqa: Y015
+
+@_typing.final
+class CancelRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    GRACE_MS_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    grace_ms: _builtins.int
+    """The task's notice before it is killed; 0: killed at once."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        grace_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_ms", b"grace_ms", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelRequest: _TypeAlias = CancelRequest  # noqa: Y015
+
+@_typing.final
+class CancelResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WAS_RUNNING_FIELD_NUMBER: _builtins.int
+    was_running: _builtins.bool
+    """True if the execution was running (the task is being stopped); false if it
+    was still queued (it left the queue and never ran).
+    """
+    def __init__(
+        self,
+        *,
+        was_running: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["was_running", b"was_running"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
+
+@_typing.final
+class PerformEvent(_message.Message):
+    """PerformEvent: one thing that happened to an execution, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class Queued(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        POSITION_FIELD_NUMBER: _builtins.int
+        position: _builtins.int
+        """How many calls waited for a slot before this one when it arrived."""
+        def __init__(
+            self,
+            *,
+            position: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["position", b"position"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Started(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        PID_FIELD_NUMBER: _builtins.int
+        pid: _builtins.int
+        """The task process (its pid on the daemon's machine)."""
+        def __init__(
+            self,
+            *,
+            pid: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Progress(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        FRACTION_FIELD_NUMBER: _builtins.int
+        STAGE_FIELD_NUMBER: _builtins.int
+        DETAILS_FIELD_NUMBER: _builtins.int
+        fraction: _builtins.float
+        """0..1, when the task says how far it is."""
+        stage: _builtins.str
+        """What it is doing, in a few words."""
+        @_builtins.property
+        def details(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            fraction: _builtins.float | None = ...,
+            stage: _builtins.str = ...,
+            details: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["_fraction", b"_fraction", "details", b"details", "fraction", b"fraction"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["_fraction", b"_fraction", "details", b"details", "fraction", b"fraction", "stage", b"stage"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        _WhichOneofReturnType__fraction: _TypeAlias = _typing.Literal["fraction"]  # noqa: Y015
+        _WhichOneofArgType__fraction: _TypeAlias = _typing.Literal["_fraction", b"_fraction"]  # noqa: Y015
+        def WhichOneof(self, oneof_group: _WhichOneofArgType__fraction) -> _WhichOneofReturnType__fraction | None: ...
+
+    @_typing.final
+    class OutputChunk(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        class _Stream:
+            ValueType = _typing.NewType("ValueType", _builtins.int)
+            V: _TypeAlias = ValueType  # noqa: Y015
+
+        class _StreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[PerformEvent.OutputChunk._Stream.ValueType], _builtins.type):
+            DESCRIPTOR: _descriptor.EnumDescriptor
+            STREAM_UNSPECIFIED: PerformEvent.OutputChunk._Stream.ValueType  # 0
+            STDOUT: PerformEvent.OutputChunk._Stream.ValueType  # 1
+            STDERR: PerformEvent.OutputChunk._Stream.ValueType  # 2
+
+        class Stream(_Stream, metaclass=_StreamEnumTypeWrapper): ...
+        STREAM_UNSPECIFIED: PerformEvent.OutputChunk.Stream.ValueType  # 0
+        STDOUT: PerformEvent.OutputChunk.Stream.ValueType  # 1
+        STDERR: PerformEvent.OutputChunk.Stream.ValueType  # 2
+
+        STREAM_FIELD_NUMBER: _builtins.int
+        DATA_FIELD_NUMBER: _builtins.int
+        DROPPED_BYTES_FIELD_NUMBER: _builtins.int
+        stream: Global___PerformEvent.OutputChunk.Stream.ValueType
+        data: _builtins.bytes
+        dropped_bytes: _builtins.int
+        """Bytes of this stream the task wrote before this chunk that no event
+        carried (a task printing faster than the daemon streams); the response's
+        tails still hold the end of each stream.
+        """
+        def __init__(
+            self,
+            *,
+            stream: Global___PerformEvent.OutputChunk.Stream.ValueType = ...,
+            data: _builtins.bytes = ...,
+            dropped_bytes: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "dropped_bytes", b"dropped_bytes", "stream", b"stream"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Heartbeat(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        DETAILS_FIELD_NUMBER: _builtins.int
+        @_builtins.property
+        def details(self) -> _struct_pb2.Struct: ...
+        def __init__(
+            self,
+            *,
+            details: _struct_pb2.Struct | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["details", b"details"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class Gap(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        EVENTS_DROPPED_FIELD_NUMBER: _builtins.int
+        events_dropped: _builtins.int
+        """Events before this one that this stream does not carry (dropped from the
+        buffer before a Watch attached, or while a watcher fell behind).
+        """
+        def __init__(
+            self,
+            *,
+            events_dropped: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["events_dropped", b"events_dropped"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    SEQUENCE_FIELD_NUMBER: _builtins.int
+    TIME_MS_FIELD_NUMBER: _builtins.int
+    QUEUED_FIELD_NUMBER: _builtins.int
+    STARTED_FIELD_NUMBER: _builtins.int
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    GAP_FIELD_NUMBER: _builtins.int
+    sequence: _builtins.int
+    """1, 2, 3, ... for each execution; a gap in the numbers is where events were
+    dropped (see `gap`).
+    """
+    time_ms: _builtins.float
+    """When it happened, in milliseconds since the call arrived at the daemon."""
+    @_builtins.property
+    def queued(self) -> Global___PerformEvent.Queued: ...
+    @_builtins.property
+    def started(self) -> Global___PerformEvent.Started: ...
+    @_builtins.property
+    def progress(self) -> Global___PerformEvent.Progress: ...
+    @_builtins.property
+    def output(self) -> Global___PerformEvent.OutputChunk: ...
+    @_builtins.property
+    def heartbeat(self) -> Global___PerformEvent.Heartbeat: ...
+    @_builtins.property
+    def response(self) -> Global___PerformResponse:
+        """The last event: the answer, as the unary Perform gives it."""
+
+    @_builtins.property
+    def gap(self) -> Global___PerformEvent.Gap: ...
+    def __init__(
+        self,
+        *,
+        sequence: _builtins.int = ...,
+        time_ms: _builtins.float = ...,
+        queued: Global___PerformEvent.Queued | None = ...,
+        started: Global___PerformEvent.Started | None = ...,
+        progress: Global___PerformEvent.Progress | None = ...,
+        output: Global___PerformEvent.OutputChunk | None = ...,
+        heartbeat: Global___PerformEvent.Heartbeat | None = ...,
+        response: Global___PerformResponse | None = ...,
+        gap: Global___PerformEvent.Gap | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "heartbeat", b"heartbeat", "output", b"output", "progress", b"progress", "queued", b"queued", "response", b"response", "started", b"started"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "gap", b"gap", "heartbeat", b"heartbeat", "output", b"output", "progress", b"progress", "queued", b"queued", "response", b"response", "sequence", b"sequence", "started", b"started", "time_ms", b"time_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["queued", "started", "progress", "output", "heartbeat", "response", "gap"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___PerformEvent: _TypeAlias = PerformEvent  # noqa: Y015
 
 @_typing.final
 class PerformResponse(_message.Message):
@@ -241,6 +518,10 @@ class TaskError(_message.Message):
         """The task exceeded one of its resource limits (memory, CPU time, file size,
         processes); `limit` names which. Its process tree was killed.
         """
+        STALLED: TaskError._Kind.ValueType  # 8
+        """The task sent a heartbeat (or progress), then none for longer than its
+        heartbeat_timeout_ms: its whole process tree was killed, before its deadline.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: TaskError.Kind.ValueType  # 0
@@ -272,6 +553,10 @@ class TaskError(_message.Message):
     """The task exceeded one of its resource limits (memory, CPU time, file size,
     processes); `limit` names which. Its process tree was killed.
     """
+    STALLED: TaskError.Kind.ValueType  # 8
+    """The task sent a heartbeat (or progress), then none for longer than its
+    heartbeat_timeout_ms: its whole process tree was killed, before its deadline.
+    """
 
     KIND_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
@@ -280,6 +565,7 @@ class TaskError(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
+    NOTICE_GIVEN_FIELD_NUMBER: _builtins.int
     kind: Global___TaskError.Kind.ValueType
     type: _builtins.str
     """The exception's type, e.g. "ValueError" or "builtins.ValueError" form
@@ -302,6 +588,10 @@ class TaskError(_message.Message):
     """For LIMIT_EXCEEDED: which limit, one of "memory", "cpu_time", "file_size",
     "processes", "open_files".
     """
+    notice_given: _builtins.bool
+    """For TIMEOUT and CANCELLED: whether the task was told to stop before it was
+    killed (its grace, see PerformRequest.grace_ms).
+    """
     def __init__(
         self,
         *,
@@ -312,10 +602,11 @@ class TaskError(_message.Message):
         exit_code: _builtins.int = ...,
         signal: _builtins.int = ...,
         limit: _builtins.str = ...,
+        notice_given: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "limit", b"limit", "message", b"message", "signal", b"signal", "traceback", b"traceback", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "limit", b"limit", "message", b"message", "notice_given", b"notice_given", "signal", b"signal", "traceback", b"traceback", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -482,6 +773,8 @@ class TaskInfo(_message.Message):
     MAX_QUEUED_FIELD_NUMBER: _builtins.int
     RATE_PER_S_FIELD_NUMBER: _builtins.int
     BURST_FIELD_NUMBER: _builtins.int
+    GRACE_MS_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name callers use in PerformRequest.task."""
     description: _builtins.str
@@ -504,6 +797,11 @@ class TaskInfo(_message.Message):
     max_queued: _builtins.int
     rate_per_s: _builtins.float
     burst: _builtins.int
+    grace_ms: _builtins.int
+    """Its notice before the deadline (see PerformRequest.grace_ms) and, if set, how
+    long it may go without a heartbeat once it has sent one (STALLED after).
+    """
+    heartbeat_timeout_ms: _builtins.int
     def __init__(
         self,
         *,
@@ -516,10 +814,12 @@ class TaskInfo(_message.Message):
         max_queued: _builtins.int = ...,
         rate_per_s: _builtins.float = ...,
         burst: _builtins.int = ...,
+        grace_ms: _builtins.int = ...,
+        heartbeat_timeout_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "default_timeout_ms", b"default_timeout_ms", "description", b"description", "import_error", b"import_error", "max_queued", b"max_queued", "max_running", b"max_running", "max_timeout_ms", b"max_timeout_ms", "name", b"name", "rate_per_s", b"rate_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "default_timeout_ms", b"default_timeout_ms", "description", b"description", "grace_ms", b"grace_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "import_error", b"import_error", "max_queued", b"max_queued", "max_running", b"max_running", "max_timeout_ms", b"max_timeout_ms", "name", b"name", "rate_per_s", b"rate_per_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -40,6 +40,21 @@ class TaskRunnerStub:
                 request_serializer=task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.SerializeToString,
                 response_deserializer=task__runner_dot_v1_dot_task__runner__pb2.PerformResponse.FromString,
                 _registered_method=True)
+        self.PerformStream = channel.unary_stream(
+                '/task_runner.v1.TaskRunner/PerformStream',
+                request_serializer=task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.SerializeToString,
+                response_deserializer=task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/task_runner.v1.TaskRunner/Watch',
+                request_serializer=task__runner_dot_v1_dot_task__runner__pb2.WatchRequest.SerializeToString,
+                response_deserializer=task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/task_runner.v1.TaskRunner/Cancel',
+                request_serializer=task__runner_dot_v1_dot_task__runner__pb2.CancelRequest.SerializeToString,
+                response_deserializer=task__runner_dot_v1_dot_task__runner__pb2.CancelResponse.FromString,
+                _registered_method=True)
         self.ListTasks = channel.unary_unary(
                 '/task_runner.v1.TaskRunner/ListTasks',
                 request_serializer=task__runner_dot_v1_dot_task__runner__pb2.ListTasksRequest.SerializeToString,
@@ -61,6 +76,40 @@ class TaskRunnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PerformStream(self, request, context):
+        """PerformStream runs one task as Perform does, and streams what happens to it:
+        `queued` (if it waits for a slot), `started`, then `progress`, `output` and
+        `heartbeat` events as the task sends or prints them, and last, exactly once,
+        `response`: the very PerformResponse the unary Perform would have answered.
+        Cancelling the stream cancels the call, as for Perform.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
+        """Watch attaches, from any connection, to the execution of a request_id that
+        runs or finished within the idempotency window: it replays the events still
+        buffered (a `gap` event first where earlier ones were dropped), then follows
+        live until the `response`. Leaving a Watch does not cancel the execution.
+        An unknown request_id -> NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Cancel stops the execution of a request_id that the caller does not hold the
+        call of. With grace_ms, the task is told first (task_runner.task.cancelled()
+        turns true, SIGTERM to its process group) and killed after the grace unless
+        it answers; without, it is killed at once. A queued call leaves the queue.
+        Its callers are answered CANCELLED (or the task's own answer, if it gave one
+        within the grace). An unknown or finished request_id -> NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListTasks(self, request, context):
         """ListTasks returns the tasks this daemon serves.
         """
@@ -75,6 +124,21 @@ def add_TaskRunnerServicer_to_server(servicer, server):
                     servicer.Perform,
                     request_deserializer=task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.FromString,
                     response_serializer=task__runner_dot_v1_dot_task__runner__pb2.PerformResponse.SerializeToString,
+            ),
+            'PerformStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.PerformStream,
+                    request_deserializer=task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.FromString,
+                    response_serializer=task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.SerializeToString,
+            ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=task__runner_dot_v1_dot_task__runner__pb2.WatchRequest.FromString,
+                    response_serializer=task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=task__runner_dot_v1_dot_task__runner__pb2.CancelRequest.FromString,
+                    response_serializer=task__runner_dot_v1_dot_task__runner__pb2.CancelResponse.SerializeToString,
             ),
             'ListTasks': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTasks,
@@ -110,6 +174,87 @@ class TaskRunner:
             '/task_runner.v1.TaskRunner/Perform',
             task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.SerializeToString,
             task__runner_dot_v1_dot_task__runner__pb2.PerformResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PerformStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/task_runner.v1.TaskRunner/PerformStream',
+            task__runner_dot_v1_dot_task__runner__pb2.PerformRequest.SerializeToString,
+            task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/task_runner.v1.TaskRunner/Watch',
+            task__runner_dot_v1_dot_task__runner__pb2.WatchRequest.SerializeToString,
+            task__runner_dot_v1_dot_task__runner__pb2.PerformEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/task_runner.v1.TaskRunner/Cancel',
+            task__runner_dot_v1_dot_task__runner__pb2.CancelRequest.SerializeToString,
+            task__runner_dot_v1_dot_task__runner__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,28 @@ class TaskRunnerStub:
     Cancelling the RPC, or letting its deadline pass, kills the task's whole
     process tree.
     """
+    PerformStream: _grpc.UnaryStreamMultiCallable[_task_runner_pb2.PerformRequest, _task_runner_pb2.PerformEvent]
+    """PerformStream runs one task as Perform does, and streams what happens to it:
+    `queued` (if it waits for a slot), `started`, then `progress`, `output` and
+    `heartbeat` events as the task sends or prints them, and last, exactly once,
+    `response`: the very PerformResponse the unary Perform would have answered.
+    Cancelling the stream cancels the call, as for Perform.
+    """
+    Watch: _grpc.UnaryStreamMultiCallable[_task_runner_pb2.WatchRequest, _task_runner_pb2.PerformEvent]
+    """Watch attaches, from any connection, to the execution of a request_id that
+    runs or finished within the idempotency window: it replays the events still
+    buffered (a `gap` event first where earlier ones were dropped), then follows
+    live until the `response`. Leaving a Watch does not cancel the execution.
+    An unknown request_id -> NOT_FOUND.
+    """
+    Cancel: _grpc.UnaryUnaryMultiCallable[_task_runner_pb2.CancelRequest, _task_runner_pb2.CancelResponse]
+    """Cancel stops the execution of a request_id that the caller does not hold the
+    call of. With grace_ms, the task is told first (task_runner.task.cancelled()
+    turns true, SIGTERM to its process group) and killed after the grace unless
+    it answers; without, it is killed at once. A queued call leaves the queue.
+    Its callers are answered CANCELLED (or the task's own answer, if it gave one
+    within the grace). An unknown or finished request_id -> NOT_FOUND.
+    """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_runner_pb2.ListTasksRequest, _task_runner_pb2.ListTasksResponse]
     """ListTasks returns the tasks this daemon serves."""
 
@@ -97,6 +119,28 @@ class TaskRunnerAsyncStub(TaskRunnerStub):
     been cancelled. Task failures are data in an OK response (see PerformResponse).
     Cancelling the RPC, or letting its deadline pass, kills the task's whole
     process tree.
+    """
+    PerformStream: _aio.UnaryStreamMultiCallable[_task_runner_pb2.PerformRequest, _task_runner_pb2.PerformEvent]  # type: ignore[assignment]
+    """PerformStream runs one task as Perform does, and streams what happens to it:
+    `queued` (if it waits for a slot), `started`, then `progress`, `output` and
+    `heartbeat` events as the task sends or prints them, and last, exactly once,
+    `response`: the very PerformResponse the unary Perform would have answered.
+    Cancelling the stream cancels the call, as for Perform.
+    """
+    Watch: _aio.UnaryStreamMultiCallable[_task_runner_pb2.WatchRequest, _task_runner_pb2.PerformEvent]  # type: ignore[assignment]
+    """Watch attaches, from any connection, to the execution of a request_id that
+    runs or finished within the idempotency window: it replays the events still
+    buffered (a `gap` event first where earlier ones were dropped), then follows
+    live until the `response`. Leaving a Watch does not cancel the execution.
+    An unknown request_id -> NOT_FOUND.
+    """
+    Cancel: _aio.UnaryUnaryMultiCallable[_task_runner_pb2.CancelRequest, _task_runner_pb2.CancelResponse]  # type: ignore[assignment]
+    """Cancel stops the execution of a request_id that the caller does not hold the
+    call of. With grace_ms, the task is told first (task_runner.task.cancelled()
+    turns true, SIGTERM to its process group) and killed after the grace unless
+    it answers; without, it is killed at once. A queued call leaves the queue.
+    Its callers are answered CANCELLED (or the task's own answer, if it gave one
+    within the grace). An unknown or finished request_id -> NOT_FOUND.
     """
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_runner_pb2.ListTasksRequest, _task_runner_pb2.ListTasksResponse]  # type: ignore[assignment]
     """ListTasks returns the tasks this daemon serves."""
@@ -114,6 +158,46 @@ class TaskRunnerServicer(metaclass=_abc_1.ABCMeta):
         been cancelled. Task failures are data in an OK response (see PerformResponse).
         Cancelling the RPC, or letting its deadline pass, kills the task's whole
         process tree.
+        """
+
+    @_abc_1.abstractmethod
+    def PerformStream(
+        self,
+        request: _task_runner_pb2.PerformRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_runner_pb2.PerformEvent], _abc.AsyncIterator[_task_runner_pb2.PerformEvent]]:
+        """PerformStream runs one task as Perform does, and streams what happens to it:
+        `queued` (if it waits for a slot), `started`, then `progress`, `output` and
+        `heartbeat` events as the task sends or prints them, and last, exactly once,
+        `response`: the very PerformResponse the unary Perform would have answered.
+        Cancelling the stream cancels the call, as for Perform.
+        """
+
+    @_abc_1.abstractmethod
+    def Watch(
+        self,
+        request: _task_runner_pb2.WatchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_task_runner_pb2.PerformEvent], _abc.AsyncIterator[_task_runner_pb2.PerformEvent]]:
+        """Watch attaches, from any connection, to the execution of a request_id that
+        runs or finished within the idempotency window: it replays the events still
+        buffered (a `gap` event first where earlier ones were dropped), then follows
+        live until the `response`. Leaving a Watch does not cancel the execution.
+        An unknown request_id -> NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _task_runner_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_runner_pb2.CancelResponse, _abc.Awaitable[_task_runner_pb2.CancelResponse]]:
+        """Cancel stops the execution of a request_id that the caller does not hold the
+        call of. With grace_ms, the task is told first (task_runner.task.cancelled()
+        turns true, SIGTERM to its process group) and killed after the grace unless
+        it answers; without, it is killed at once. A queued call leaves the queue.
+        Its callers are answered CANCELLED (or the task's own answer, if it gave one
+        within the grace). An unknown or finished request_id -> NOT_FOUND.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,209 @@
+"""An execution's events (PerformEvent), bounded: what PerformStream and Watch send.
+
+Each execution has one `EventLog`: events get a sequence number and a time as they are added,
+the last `max_events` (and `max_bytes`) are kept for a Watch to replay, and every follower
+(a PerformStream or Watch) has a bounded queue of its own: one that falls behind loses the
+oldest events it has not read, and is told how many with a `gap` event. Progress and
+heartbeats are coalesced (the latest wins, at most one every COALESCE_S), output is sent in
+chunks at most every COALESCE_S, so a task that reports or prints as fast as it can costs the
+daemon bounded memory and time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import AsyncIterator, Callable
+
+from google.protobuf.struct_pb2 import Struct
+
+from task_runner.v1.task_runner_pb2 import PerformEvent
+
+COALESCE_S = 0.05
+MAX_EVENTS = 256  # kept per execution for a Watch to replay
+MAX_BYTES = 256 << 10
+FOLLOWER_MAX = 1024  # events a follower may lag behind before it loses the oldest
+OUTPUT_CHUNK = 64 << 10  # the most one output event carries; more in one interval is dropped (counted)
+_RESPONSE_FIELD = bytes([8 << 3 | 2])  # PerformEvent.response, a length-delimited field
+Stream = PerformEvent.OutputChunk.Stream
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+class _Follower:
+    def __init__(self) -> None:
+        self.queue: collections.deque[bytes | None] = collections.deque()
+        self.dropped = 0  # events lost since the last read
+        self.wake = asyncio.Event()
+
+    def push(self, data: bytes | None) -> None:
+        if len(self.queue) >= FOLLOWER_MAX:
+            self.queue.popleft()
+            self.dropped += 1
+        self.queue.append(data)
+        self.wake.set()
+
+
+class EventLog:
+    """The events of one execution.
+
+    Args:
+        started_at: loop time the call arrived (event times count from it).
+        on_dropped: called with a count of events a follower or the buffer lost (for the metrics).
+    """
+
+    def __init__(self, started_at: float, on_dropped: Callable[[int], None] = lambda n: None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._started_at = started_at
+        self._on_dropped = on_dropped
+        self._events: collections.deque[tuple[int, bytes]] = collections.deque()
+        self._bytes = 0
+        self._sequence = 0
+        self._followers: set[_Follower] = set()
+        self._pending: dict[str, PerformEvent] = {}  # coalesced events waiting for their interval
+        self._last_sent: dict[str, float] = {}
+        self._flush: asyncio.TimerHandle | None = None
+        self._output = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
+        self._output_dropped = {Stream.STDOUT: 0, Stream.STDERR: 0}
+        self.closed = False  # the response is in: nothing follows it
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def add(self, event: PerformEvent) -> None:
+        """Add an event now (queued, started, gap-free kinds)."""
+        if self.closed:
+            return
+        self._append(event, b"")
+
+    def coalesce(self, key: str, event: PerformEvent) -> None:
+        """Add a progress or heartbeat event, at most one of each `key` every COALESCE_S; the latest wins."""
+        if self.closed:
+            return
+        now = self._loop.time()
+        if now - self._last_sent.get(key, -1.0) >= COALESCE_S and key not in self._pending:
+            self._last_sent[key] = now
+            self._append(event, b"")
+            return
+        self._pending[key] = event
+        self._arm()
+
+    def output(self, stream: PerformEvent.OutputChunk.Stream.ValueType, data: bytes) -> None:
+        """Output the task wrote: sent in chunks, at most OUTPUT_CHUNK bytes of a stream per interval."""
+        if self.closed:
+            return
+        buffer = self._output[stream]
+        room = OUTPUT_CHUNK - len(buffer)
+        buffer += data[:room]
+        if len(data) > room:
+            self._output_dropped[stream] += len(data) - max(room, 0)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._flush is None:
+            self._flush = self._loop.call_later(COALESCE_S, self.flush)
+
+    def flush(self) -> None:
+        """Add what waits to be coalesced (and the output gathered) now."""
+        self._flush = None
+        now = self._loop.time()
+        for key, event in list(self._pending.items()):
+            self._last_sent[key] = now
+            self._append(event, b"")
+        self._pending.clear()
+        for stream, buffer in self._output.items():
+            if buffer or self._output_dropped[stream]:
+                chunk = PerformEvent.OutputChunk(stream=stream, data=bytes(buffer),
+                                                 dropped_bytes=self._output_dropped[stream])
+                buffer.clear()
+                self._output_dropped[stream] = 0
+                event = PerformEvent()
+                event.output.CopyFrom(chunk)
+                self._append(event, b"")
+
+    def finish(self, answer: bytes) -> None:
+        """Add the response (a serialized PerformResponse, as the unary Perform answers it), last."""
+        if self.closed:
+            return
+        if self._flush is not None:
+            self._flush.cancel()
+        self.flush()
+        self._append(PerformEvent(), _RESPONSE_FIELD + _varint(len(answer)) + answer)
+        self.closed = True
+        for follower in self._followers:
+            follower.push(None)
+
+    def end(self) -> None:
+        """No response will come (the call was refused, or every caller left): followers stop here."""
+        if self.closed:
+            return
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        self.closed = True
+        for follower in self._followers:
+            follower.push(None)
+
+    def _append(self, event: PerformEvent, tail: bytes) -> None:
+        self._sequence += 1
+        event.sequence = self._sequence
+        event.time_ms = (self._loop.time() - self._started_at) * 1e3
+        data = event.SerializeToString() + tail
+        self._events.append((self._sequence, data))
+        self._bytes += len(data)
+        while len(self._events) > MAX_EVENTS or (self._bytes > MAX_BYTES and len(self._events) > 1):
+            _, old = self._events.popleft()
+            self._bytes -= len(old)
+        for follower in self._followers:
+            before = follower.dropped
+            follower.push(data)
+            if follower.dropped != before:
+                self._on_dropped(follower.dropped - before)
+
+    async def follow(self) -> AsyncIterator[bytes]:
+        """The serialized events: those still buffered (a gap event first if earlier ones are gone),
+        then each as it comes, until the response."""
+        follower = _Follower()
+        first = self._events[0][0] if self._events else self._sequence + 1
+        if first > 1:
+            follower.dropped = first - 1
+        for _, buffered in self._events:
+            follower.queue.append(buffered)
+        if self.closed:
+            follower.queue.append(None)
+        self._followers.add(follower)
+        try:
+            while True:
+                while not follower.queue:
+                    follower.wake.clear()
+                    await follower.wake.wait()
+                if follower.dropped:
+                    gap = PerformEvent()
+                    gap.gap.events_dropped, follower.dropped = follower.dropped, 0
+                    yield gap.SerializeToString()
+                data = follower.queue.popleft()
+                if data is None:
+                    return
+                yield data
+        finally:
+            self._followers.discard(follower)
+
+
+def progress_event(message: PerformEvent.Progress) -> PerformEvent:
+    event = PerformEvent()
+    event.progress.CopyFrom(message)
+    return event
+
+
+def heartbeat_event(details: Struct) -> PerformEvent:
+    event = PerformEvent()
+    event.heartbeat.details.CopyFrom(details)
+    return event
