@@ -127,6 +127,7 @@ class _Answer:
                 f"the result is {len(payload)} bytes, above the cap of {self._result_max_bytes} bytes",
             ).SerializeToString()
         _flush_output()
+        task_api._channel.flush()
         with contextlib.suppress(OSError):
             task_api._channel.write(task_api.ANSWER, payload)
         os._exit(0)

@@ -30,3 +30,23 @@ def fail(options: dict[str, Any]) -> bool:
 def reject(options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
     """Answer outcome false, a deterministic failure, with options["reason"]."""
     return False, {"reason": options.get("reason", "nothing to do")}
+
+
+def count(options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """Count to options["n"] (default 10), one step each options["step_ms"] (default 300), reporting progress.
+
+    It prints a line per step and stops early, cleanly, when told to (a Cancel with a grace, its
+    grace before the deadline, a drain): `task-runner perform count --follow` shows it all.
+    """
+    from task_runner import task
+
+    n, step_s = int(options.get("n", 10)), float(options.get("step_ms", 300)) / 1e3
+    for i in range(n):
+        if task.cancelled():
+            print(f"told to stop at {i} of {n}", flush=True)
+            return False, {"counted": i, "stopped": True}
+        task.progress(i / n, stage=f"counting {i + 1} of {n}", i=i)
+        print(f"step {i + 1}", flush=True)
+        time.sleep(step_s)
+    task.progress(1.0, stage="done")
+    return True, {"counted": n}

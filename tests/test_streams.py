@@ -256,3 +256,39 @@ def test_a_flood_of_progress_and_output_neither_slows_others_nor_grows_the_daemo
                 isinstance(e, Gap) for e in events)
     finally:
         assert d.stop() == 0, d.log_text()
+
+
+def test_the_cli_follows_watches_and_cancels(embedded: InProcessDaemon, tmp_path: Path) -> None:
+    import json
+    import re
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "task_runner.client.cli", *args, "--target", embedded.unix],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    followed = cli("perform", "chatty", "--follow", "--request-id", "cli-1")
+    assert followed.returncode == 0, followed.stderr
+    assert followed.stdout.startswith("out-line\n")  # the task's output as it came, then the answer
+    assert json.loads(followed.stdout.removeprefix("out-line\n"))["result"] == {"request_id": "cli-1"}
+    lines = followed.stderr.splitlines()  # not a terminal: one plain line per event
+    assert "err-line" in lines
+    assert any(re.search(r"^\[ *[0-9.]+ s\] started \(pid \d+\)$", line) for line in lines), lines
+    assert any(line.endswith("progress 50% half") for line in lines) and any("heartbeat" in line for line in lines)
+    watched = cli("watch", "cli-1")  # finished within the idempotency window: replayed
+    assert watched.returncode == 0 and json.loads(watched.stdout.removeprefix("out-line\n"))["outcome"] is True
+
+    pidfile = tmp_path / "pids"
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(cli, "perform", "until_cancelled", "--options", json.dumps({"pidfile": str(pidfile)}),
+                              "--request-id", "cli-2")
+        assert wait_until(lambda: len(read_pids(pidfile)) == 2, 20)
+        cancelled = cli("cancel", "cli-2", "--grace", "5000")
+        assert cancelled.returncode == 0 and json.loads(cancelled.stdout) == {"request_id": "cli-2",
+                                                                              "was_running": True}
+        done = running.result(timeout=60)
+    assert done.returncode == 1 and json.loads(done.stdout)["result"]["cleaned"] is True  # outcome false
+    assert cli("cancel", "cli-2").returncode == 2  # over: NOT_FOUND

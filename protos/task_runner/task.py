@@ -60,16 +60,21 @@ class _Channel:
             while view:
                 view = view[os.write(self.fd, view):]
 
+    def flush(self) -> None:
+        """Send what waits now (before the answer: the last progress must not be lost)."""
+        with self._wake:
+            pending, self._pending = self._pending, {}
+        with contextlib.suppress(OSError):  # the daemon gone: the task is about to be killed anyway
+            for kind in (PROGRESS, HEARTBEAT):
+                if kind in pending:
+                    self.write(kind, pending[kind])
+
     def _send_loop(self) -> None:
         while True:
             with self._wake:
                 while not self._pending:
                     self._wake.wait()
-                pending, self._pending = self._pending, {}
-            with contextlib.suppress(OSError):  # the daemon gone: the task is about to be killed anyway
-                for kind in (PROGRESS, HEARTBEAT):
-                    if kind in pending:
-                        self.write(kind, pending[kind])
+            self.flush()
             time.sleep(SEND_INTERVAL_S)
 
 
