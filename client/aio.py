@@ -11,10 +11,10 @@ import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
-from task_runner.client.events import Event, Progress, read_event
+from task_runner.client.events import Event, read_event
 from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
-from task_runner.client.sync import Callback, OnProgress, _new_request_id
+from task_runner.client.sync import NO_ANSWER, Callback, OnProgress, _new_request_id, response_of
 from task_runner.v1.task_runner_pb2 import (
     CancelRequest,
     CancelResponse,
@@ -150,17 +150,9 @@ class AsyncClient:
     async def _answer_of(call: Any, on_progress: OnProgress) -> PerformResponse:
         event: PerformEvent
         async for event in call:
-            which = event.WhichOneof("event")
-            if which == "response":
-                return event.response
-            if which == "progress":
-                progress = read_event(event)
-                assert isinstance(progress, Progress)
-                try:
-                    on_progress(progress)
-                except Exception:
-                    log.exception("an on_progress callable raised")
-        raise TaskRunnerError("the daemon's stream ended without an answer")
+            if (response := response_of(event, on_progress)) is not None:
+                return response
+        raise TaskRunnerError(NO_ANSWER)
 
     async def tasks(self, rpc_timeout: float | None = 10.0) -> list[TaskInfo]:
         """The tasks the daemon serves."""

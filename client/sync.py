@@ -38,20 +38,31 @@ Callback = Callable[[TaskRunnerError | None, bool | None, dict[str, Any] | None]
 OnProgress = Callable[[Progress], None]
 
 
+def response_of(event: PerformEvent, on_progress: OnProgress) -> PerformResponse | None:
+    """One event of a PerformStream followed for its answer: the response, if it is that; a progress
+    event goes to `on_progress` (which may not fail the call: what it raises is logged)."""
+    which = event.WhichOneof("event")
+    if which == "response":
+        return event.response
+    if which == "progress":
+        progress = read_event(event)
+        assert isinstance(progress, Progress)
+        try:
+            on_progress(progress)
+        except Exception:
+            log.exception("an on_progress callable raised")
+    return None
+
+
+NO_ANSWER = "the daemon's stream ended without an answer"
+
+
 def answer_of(events: Iterable[PerformEvent], on_progress: OnProgress) -> PerformResponse:
     """Follow a PerformStream to its response, handing each progress event to `on_progress`."""
     for event in events:
-        which = event.WhichOneof("event")
-        if which == "response":
-            return event.response
-        if which == "progress":
-            progress = read_event(event)
-            assert isinstance(progress, Progress)
-            try:
-                on_progress(progress)
-            except Exception:
-                log.exception("an on_progress callable raised")
-    raise TaskRunnerError("the daemon's stream ended without an answer")
+        if (response := response_of(event, on_progress)) is not None:
+            return response
+    raise TaskRunnerError(NO_ANSWER)
 
 
 class Client:

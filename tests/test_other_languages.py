@@ -126,6 +126,20 @@ def test_node_list_tasks(node: list[str], daemon: Daemon) -> None:
     assert tasks["echo"]["description"] == "Return the options."
 
 
+def test_node_perform_stream(node: list[str], daemon: Daemon) -> None:
+    (answer,) = node_calls(node, daemon.tcp, {"method": "PerformStream",
+                                              "request": {"task": "chatty", "timeout_ms": 10_000}})
+    assert answer["ok"], answer
+    events = answer["events"]
+    kinds = [event["event"] for event in events]
+    assert kinds[0] == "started" and kinds[-1] == "response" and kinds.count("response") == 1
+    assert {"progress", "heartbeat", "output"} <= set(kinds)
+    assert [event["sequence"] for event in events] == sorted(event["sequence"] for event in events)
+    progress = next(event["progress"] for event in events if event["event"] == "progress")
+    assert (progress["fraction"], progress["stage"], progress["details"]) == (0.5, "half", {"k": 1})
+    assert events[-1]["response"]["outcome"] is True
+
+
 def test_grpcurl_lists_the_services(grpcurl: str, daemon: Daemon) -> None:
     services = run_grpcurl(grpcurl, daemon.tcp, "list").split()
     assert "task_runner.v1.TaskRunner" in services
@@ -137,6 +151,14 @@ def test_grpcurl_describes_the_service(grpcurl: str, daemon: Daemon) -> None:
     assert "task_runner.v1.TaskRunner is a service" in described
     assert "rpc Perform ( .task_runner.v1.PerformRequest ) returns ( .task_runner.v1.PerformResponse )" in described
     assert "rpc ListTasks" in described
+
+
+def test_grpcurl_perform_stream(grpcurl: str, daemon: Daemon) -> None:
+    request = '{"task": "chatty", "timeout_ms": 10000}'
+    out = run_grpcurl(grpcurl, "-d", request, daemon.tcp, "task_runner.v1.TaskRunner/PerformStream")
+    events = [json.loads(chunk) for chunk in out.replace("}\n{", "}\x00{").split("\x00")]
+    assert "started" in events[0] and "response" in events[-1]
+    assert any(event.get("progress", {}).get("stage") == "half" for event in events)
 
 
 def test_grpcurl_perform(grpcurl: str, daemon: Daemon) -> None:

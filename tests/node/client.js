@@ -10,6 +10,8 @@
 // from google.protobuf.Struct. For each call it prints one JSON line to stdout:
 //   {"ok": true, "response": {...}}                         the RPC succeeded (fields in proto names)
 //   {"ok": false, "code": 5, "details": "..."}              the RPC ended with a gRPC status
+// A server-streaming method (PerformStream, Watch) answers {"ok": true, "events": [...]}: every
+// PerformEvent in the order it came (its `event` names the one set; a response's result as JSON).
 // Exit code: 0 once every call has been answered either way, 2 on bad usage.
 'use strict';
 
@@ -75,10 +77,28 @@ function fromStruct(struct) {
   return object;
 }
 
+function plainEvent(event) {
+  if (event.event === 'response') return { ...event, response: { ...event.response, result: fromStruct(event.response.result) } };
+  if (event.event === 'progress') return { ...event, progress: { ...event.progress, details: fromStruct(event.progress.details) } };
+  return event;
+}
+
+function stream(client, method, request) {
+  const deadline = new Date(Date.now() + CALL_DEADLINE_MS);
+  return new Promise((resolve) => {
+    const events = [];
+    const call = client[method](request, { deadline });
+    call.on('data', (event) => events.push(plainEvent(event)));
+    call.on('error', (err) => resolve({ ok: false, code: err.code, details: err.details, events }));
+    call.on('end', () => resolve({ ok: true, events }));
+  });
+}
+
 function call(client, method, request) {
-  if (method === 'Perform' && request.options !== undefined) {
+  if ((method === 'Perform' || method === 'PerformStream') && request.options !== undefined) {
     request = { ...request, options: toStruct(request.options) };
   }
+  if (TaskRunner.service[method].responseStream) return stream(client, method, request);
   const deadline = new Date(Date.now() + CALL_DEADLINE_MS);
   return new Promise((resolve, reject) => {
     client[method](request, { deadline }, (err, response) => {
