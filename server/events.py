@@ -22,6 +22,7 @@ from task_runner.v1.task_runner_pb2 import PerformEvent
 COALESCE_S = 0.05
 MAX_EVENTS = 256  # kept per execution for a Watch to replay
 MAX_BYTES = 256 << 10
+KEPT_BYTES = 32 << 10  # of a finished execution's events, for a Watch after the end
 FOLLOWER_MAX = 1024  # events a follower may lag behind before it loses the oldest
 OUTPUT_CHUNK = 64 << 10  # the most one output event carries; more in one interval is dropped (counted)
 _RESPONSE_FIELD = bytes([8 << 3 | 2])  # PerformEvent.response, a length-delimited field
@@ -151,6 +152,13 @@ class EventLog:
         self.closed = True
         for follower in self._followers:
             follower.push(None)
+
+    def trim(self, max_bytes: int) -> None:
+        """Keep at most `max_bytes` of the latest events (the response, last, always): what a finished
+        execution keeps for a Watch, so that the idempotency cache holds many of them cheaply."""
+        while self._bytes > max_bytes and len(self._events) > 1:
+            _, old = self._events.popleft()
+            self._bytes -= len(old)
 
     def _append(self, event: PerformEvent, tail: bytes) -> None:
         self._sequence += 1

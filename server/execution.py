@@ -27,7 +27,7 @@ from task_runner.server import cgroups, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.answers import error_response
 from task_runner.server.config import Config, Task
-from task_runner.server.events import EventLog
+from task_runner.server.events import KEPT_BYTES, EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
@@ -166,6 +166,7 @@ class AnswerCache:
         del self._running[execution.request_id]
         if answer is None or self.window_s <= 0:
             return
+        execution.events.trim(KEPT_BYTES)
         kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events)
         self._finished[execution.request_id] = kept
         self._bytes += kept.nbytes
