@@ -303,8 +303,12 @@ class Executor:
                           f"no execution of request_id {request_id!r} runs or finished within the idempotency window")
         async for event in found.events.follow():
             yield event
-        if isinstance(found, Execution):
-            await asyncio.shield(found.answer)  # a refusal ends the stream with its status
+        if isinstance(found, Execution):  # the events ended without a response: say why
+            await asyncio.wait((found.answer,))
+            if found.answer.cancelled():
+                raise Refusal(Reason.NO_SUCH_EXECUTION,
+                              f"the execution of request_id {request_id!r} ended before it ran: every caller left")
+            found.answer.result()  # a refusal ends the stream with its status
 
     def cancel(self, request_id: str, grace_s: float) -> bool:
         """Stop the execution of `request_id`: told first, killed after `grace_s` (at once if 0); out of
@@ -446,7 +450,8 @@ class Executor:
                           extra={"request_id": execution.request_id})
             execution.answer.set_exception(Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
         finally:
-            self._live.pop(execution.request_id, None)
+            if self._live.get(execution.request_id) is execution:  # not a later one under the same id
+                del self._live[execution.request_id]
             execution.events.end()
             if execution.request:
                 self._release_request(execution)

@@ -322,3 +322,23 @@ def test_the_asyncio_client_streams_watches_cancels_and_sees_progress(
 
     asyncio.run(scenario())
     assert wait_gone(read_pids(pidfile)) == []
+
+
+def test_a_watch_of_a_call_whose_callers_left_in_the_queue_ends_saying_so(tmp_path: Path) -> None:
+    from task_runner.client import DeadlineExceeded
+    from task_runner.client.retry import NO_RETRY
+
+    gate = tmp_path / "gate"
+    with daemon(tmp_path, "max_running = 1\n") as d, d.client() as client, ThreadPoolExecutor(3) as pool:
+        blocker = pool.submit(client.call, "gated_progress", 30_000, {"gate": str(gate)})
+        assert wait_until(lambda: d.daemon.executor.admission.running == 1, 10)
+        with Client(d.unix, retry=NO_RETRY) as once:
+            leaving = pool.submit(once.call, "echo", 5000, {}, request_id="left", rpc_timeout=1.0)
+            assert wait_until(lambda: d.daemon.executor.admission.queued == 1, 10)
+            watched = pool.submit(lambda: list(client.watch("left")))
+            with pytest.raises(DeadlineExceeded):
+                leaving.result(timeout=10)
+            with pytest.raises(TaskNotFound, match="every caller left"):
+                watched.result(timeout=10)
+        gate.touch()
+        assert blocker.result(timeout=30).outcome
