@@ -96,8 +96,8 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
     """
     notice = " (it was told to stop first)" if noticed is not None else ""
     stop = exit_.stop
-    if stop is wire.Stop.NONE and noticed is not None and not os.WIFSIGNALED(exit_.status):
-        stop = noticed  # told to stop, it ended without answering: as if killed for that reason
+    if stop is wire.Stop.NONE and noticed is not None and exit_fields(exit_.status)[1] in (0, signal.SIGTERM):
+        stop = noticed  # told to stop, it ended (or let SIGTERM end it) without answering: as if killed for that
     if stop is wire.Stop.RESULT_TOO_LARGE:
         return error_response(
             Kind.RESULT_TOO_LARGE, "ResultTooLarge",

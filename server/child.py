@@ -296,6 +296,9 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
         result_max_bytes: the largest serialized answer this process may send.
     """
     _warm_up()
+    # Before the assignment: a notice may come the moment the task is handed over (a grace as long
+    # as its timeout); it must find the handler, not SIGTERM's default.
+    signal.signal(signal.SIGTERM, _on_notice)
     frame = read_frame(CHANNEL_FD)
     if frame is None:  # the daemon closed the channel: this spare process is not needed
         os._exit(0)
@@ -303,7 +306,6 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     workdir = assignment.workdir
     channel = task_api._channel
     channel.fd, channel.deadline, channel.request_id = CHANNEL_FD, assignment.deadline, assignment.request_id
-    signal.signal(signal.SIGTERM, _on_notice)
     request = PerformRequest.FromString(serialized)
     answer = _Answer(result_max_bytes)
     try:

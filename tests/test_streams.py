@@ -166,6 +166,9 @@ def test_the_notice_comes_its_grace_before_the_deadline(embedded: InProcessDaemo
         answer = client.call("graceful", 1500, {"pidfile": str(pidfile)})
         assert answer.outcome is False and answer.result["cleaned"] is True
         assert 0.35 < answer.result["remaining"] <= 0.5
+        # A grace as long as the timeout: told the moment it is handed over, before it even starts.
+        at_once = client.call("until_cancelled", 1000, {"pidfile": str(pidfile)}, grace_ms=1000)
+        assert at_once.outcome is False and at_once.result["cleaned"] is True
         with pytest.raises(TaskTimeout) as timed_out:  # one that ignores it is killed at the deadline
             client.call("ignores_notice", 600, {"pidfile": str(pidfile)}, grace_ms=200)
         assert timed_out.value.notice_given is True
