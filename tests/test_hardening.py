@@ -18,7 +18,7 @@ import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from task_runner.client import Client, Security, TaskFailed, Unauthenticated, Unavailable
+from task_runner.client import Client, Finished, Security, TaskFailed, Unauthenticated, Unavailable
 from tests.conftest import REPO, Daemon, start_daemon, wait_until
 from tests.test_contract import leftovers
 
@@ -192,6 +192,20 @@ def test_token_required(secured: Daemon) -> None:
         client.call("echo", 5000)
     with Client(secured.unix, Security(token=TOKEN)) as client:
         assert client.call("echo", 5000).outcome
+
+
+def test_streams_watch_and_cancel_need_the_token_too(secured: Daemon) -> None:
+    with Client(secured.unix, Security(token=TOKEN)) as client:
+        assert client.call("echo", 5000, request_id="tok-1").outcome
+    with Client(secured.unix) as client:
+        with pytest.raises(Unauthenticated):
+            list(client.stream("echo", 5000))
+        with pytest.raises(Unauthenticated):
+            list(client.watch("tok-1"))
+        with pytest.raises(Unauthenticated):
+            client.cancel("tok-1")
+    with Client(secured.unix, Security(token=TOKEN)) as client:
+        assert isinstance(list(client.watch("tok-1"))[-1], Finished)
 
 
 def test_token_from_the_environment(secured: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
