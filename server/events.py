@@ -15,8 +15,9 @@ import asyncio
 import collections
 from collections.abc import AsyncIterator, Callable
 
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.message import DecodeError
 
+from task_runner.server.wire import PROGRESS
 from task_runner.v1.task_runner_pb2 import PerformEvent
 
 COALESCE_S = 0.05
@@ -68,7 +69,7 @@ class EventLog:
         self._bytes = 0
         self._sequence = 0
         self._followers: set[_Follower] = set()
-        self._pending: dict[str, PerformEvent] = {}  # coalesced events waiting for their interval
+        self._pending: dict[str, Callable[[], PerformEvent | None]] = {}  # coalesced, waiting for their interval
         self._last_sent: dict[str, float] = {}
         self._flush: asyncio.TimerHandle | None = None
         self._output = {Stream.STDOUT: bytearray(), Stream.STDERR: bytearray()}
@@ -85,17 +86,24 @@ class EventLog:
             return
         self._append(event, b"")
 
-    def coalesce(self, key: str, event: PerformEvent) -> None:
-        """Add a progress or heartbeat event, at most one of each `key` every COALESCE_S; the latest wins."""
+    def coalesce(self, key: str, build: Callable[[], PerformEvent | None]) -> None:
+        """Add a progress or heartbeat event, at most one of each `key` every COALESCE_S; the latest wins.
+        `build` makes it (None: no event after all) and is called only for the one that is added, so a
+        task sending thousands a second costs a dict store each, not a decode."""
         if self.closed:
             return
         now = self._loop.time()
         if now - self._last_sent.get(key, -1.0) >= COALESCE_S and key not in self._pending:
             self._last_sent[key] = now
-            self._append(event, b"")
+            self._add_built(build)
             return
-        self._pending[key] = event
+        self._pending[key] = build
         self._arm()
+
+    def _add_built(self, build: Callable[[], PerformEvent | None]) -> None:
+        event = build()
+        if event is not None:
+            self._append(event, b"")
 
     def output(self, stream: PerformEvent.OutputChunk.Stream.ValueType, data: bytes) -> None:
         """Output the task wrote: sent in chunks, at most OUTPUT_CHUNK bytes of a stream per interval."""
@@ -116,9 +124,9 @@ class EventLog:
         """Add what waits to be coalesced (and the output gathered) now."""
         self._flush = None
         now = self._loop.time()
-        for key, event in list(self._pending.items()):
+        for key, build in list(self._pending.items()):
             self._last_sent[key] = now
-            self._append(event, b"")
+            self._add_built(build)
         self._pending.clear()
         for stream, buffer in self._output.items():
             if buffer or self._output_dropped[stream]:
@@ -205,13 +213,14 @@ class EventLog:
             self._followers.discard(follower)
 
 
-def progress_event(message: PerformEvent.Progress) -> PerformEvent:
+def beat_event(kind: bytes, payload: bytes) -> PerformEvent | None:
+    """The event for a task's progress or heartbeat frame; None for one the task process mangled."""
     event = PerformEvent()
-    event.progress.CopyFrom(message)
-    return event
-
-
-def heartbeat_event(details: Struct) -> PerformEvent:
-    event = PerformEvent()
-    event.heartbeat.details.CopyFrom(details)
+    try:
+        if kind == PROGRESS:
+            event.progress.ParseFromString(payload)
+        else:
+            event.heartbeat.ParseFromString(payload)
+    except DecodeError:
+        return None
     return event

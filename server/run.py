@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
-
-from google.protobuf.message import DecodeError
 
 from task_runner.server import wire
 from task_runner.server.answers import Kind, answer_response, error_response, failure_response, fill_usage
 from task_runner.server.config import Config
-from task_runner.server.events import EventLog, Stream, heartbeat_event, progress_event
+from task_runner.server.events import EventLog, Stream, beat_event
 from task_runner.server.forkclient import Exit, ForkServerClient, TaskProcess
 from task_runner.server.wire import ANSWER, HEARTBEAT, PROGRESS, Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 READ_CHUNK = 1 << 16
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
+MAX_BEAT_BYTES = 64 << 10  # a progress or heartbeat frame above this is dropped
 
 
 class Tail:
@@ -197,16 +197,8 @@ class Run:
         self._last_beat = self._loop.time()
         if self._stall_s is not None and self._stall_timer is None:
             self._stall_timer = self._loop.call_at(self._last_beat + self._stall_s, self._check_stall)
-        if self._events is None:
-            return
-        try:
-            if kind == PROGRESS:
-                self._events.coalesce("progress", progress_event(PerformEvent.Progress.FromString(payload)))
-            else:
-                self._events.coalesce("heartbeat",
-                                      heartbeat_event(PerformEvent.Heartbeat.FromString(payload).details))
-        except DecodeError:
-            pass  # an event the task process mangled is dropped; its answer decides
+        if self._events is not None and len(payload) <= MAX_BEAT_BYTES:  # bigger ones are dropped
+            self._events.coalesce(kind.decode(), functools.partial(beat_event, kind, payload))
 
     def _check_stall(self) -> None:
         assert self._stall_s is not None

@@ -567,3 +567,20 @@ def flood(options):
             i += 1
         sys.stdout.write(line * 64)
     return True, {"updates": i}
+
+
+def raw_progress_flood(options):
+    """Write progress frames straight to its channel, as fast as it can, for options["s"] seconds (no
+    task_runner.task and its rate cap: what a hostile task would do); then answer as usual."""
+    import struct
+
+    from task_runner.v1.task_runner_pb2 import PerformEvent
+
+    payload = PerformEvent.Progress(fraction=0.5, stage="raw").SerializeToString()
+    frame = (struct.pack("!I", len(payload) + 1) + b"P" + payload) * 256
+    end = time.monotonic() + options.get("s", 2)
+    sent = 0
+    while time.monotonic() < end:
+        os.write(3, frame)
+        sent += 256
+    return True, {"updates": sent}
