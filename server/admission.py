@@ -153,13 +153,10 @@ class Admission:
     def queued_by_priority(self) -> dict[int, int]:
         return {priority: level.count for priority, level in list(self._levels.items()) if level.count}
 
-    def must_wait(self, task: str) -> bool:
-        """Whether a call of `task` arriving now would wait in the queue."""
-        return bool(self.queued) or self.running >= self.max_running or not self._task(task).may_start(self._clock())
-
     async def acquire(self, task: str, priority: int = 0, key: str = "", queue_timeout_s: float | None = None,
-                      ) -> None:
-        """Take a slot for a call of `task`, waiting in the queue if need be.
+                      on_wait: Callable[[int], None] | None = None) -> None:
+        """Take a slot for a call of `task`, waiting in the queue if need be (`on_wait` is told, with the
+        count of calls waiting before it, when it joins the queue).
 
         Raises:
             QueueFull: at once, if the daemon's queue or the task's own is full.
@@ -181,6 +178,8 @@ class Admission:
             )
         loop = asyncio.get_running_loop()
         ticket = Ticket(task, priority, key, now, loop.create_future())
+        if on_wait is not None:
+            on_wait(self.queued)
         self._enqueue(ticket, state)
         if queue_timeout_s is not None:
             ticket.timer = loop.call_at(now + queue_timeout_s, self._expire, ticket, queue_timeout_s)

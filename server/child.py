@@ -129,7 +129,7 @@ class _Answer:
         _flush_output()
         task_api._channel.flush()
         with contextlib.suppress(OSError):
-            task_api._channel.write(task_api.ANSWER, payload)
+            task_api._channel.write(wire.ANSWER, payload)
         os._exit(0)
 
     def outcome(self, outcome: Any, result: Any) -> NoReturn:

@@ -26,7 +26,7 @@ from google.protobuf.struct_pb2 import Struct
 from task_runner.server import cgroups, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.answers import error_response
-from task_runner.server.config import Config, Task
+from task_runner.server.config import MIB, Config, Task
 from task_runner.server.events import KEPT_BYTES, EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
@@ -35,7 +35,6 @@ from task_runner.server.wire import Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse, TaskError
 
 log = logging.getLogger("task_runner.server")
-MIB = 1 << 20
 QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
 
 
@@ -192,7 +191,7 @@ class Executor:
         self.metrics = metrics
         # The one count of what runs, and the queue in front of the slots.
         self.admission = Admission(config.max_running, config.max_queued, config.priority_aging_s)
-        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
+        self._configure(generation)
         metrics.watch(self.admission)
         self._max_queued_bytes = config.max_queued_bytes
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
@@ -206,8 +205,11 @@ class Executor:
     def swap(self, generation: Generation) -> Generation:
         """Serve new calls with `generation`; returns the one it replaces."""
         old, self.generation = self.generation, generation
-        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
+        self._configure(generation)
         return old
+
+    def _configure(self, generation: Generation) -> None:
+        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
 
     def check_room(self, size: int) -> None:
         """Refuse a request of `size` bytes at once if waiting calls already hold all the room there is:
@@ -284,10 +286,7 @@ class Executor:
                 yield event
             await opened.answer  # the events end with the response, or else the refusal is raised here
         finally:
-            opened.attached -= 1
-            if opened.attached == 0 and not opened.answer.done():
-                self._cache.forget(opened)
-                opened.abandon()
+            self._detach(opened)
 
     async def watch(self, request_id: str) -> AsyncIterator[bytes]:
         """The serialized events of the execution of `request_id`, running or finished within the
@@ -342,13 +341,19 @@ class Executor:
         """Wait for an execution's answer; the last caller to leave before it ends has it cancelled."""
         execution.attached += 1
         try:
-            return await asyncio.shield(execution.answer)
+            answer = await asyncio.shield(execution.answer)
         except asyncio.CancelledError:
-            execution.attached -= 1
-            if execution.attached == 0 and not execution.answer.done():
-                self._cache.forget(execution)
-                execution.abandon()
+            self._detach(execution)
             raise
+        execution.attached -= 1
+        return answer
+
+    def _detach(self, execution: Execution) -> None:
+        """A caller left; the last to leave before the answer has the execution cancelled."""
+        execution.attached -= 1
+        if execution.attached == 0 and not execution.answer.done():
+            self._cache.forget(execution)
+            execution.abandon()
 
     def _release_request(self, execution: Execution) -> bytes:
         """The request's bytes, handed over (or given up): they no longer count as waiting."""
@@ -358,12 +363,13 @@ class Executor:
 
     async def _admit(self, execution: Execution, task: Task, wants: Wants) -> float:
         """Take a slot, waiting in the queue if need be; the loop time it was taken."""
-        if self.admission.must_wait(task.name):
-            queued = PerformEvent()
-            queued.queued.position = self.admission.queued
-            execution.events.add(queued)
+        def queued(position: int) -> None:
+            event = PerformEvent()
+            event.queued.position = position
+            execution.events.add(event)
         try:
-            await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s)
+            await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s,
+                                         queued)
         except QueueFull as exc:
             self.metrics.admission_rejected.labels(exc.limit).inc()
             raise Refusal(Reason.QUEUE_FULL, str(exc), exc.retry_after_s, exc.limit) from None
@@ -428,21 +434,15 @@ class Executor:
             if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == wire.INVALID_OPTIONS:
                 refused = True  # found by the task process as it read them, before any task code ran
                 raise Refusal(Reason.INVALID_OPTIONS, response.error.message)
-            response.request_id = execution.request_id
             response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
-            answer = response.SerializeToString()
-            execution.events.finish(answer)
-            execution.answer.set_result(answer)
+            answer = self._answer(execution, response)
         except Refusal as exc:
             execution.answer.set_exception(exc)  # every caller attached is refused alike
         except asyncio.CancelledError:
             if execution.cancelled:  # a Cancel took it out of the queue: its callers are told so
                 response = error_response(TaskError.CANCELLED, "Cancelled", "the call was cancelled before it ran")
-                response.request_id = execution.request_id
-                answer = response.SerializeToString()
-                execution.events.finish(answer)
-                execution.answer.set_result(answer)
+                answer = self._answer(execution, response)
             else:
                 execution.answer.cancel()  # every caller left before it ran
         except Exception:
@@ -464,6 +464,15 @@ class Executor:
             self._cache.finish(execution, None if cancelled else answer, loop.time())
             if admitted and not refused:
                 self._record(execution, response, admitted_at, loop.time())
+
+    @staticmethod
+    def _answer(execution: Execution, response: PerformResponse) -> bytes:
+        """Give every caller and follower of `execution` its response; the serialized answer."""
+        response.request_id = execution.request_id
+        answer = response.SerializeToString()
+        execution.events.finish(answer)
+        execution.answer.set_result(answer)
+        return answer
 
     def _reaped(self, run: Run, task: str, admitted_at: float) -> None:
         """The task's process is gone: its slot is free."""

@@ -84,6 +84,7 @@ def test_watch_from_another_connection_mid_run_and_after_the_end(embedded: InPro
     gate = tmp_path / "gate"
     with embedded.client() as client, ThreadPoolExecutor(1) as pool:
         running = pool.submit(client.call, "gated_progress", 30_000, {"gate": str(gate)}, request_id="watched")
+        assert wait_until(lambda: embedded.daemon.executor.admission.running == 1, 10)  # it has arrived
         with Client(embedded.unix) as other:
             seen: list[object] = []
             stream = other.watch("watched")

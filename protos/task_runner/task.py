@@ -25,9 +25,9 @@ import threading
 import time
 from typing import Any
 
-from task_runner.server.wire import ANSWER, FRAME, HEARTBEAT, PROGRESS
+from task_runner.server.wire import FRAME, HEARTBEAT, PROGRESS
 
-__all__ = ["ANSWER", "cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id"]
+__all__ = ["cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id"]
 SEND_INTERVAL_S = 0.05  # the most often progress and heartbeats go to the daemon
 
 
