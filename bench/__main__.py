@@ -1,4 +1,4 @@
-"""`python -m bench [--quick]`: start the services, run every phase, print the table, write JSON and a chart.
+"""`python -m bench [--quick] [--only PHASE,...]`: run the phases, print the table, write JSON and a chart.
 
 Run it from the repository root, with the package installed (see bench/README.md).
 """
@@ -21,12 +21,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import phases, procs, report
+from bench import phases, procs, report, scale
 from bench.drivers import open_channel
 from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PHASES = 8
+# The phases, in the order they run; those before leanness share one daemon (and the echo service).
+SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
+PHASE_NAMES = (*SHARED, "leanness", "admission_scale")
+
+
+def phase_list(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    unknown = [name for name in names if name not in PHASE_NAMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown phase {', '.join(unknown) or '(none)'}; "
+                                         f"choose among {', '.join(PHASE_NAMES)}")
+    return tuple(name for name in PHASE_NAMES if name in names)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--transport", choices=("tcp", "unix"), default="tcp",
                         help="call the echo service and the daemon over loopback TCP (default) or a unix socket")
     parser.add_argument("--out", type=Path, default=RESULTS, help=f"where latest.json and latency.png go ({RESULTS})")
+    parser.add_argument("--only", type=phase_list, default=(), metavar="PHASE,...",
+                        help=f"run only these phases ({', '.join(PHASE_NAMES)}); the results go to "
+                             "only-PHASE-....json and .png beside latest.json, which stays as it was")
     return parser.parse_args(argv)
 
 
@@ -80,6 +94,7 @@ class Run:
 
     def __init__(self, settings: Settings, progress: Progress) -> None:
         self.settings = settings
+        self.phases = settings.only or PHASE_NAMES
         self.progress = progress
         self.started_at = time.time()
         self.workdir = Path(tempfile.mkdtemp(prefix="bench-"))
@@ -115,44 +130,73 @@ class Run:
         await asyncio.to_thread(service.stop)
         self.results.setdefault("services", {})[key] = service_facts(service)
 
+    def wants(self, *names: str) -> bool:
+        return any(name in self.phases for name in names)
+
     async def measure(self) -> None:
         s, progress = self.settings, self.progress
-        progress.phase("starting the bare echo service and the daemon (max_running "
+        if self.wants(*SHARED):
+            await self.shared()
+        if self.wants("leanness"):
+            points = s.lean_checkpoints
+            progress.phase(f"leanness: a fresh daemon, {points[-1]:,} no-op tasks at {s.lean_concurrency} in "
+                           f"flight, footprint after {', '.join(f'{p:,}' for p in points)}")
+            await self.attempt("leanness", self.leanness())
+        if self.wants("admission_scale"):
+            progress.phase(f"admission at scale: a fresh daemon, no-op Perform one call at a time, with nothing "
+                           f"waiting and with {s.scale_waiting:,} calls waiting under as many fairness keys for a "
+                           "task at its max_running = 1")
+            await self.attempt("admission_scale", self.admission_scale())
+
+    async def shared(self) -> None:
+        """The phases on the first daemon (and the echo service, for those that compare with it)."""
+        s, progress = self.settings, self.progress
+        with_echo = self.wants("latency", "throughput")
+        progress.phase(f"starting {'the bare echo service and ' if with_echo else ''}the daemon (max_running "
                        f"{s.max_running}, max_queued {s.max_queued}, log WARNING)")
-        echo, daemon = await self.start("echo"), await self.start("daemon")
-        echo_channel = await open_channel(echo.target(s.transport))
+        echo = await self.start("echo") if with_echo else None
+        daemon = await self.start("daemon")
+        echo_channel = await open_channel(echo.target(s.transport)) if echo is not None else None
         daemon_channel = await open_channel(daemon.target(s.transport))
         try:
-            progress.phase(f"latency one call at a time: {s.latency_calls} echo and {s.latency_calls} Perform "
-                           f"no-op calls, alternating in blocks of {s.latency_block}")
-            await self.attempt("latency", phases.latency(echo_channel, daemon_channel, s))
-            progress.phase(f"throughput at {', '.join(map(str, s.levels))} in flight: echo and Perform no-op, "
-                           f"{s.repeats} x {s.window_s:.1f} s each, alternating")
-            await self.attempt("throughput", phases.throughput(echo_channel, daemon_channel, s, progress))
-            await self.stop(echo, "echo")
-            progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x {s.window_s:.1f} s")
-            await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
-            progress.note(f"the fork floor: a fork per no-op task, {s.repeats} x {s.window_s:.1f} s")
-            await self.attempt("fork_floor", phases.fork_floor(s))
-            progress.phase(f"baselines: fresh interpreter and ProcessPoolExecutor(max_tasks_per_child=1), "
-                           f"{s.baseline_sequential_calls} calls one at a time, then {s.repeats} x "
-                           f"{s.baseline_window_s:.1f} s at {s.baseline_concurrency} in flight, each beside a "
-                           f"{s.window_s:.1f} s Perform no-op window")
-            await self.attempt("baselines", phases.baselines(daemon_channel, s, progress))
-            progress.phase(f"deadline: stubborn task with timeout {s.deadline_timeout_ms} ms, {s.deadline_runs} "
-                           "runs one at a time, checking every recorded pid is gone")
-            await self.attempt("deadline", phases.deadline(
-                daemon_channel, s, self.workdir / "pids", self.started_at, self.strays,
-            ))
+            if echo_channel is not None and self.wants("latency"):
+                progress.phase(f"latency one call at a time: {s.latency_calls} echo and {s.latency_calls} Perform "
+                               f"no-op calls, alternating in blocks of {s.latency_block}")
+                await self.attempt("latency", phases.latency(echo_channel, daemon_channel, s))
+            if echo_channel is not None and self.wants("throughput"):
+                progress.phase(f"throughput at {', '.join(map(str, s.levels))} in flight: echo and Perform no-op, "
+                               f"{s.repeats} x {s.window_s:.1f} s each, alternating")
+                await self.attempt("throughput", phases.throughput(echo_channel, daemon_channel, s, progress))
+            if echo is not None:
+                await self.stop(echo, "echo")
+            if self.wants("sleep10"):
+                progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x "
+                               f"{s.window_s:.1f} s")
+                await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
+            if self.wants("fork_floor"):
+                line = f"the fork floor: a fork per no-op task, {s.repeats} x {s.window_s:.1f} s"
+                if self.wants("sleep10"):
+                    progress.note(line)
+                else:
+                    progress.phase(line)
+                await self.attempt("fork_floor", phases.fork_floor(s))
+            if self.wants("baselines"):
+                progress.phase(f"baselines: fresh interpreter and ProcessPoolExecutor(max_tasks_per_child=1), "
+                               f"{s.baseline_sequential_calls} calls one at a time, then {s.repeats} x "
+                               f"{s.baseline_window_s:.1f} s at {s.baseline_concurrency} in flight, each beside a "
+                               f"{s.window_s:.1f} s Perform no-op window")
+                await self.attempt("baselines", phases.baselines(daemon_channel, s, progress))
+            if self.wants("deadline"):
+                progress.phase(f"deadline: stubborn task with timeout {s.deadline_timeout_ms} ms, "
+                               f"{s.deadline_runs} runs one at a time, checking every recorded pid is gone")
+                await self.attempt("deadline", phases.deadline(
+                    daemon_channel, s, self.workdir / "pids", self.started_at, self.strays,
+                ))
         finally:
-            await echo_channel.close(None)
+            if echo_channel is not None:
+                await echo_channel.close(None)
             await daemon_channel.close(None)
         await self.stop(daemon, "daemon")
-
-        points = s.lean_checkpoints
-        progress.phase(f"leanness: a fresh daemon, {points[-1]:,} no-op tasks at {s.lean_concurrency} in flight, "
-                       f"footprint after {', '.join(f'{p:,}' for p in points)}")
-        await self.attempt("leanness", self.leanness())
 
     async def leanness(self) -> dict[str, Any]:
         lean = await self.start("daemon")
@@ -164,6 +208,16 @@ class Run:
                 await channel.close(None)
         finally:
             await self.stop(lean, "lean_daemon")
+
+    async def admission_scale(self) -> dict[str, Any]:
+        port = scale.free_port()
+        config = scale.daemon_config(self.settings, port)
+        daemon = await asyncio.to_thread(scale.start_daemon, self.workdir / f"scale-{len(self.services)}", config)
+        self.services.append(daemon)
+        try:
+            return await scale.admission_scale(daemon, port, config, self.settings, self.progress)
+        finally:
+            await self.stop(daemon, "scale_daemon")
 
     def cleanup(self) -> None:
         """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""
@@ -177,12 +231,20 @@ class Run:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def progress_lines(only: tuple[str, ...]) -> int:
+    """The numbered progress lines a run prints: one a phase (the fork floor's is a note beside
+    sleep10's), one for starting the first daemon, one for the report."""
+    chosen = only or PHASE_NAMES
+    lines = sum(1 for name in chosen if name != "fork_floor" or "sleep10" not in chosen)
+    return lines + (1 if any(name in SHARED for name in chosen) else 0) + 1
+
+
 async def run(settings: Settings, out: Path) -> int:
     loop = asyncio.get_running_loop()
     current = asyncio.current_task()
     if current is not None:
         loop.add_signal_handler(signal.SIGTERM, current.cancel)
-    progress = Progress(PHASES)
+    progress = Progress(progress_lines(settings.only))
     bench = Run(settings, progress)
     begin = time.monotonic()
     try:
@@ -195,19 +257,23 @@ async def run(settings: Settings, out: Path) -> int:
     results = bench.results
     results["machine"]["loadavg_end"] = os.getloadavg()[0]
     results["duration_s"] = time.monotonic() - begin
-    progress.phase(f"report: {out / 'latest.json'} and {out / 'latency.png'}")
+    json_path, chart_path = out / "latest.json", out / "latency.png"
+    if settings.only:  # a partial run leaves the full run's results as they were
+        stem = "only-" + "-".join(settings.only)
+        json_path, chart_path = out / f"{stem}.json", out / f"{stem}.png"
+    progress.phase(f"report: {json_path} and {chart_path}")
     targets = report.evaluate(results)
-    report.write_json(results, targets, out / "latest.json")
-    report.draw_chart(results, out / "latency.png")
+    report.write_json(results, targets, json_path)
+    charted = report.draw_chart(results, chart_path)
     print(report.render(results, targets))
-    print(f"\n{settings.mode} run took {results['duration_s']:.0f} s; raw figures in {out / 'latest.json'}, "
-          f"chart in {out / 'latency.png'}")
+    print(f"\n{settings.mode} run took {results['duration_s']:.0f} s; raw figures in {json_path}, "
+          + (f"chart in {chart_path}" if charted else "no chart (no plotted phase ran)"))
     return 1 if results.get("errors") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return asyncio.run(run(Settings.for_mode(args.quick, args.transport), args.out))
+    return asyncio.run(run(Settings.for_mode(args.quick, args.transport, args.only), args.out))
 
 
 if __name__ == "__main__":

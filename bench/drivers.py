@@ -159,8 +159,9 @@ async def steady_window(
     return window, warmup
 
 
-def perform_request(task: str, timeout_ms: int, options: Mapping[str, Any] | None = None) -> bytes:
-    request = PerformRequest(task=task, timeout_ms=timeout_ms)
+def perform_request(task: str, timeout_ms: int, options: Mapping[str, Any] | None = None, *,
+                    fairness_key: str = "") -> bytes:
+    request = PerformRequest(task=task, timeout_ms=timeout_ms, fairness_key=fairness_key)
     if options:
         request.options.update(dict(options))
     serialized: bytes = request.SerializeToString()
@@ -202,8 +203,11 @@ class RpcCall:
         return None, timings
 
 
-async def open_channel(target: str, timeout_s: float = 10.0) -> grpc.aio.Channel:
-    channel = grpc.aio.insecure_channel(target)
+async def open_channel(target: str, timeout_s: float = 10.0, *, own_connection: bool = False) -> grpc.aio.Channel:
+    """A channel to `target`, once connected. `own_connection`: not shared with the other channels to the
+    same target (gRPC otherwise multiplexes every channel with the same arguments on one connection)."""
+    options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else None
+    channel = grpc.aio.insecure_channel(target, options=options)
     try:
         await asyncio.wait_for(channel.channel_ready(), timeout_s)
     except BaseException:

@@ -77,6 +77,11 @@ def perform_failures(results: dict[str, Any]) -> dict[str, int]:
                 _get(results, "baselines", key, "perform_alongside", "warmup_failures"))
     if "leanness" in results:
         add("leanness", _get(results, "leanness", "failures"))
+    if "admission_scale" in results:
+        scale = results["admission_scale"]
+        add("admission_scale", *(_get(scale, part, kind) for part in ("empty", "loaded", "empty_after")
+                                 for kind in ("failures", "warmup_failures")))
+        counts["admission_scale"] += _get(scale, "fill", "ended_early") or 0  # waiting calls answered early
     return counts
 
 
@@ -141,6 +146,15 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         ))
     else:
         targets.append(Target("daemon RSS growth <= 10 MiB; threads and descriptors flat", "-", None))
+    ratio = _get(results, "admission_scale", "ratio")
+    waiting = _get(results, "admission_scale", "fill", "waiting") or _get(results, "settings", "scale_waiting") or 0
+    loaded = _get(results, "admission_scale", "loaded", "p50_ms")
+    empty = _get(results, "admission_scale", "empty_pooled_p50_ms")
+    targets.append(Target(
+        f"no-op Perform p50 with {waiting:,} calls waiting under as many fairness keys (for a task at its "
+        "max_running) <= 2.0 x its p50 with none waiting (before and after, pooled)",
+        f"{_x(ratio)} ({_num(loaded, 2)} ms vs {_num(empty, 2)} ms)", None if ratio is None else ratio <= 2.0,
+    ))
     failures = perform_failures(results)
     total = sum(failures.values())
     detail = ", ".join(f"{phase} {count}" for phase, count in failures.items())
@@ -164,6 +178,12 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
 def render(results: dict[str, Any], targets: list[Target]) -> str:
     s = results["settings"]
     m = results["machine"]
+    only = s.get("only") or ()
+
+    def shown(*phases: str) -> bool:
+        """Whether a section's phases ran (every section in a full run)."""
+        return not only or any(phase in only for phase in phases)
+
     out = [
         f"isolated-task-runner benchmark ({s['mode']}), {results['date']}, git {m.get('git_commit', '?')}"
         f"{' (uncommitted changes)' if m.get('git_dirty') else ''}",
@@ -176,13 +196,44 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
         f"the baselines), each after a warm-up of {s['warmup_calls']} calls (or {s['warmup_s']:.1f} s); "
         "every ratio is to a figure of this same run",
     ]
+    if only:
+        out.append(f"only the phases {', '.join(only)} (--only)")
     for key, error in (results.get("errors") or {}).items():
         out.append(f"ERROR in phase {key}: {error}")
 
-    out += ["", *_table(
-        ["Latency, one call at a time", "calls", "p50 ms", "p99 ms", "max ms", "p50 / echo"],
-        _latency_rows(results),
-    )]
+    if shown("latency", "baselines"):
+        out += ["", *_table(
+            ["Latency, one call at a time", "calls", "p50 ms", "p99 ms", "max ms", "p50 / echo"],
+            _latency_rows(results),
+        )]
+    if shown("throughput", "fork_floor"):
+        out += _throughput_section(results)
+    if shown("baselines"):
+        out += _baselines_section(results)
+    if shown("sleep10"):
+        out += _sleep10_section(results)
+    if shown("throughput"):
+        out += _where_time_goes_section(results)
+    if shown("deadline"):
+        out += _deadline_section(results)
+    if shown("leanness"):
+        out += _leanness_section(results)
+    if shown("admission_scale"):
+        out += _admission_scale_section(results)
+    out += _notes(results)
+
+    out += ["", "Targets"]
+    for target in targets:
+        if only and target.met is None:
+            continue  # a phase not run
+        verdict = {True: "met", False: "NOT met", None: "not measured"}[target.met]
+        out.append(f"  {verdict:<12}  {target.claim}: {target.measured}")
+    return "\n".join(out)
+
+
+def _throughput_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
+    out: list[str] = []
     levels = [str(level) for level in s["levels"]]
     rows = []
     for key in ("echo", "perform"):
@@ -198,19 +249,26 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
         out.append(f"fork floor (a fork per no-op task with the fork server's preloads, {floor['in_flight']} in "
                    f"flight, answer read from a pipe, child reaped): {_num(floor['median'], 0)}/s; Perform at 32 is "
                    f"{_x(_ratio(_get(results, 'throughput', 'perform', '32', 'median'), floor['median']))} of it")
+    return out
 
-    n = s["baseline_concurrency"]
+
+def _baselines_section(results: dict[str, Any]) -> list[str]:
+    n = results["settings"]["baseline_concurrency"]
     rows = []
     for key in ("fresh_interpreter", "process_pool"):
         rows.append([SYSTEMS[key], _num(_get(results, "baselines", key, "median"), 1),
                      _num(_get(results, "baselines", key, "perform_alongside", "median"), 0),
                      _x(_get(results, "baselines", key, "ratio"), 1),
                      " ".join(_x(r, 1) for r in _get(results, "baselines", key, "paired_ratios") or [])])
-    out += ["", *_table([f"One process per task, same no-op, {n} in flight", "tasks/s", "Perform beside it",
+    return ["", *_table([f"One process per task, same no-op, {n} in flight", "tasks/s", "Perform beside it",
                          "Perform / it", "each pair"], rows)]
 
+
+def _sleep10_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
+    n = s["baseline_concurrency"]
     sleep = results.get("sleep10") or {}
-    out += ["", *_table(
+    return ["", *_table(
         [f"Perform sleep10 (10 ms), {n} in flight, max_running {s['max_running']}", "tasks/s", "ideal/s", "of ideal",
          "run_ms p50", "queue_ms p50"],
         [["", _num(sleep.get("median"), 0), _num(sleep.get("ideal"), 0),
@@ -218,19 +276,25 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
           _num(_get(sleep, "timings", "run_ms"), 2), _num(_get(sleep, "timings", "queue_ms"), 2)]],
     )]
 
+
+def _where_time_goes_section(results: dict[str, Any]) -> list[str]:
+    n = results["settings"]["baseline_concurrency"]
     rows = []
     for level in ("1", str(n)):
         t = _get(results, "throughput", "timings", level) or {}
         rows.append([f"{level} in flight", *(_num(t.get(k), 3) for k in
                      ("client_ms", "queue_ms", "start_ms", "run_ms", "collect_ms", "outside_ms"))])
-    out += ["", *_table(
+    return ["", *_table(
         ["Where a no-op Perform's time goes, median ms", "client", "queue", "start", "run", "collect", "outside"],
         rows,
     ), "  (outside = client latency minus the daemon's four timings: gRPC both ways, parsing, the client loop)"]
 
+
+def _deadline_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
     d = results.get("deadline") or {}
     o = d.get("overshoot_ms") or {}
-    out += ["", *_table(
+    return ["", *_table(
         [f"Deadline: stubborn task, timeout {s['deadline_timeout_ms']} ms, {s['deadline_runs']} runs one at a time",
          "median", "p99", "max"],
         [["answer time past the timeout, ms", _num(o.get("median"), 1), _num(o.get("p99"), 1), _num(o.get("max"), 1)],
@@ -239,6 +303,10 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
     ), f"  processes left behind: {d.get('left_behind', '-')} "
        f"(pids recorded per run: {_get(d, 'pids_per_run', 'min') or '-'} to {_get(d, 'pids_per_run', 'max') or '-'})"]
 
+
+def _leanness_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
+    out: list[str] = []
     rows = []
     for c in _get(results, "leanness", "checkpoints") or []:
         rows.append([f"{c['tasks']:,}", _num(c.get("rss_mib"), 1), _num(c.get("threads"), 0), _num(c.get("fds"), 0),
@@ -259,8 +327,45 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
             f"{spent:.2f} ms in all, so at most {_num(1e3 * results['machine']['nproc'] / spent, 0)} tasks/s "
             f"on {results['machine']['nproc']} CPUs if nothing else ran"
         )
+    return out
 
-    out += ["", "Notes"]
+
+def _admission_scale_section(results: dict[str, Any]) -> list[str]:
+    a = results.get("admission_scale") or {}
+    fill = a.get("fill") or {}
+    asked = a.get("waiting_target") or results["settings"].get("scale_waiting") or 0
+    waiting = fill.get("waiting", asked)
+    empty_p50 = a.get("empty_pooled_p50_ms")
+    rows = []
+    for label, part in (("nothing waiting", "empty"), (f"{waiting:,} waiting", "loaded"),
+                        ("nothing waiting again", "empty_after")):
+        figures = a.get(part) or {}
+        rows.append([label, str(figures.get("n", "-")), _num(figures.get("p50_ms"), 2), _num(figures.get("p99_ms"), 2),
+                     _num(figures.get("max_ms"), 2), _x(_ratio(figures.get("p50_ms"), empty_p50))])
+    rows.append(["nothing waiting, before and after", "", _num(empty_p50, 2), "", "", _x(1.0 if empty_p50 else None)])
+    out = ["", *_table(["Admission at scale: no-op Perform, one at a time", "calls", "p50 ms", "p99 ms", "max ms",
+                        "p50 / none"], rows),
+           "  (the waiting calls: real gRPC calls on one channel, each under a fairness key of its own, for a task "
+           "held at its max_running = 1; the measured calls on a connection of their own)"]
+    if fill:
+        rss, client = fill.get("daemon_rss_mib") or [None, None], fill.get("client_rss_mib") or [None, None]
+        short = f" (of {asked:,} asked)" if waiting < asked else ""
+        out.append(
+            f"  filling: {waiting:,} calls waiting{short} after {_num(fill.get('seconds'), 1)} s "
+            f"({_num(fill.get('per_s'), 0)}/s; daemon CPU {_num(fill.get('daemon_cpu_s'), 1)} s); daemon RSS "
+            f"{_num(rss[0], 0)} -> {_num(rss[1], 0)} MiB ({_num(fill.get('daemon_kib_per_call'), 1)} KiB a waiting "
+            f"call), this client's {_num(client[0], 0)} -> {_num(client[1], 0)} MiB; "
+            f"{fill.get('ended_early', 0)} answered early")
+    leave = a.get("leave") or {}
+    if leave:
+        out.append(f"  leaving: every waiting caller cancelled; the queue empty after "
+                   f"{_num(leave.get('seconds'), 1)} s ({leave.get('left_waiting', '-')} left), daemon RSS then "
+                   f"{_num(leave.get('daemon_rss_mib'), 0)} MiB")
+    return out
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    out = ["", "Notes"]
     for key, service in (results.get("services") or {}).items():
         line = f"  {key}: exit code {service.get('exit_code')}, {service.get('log_lines', 0)} log lines"
         if key != "echo":
@@ -278,12 +383,7 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
     stopped = results.get("stopped_at_cleanup") or []
     out.append(f"  processes still running at the end, stopped by the cleanup: {len(stopped)}")
     out += [f"      | {text}" for text in stopped[:5]]
-
-    out += ["", "Targets"]
-    for target in targets:
-        verdict = {True: "met", False: "NOT met", None: "not measured"}[target.met]
-        out.append(f"  {verdict:<12}  {target.claim}: {target.measured}")
-    return "\n".join(out)
+    return out
 
 
 def _latency_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -318,13 +418,11 @@ def _rounded(value: Any) -> Any:
     return value
 
 
-def draw_chart(results: dict[str, Any], path: Path) -> None:
-    """Empirical CDFs of per-call latency: one call at a time, and at the baselines' concurrency."""
-    import matplotlib
+def draw_chart(results: dict[str, Any], path: Path) -> bool:
+    """Empirical CDFs of per-call latency: one call at a time, and at the baselines' concurrency.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Returns False, drawing nothing, when no phase that is plotted ran (an --only run of other phases).
+    """
     n = results["settings"]["baseline_concurrency"]
     panels = [
         ("one call at a time", {
@@ -340,6 +438,13 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
             "process_pool": _get(results, "baselines", "process_pool", "samples_ms"),
         }),
     ]
+    if not any(samples for _, series in panels for samples in series.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, 2, figsize=(13, 6), sharey=True)
     for axis, (title, series) in zip(axes, panels, strict=True):
         for key, samples in series.items():
@@ -362,3 +467,4 @@ def draw_chart(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
+    return True

@@ -30,11 +30,14 @@ class Settings:
     lean_checkpoints: tuple[int, ...]  # cumulative no-op tasks after which the daemon is measured
     lean_concurrency: int
     lean_max_s: float  # the leanness phase stops here, at whatever count it reached
+    scale_waiting: int  # admission at scale: the calls waiting, each under a fairness key of its own
+    scale_latency_calls: int  # one at a time, with nothing waiting and with all of them waiting
     max_running: int
     max_queued: int
+    only: tuple[str, ...] = ()  # the phases to run (--only); empty: all
 
     @classmethod
-    def for_mode(cls, quick: bool, transport: str) -> Settings:
+    def for_mode(cls, quick: bool, transport: str, only: tuple[str, ...] = ()) -> Settings:
         # The footprint is taken after the first checkpoint and the last (and at a few between).
         lean = (500, 1_750, 3_000) if quick else tuple(range(5_000, 50_001, 5_000))
         return cls(
@@ -58,8 +61,11 @@ class Settings:
             lean_checkpoints=lean,
             lean_concurrency=32,
             lean_max_s=120.0 if quick else 420.0,
+            scale_waiting=10_000 if quick else 100_000,
+            scale_latency_calls=100 if quick else 300,
             max_running=32,
             max_queued=1024,
+            only=only,
         )
 
     def as_dict(self) -> dict[str, Any]:

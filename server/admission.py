@@ -13,6 +13,15 @@ is empty. Whenever a slot, a task's turn or a token comes free, the next call is
    burst of a thousand calls cannot starve another key's single call.
 3. Within a key, the oldest call first (among the tasks that may start now).
 
+A new key (one with no call waiting: a key is forgotten when its last waiting call leaves) takes
+its turn after the keys already waiting. Of two calls that arrived at the same instant, the one
+that came first is the older.
+
+Each decision costs O(log n), amortized, in the calls and keys waiting (times the priority levels
+and the tasks that have calls waiting, both bounded by the config), never a scan of the keys: see
+`_Level` and `_Lane`. Cancelled and timed-out calls are dropped lazily, and never outnumber the
+live ones for long (`COMPACT_MIN`).
+
 The one count of what runs (`running`) and the idle event a drain waits on are here too.
 """
 
@@ -21,12 +30,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import heapq
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 HOLD_EWMA = 0.1  # the weight of the newest slot hold time in the queue's pace
 MIN_RETRY_S, MAX_RETRY_S = 0.05, 60.0
+COMPACT_MIN = 64  # a lane is compacted once its dead tickets outnumber its live ones and are at least this many
 
 
 class QueueFull(Exception):
@@ -84,7 +95,7 @@ class _Task:
         return self.bucket is None or self.bucket.refill(now) >= 1
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Ticket:
     """One call waiting for a slot."""
 
@@ -95,15 +106,73 @@ class Ticket:
     future: asyncio.Future[None]
     live: bool = True
     timer: asyncio.TimerHandle | None = None
+    seq: int = 0  # arrival order: the older of two calls that arrived at the same instant
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
+class _Lane:
+    """One task's calls waiting at one priority level: a FIFO per fairness key, and a heap of those keys
+    by turn stamp, so the key whose turn it is among this task's calls is at the top.
+
+    Every key in `fifos` has exactly one entry in `heap`; an entry is stale when its key's stamp moved
+    on since (its turn was served through another task's call), and is fixed when it reaches the top.
+    A cancelled or timed-out ticket stays in its FIFO, dead, until it reaches the front or the lane
+    is compacted.
+    """
+
+    heap: list[tuple[int, str]] = field(default_factory=list)
+    fifos: dict[str, collections.deque[Ticket]] = field(default_factory=dict)
+    live: int = 0  # tickets still waiting
+    dead: int = 0  # tickets out of the queue but still in a FIFO
+
+
+@dataclass(eq=False, slots=True)
 class _Level:
-    """The calls waiting at one priority: by fairness key (in turn order), then by task (each oldest first)."""
+    """The calls waiting at one priority: each waiting key's turn stamp, and a lane per task.
 
-    keys: collections.OrderedDict[str, dict[str, collections.deque[Ticket]]] = field(
-        default_factory=collections.OrderedDict)
+    A key is stamped from a counter that only grows when it starts waiting and again each time it
+    is served, so the smallest stamp is the key served least recently (or waiting longest unserved),
+    and a new key comes after every key already waiting.
+    """
+
+    stamps: dict[str, int] = field(default_factory=dict)  # the keys with calls waiting
+    waiting: dict[str, int] = field(default_factory=dict)  # key: its calls waiting, of every task
+    lanes: dict[str, _Lane] = field(default_factory=dict)  # task: its calls waiting
     count: int = 0
+    next_stamp: int = 0
+
+    def stamp(self, key: str) -> None:
+        """`key` takes its turn after every key waiting now."""
+        self.stamps[key] = self.next_stamp
+        self.next_stamp += 1
+
+    def top(self, lane: _Lane) -> tuple[str, Ticket] | None:
+        """The lane's key whose turn it is and its oldest live ticket; stale entries and dead tickets
+        met on the way are fixed or dropped (each once, so this is O(log n) amortized)."""
+        heap = lane.heap
+        while heap:
+            stamp, key = heap[0]
+            fifo = lane.fifos[key]
+            while fifo and not fifo[0].live:
+                fifo.popleft()
+                lane.dead -= 1
+            if not fifo:
+                heapq.heappop(heap)
+                del lane.fifos[key]
+            elif stamp != self.stamps[key]:  # a live ticket waits: the key is stamped
+                heapq.heapreplace(heap, (self.stamps[key], key))
+            else:
+                return key, fifo[0]
+        return None
+
+    def compact(self, lane: _Lane) -> None:
+        """Drop the lane's dead tickets, so that many cancelled calls do not keep it large."""
+        fifos = {key: live for key, fifo in lane.fifos.items()
+                 if (live := collections.deque(ticket for ticket in fifo if ticket.live))}
+        lane.fifos = fifos
+        lane.heap = [(self.stamps[key], key) for key in fifos]
+        heapq.heapify(lane.heap)
+        lane.dead = 0
 
 
 class Admission:
@@ -125,6 +194,7 @@ class Admission:
         self._tasks: dict[str, _Task] = {}
         self._levels: dict[int, _Level] = {}
         self._hold_s = 0.0  # the pace of the queue: a moving average of how long a slot is held
+        self._seq = 0  # tickets issued
         self._wake: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -177,7 +247,8 @@ class Admission:
                 f"{state.rules.max_queued}); retry later", self._task_pace(state, now),
             )
         loop = asyncio.get_running_loop()
-        ticket = Ticket(task, priority, key, now, loop.create_future())
+        self._seq += 1
+        ticket = Ticket(task, priority, key, now, loop.create_future(), seq=self._seq)
         if on_wait is not None:
             on_wait(self.queued)
         self._enqueue(ticket, state)
@@ -212,14 +283,15 @@ class Admission:
 
     def refuse_waiting(self, make_error: Callable[[], BaseException]) -> None:
         """Answer every waiting call with an error (a drain's end): the queue is empty after this."""
-        for level in self._levels.values():
-            for by_task in level.keys.values():
-                for tickets in by_task.values():
-                    for ticket in tickets:
-                        if ticket.live and not ticket.future.done():
-                            ticket.future.set_exception(make_error())
-                        self._leave(ticket)
+        refused = [ticket for level in self._levels.values() for lane in level.lanes.values()
+                   for fifo in lane.fifos.values() for ticket in fifo if ticket.live]
         self._levels.clear()
+        for ticket in refused:
+            ticket.live = False
+            self.queued -= 1
+            self._tasks[ticket.task].queued -= 1
+            if not ticket.future.done():
+                ticket.future.set_exception(make_error())
 
     # -- inside
 
@@ -240,24 +312,53 @@ class Admission:
         level = self._levels.get(ticket.priority)
         if level is None:
             level = self._levels[ticket.priority] = _Level()
-        by_task = level.keys.get(ticket.key)
-        if by_task is None:
-            by_task = level.keys[ticket.key] = {}  # a new key takes its turn after those waiting
-        by_task.setdefault(ticket.task, collections.deque()).append(ticket)
+        waiting = level.waiting.get(ticket.key, 0)
+        if not waiting:
+            level.stamp(ticket.key)  # a new key takes its turn after those waiting
+        level.waiting[ticket.key] = waiting + 1
+        lane = level.lanes.get(ticket.task)
+        if lane is None:
+            lane = level.lanes[ticket.task] = _Lane()
+        fifo = lane.fifos.get(ticket.key)
+        if fifo is None:
+            fifo = lane.fifos[ticket.key] = collections.deque()
+            heapq.heappush(lane.heap, (level.stamps[ticket.key], ticket.key))
+        fifo.append(ticket)
+        lane.live += 1
         level.count += 1
         state.queued += 1
         self.queued += 1
 
     def _leave(self, ticket: Ticket) -> None:
-        """Out of the queue (granted, cancelled, timed out, refused): counted out now, removed lazily."""
+        """Out of the queue (cancelled, timed out): counted out now, removed from its FIFO lazily."""
         if not ticket.live:
             return
+        level, lane = self._count_out(ticket)
+        if lane.live:
+            lane.dead += 1
+            if lane.dead > lane.live and lane.dead >= COMPACT_MIN:
+                level.compact(lane)
+
+    def _count_out(self, ticket: Ticket) -> tuple[_Level, _Lane]:
+        """The ticket no longer waits; a key, lane or level left with nothing waiting is dropped (a key
+        that waits again is new)."""
         ticket.live = False
         self.queued -= 1
         self._tasks[ticket.task].queued -= 1
-        level = self._levels.get(ticket.priority)
-        if level is not None:
-            level.count -= 1
+        level = self._levels[ticket.priority]
+        level.count -= 1
+        waiting = level.waiting[ticket.key] - 1
+        if waiting:
+            level.waiting[ticket.key] = waiting
+        else:
+            del level.waiting[ticket.key], level.stamps[ticket.key]
+        lane = level.lanes[ticket.task]
+        lane.live -= 1
+        if not lane.live:  # only dead tickets are left in it
+            del level.lanes[ticket.task]
+        if not level.count:
+            del self._levels[ticket.priority]
+        return level, lane
 
     def _expire(self, ticket: Ticket, waited_s: float) -> None:
         if ticket.live and not ticket.future.done():
@@ -266,26 +367,25 @@ class Admission:
                 f"the call waited {waited_s * 1e3:.0f} ms for a slot (queue_timeout_ms) and never ran",
             ))
 
-    def _offer(self, level: _Level, now: float) -> tuple[str, str] | None:
-        """The (key, task) whose turn it is at this level: the first key in turn order with a call of a
-        task that may start now, and its oldest such call."""
-        for key in list(level.keys):
-            by_task = level.keys[key]
-            best: tuple[float, str] | None = None
-            for task in list(by_task):
-                tickets = by_task[task]
-                while tickets and not tickets[0].live:
-                    tickets.popleft()
-                if not tickets:
-                    del by_task[task]
-                    continue
-                if self._tasks[task].may_start(now) and (best is None or tickets[0].arrived < best[0]):
-                    best = (tickets[0].arrived, task)
-            if not by_task:
-                del level.keys[key]
-            elif best is not None:
-                return key, best[1]
-        return None
+    def _offer(self, level: _Level, startable: dict[str, bool], now: float) -> tuple[_Lane, str, Ticket] | None:
+        """The call whose turn it is at this level: the least recently served key with a call of a task
+        that may start now, and its oldest such call. One heap top per task, not a scan of the keys
+        (`startable` keeps each task's answer for the whole decision)."""
+        best: tuple[int, int, _Lane, str, Ticket] | None = None
+        for task, lane in level.lanes.items():
+            may_start = startable.get(task)
+            if may_start is None:
+                may_start = startable[task] = self._tasks[task].may_start(now)
+            if not may_start:
+                continue
+            top = level.top(lane)
+            if top is None:
+                continue
+            key, ticket = top
+            candidate = (level.stamps[key], ticket.seq, lane, key, ticket)
+            if best is None or candidate[:2] < best[:2]:  # the key's turn first, then its oldest call
+                best = candidate
+        return None if best is None else best[2:]
 
     def _dispatch(self) -> None:
         """Hand free slots to the calls whose turn it is."""
@@ -294,32 +394,36 @@ class Admission:
             self._wake = None
         now = self._clock()
         while self.queued and self.running < self.max_running:
-            chosen: tuple[tuple[int, float], int, str, str] | None = None
-            for priority in list(self._levels):
-                level = self._levels[priority]
-                if not level.count:
-                    del self._levels[priority]
-                    continue
-                offer = self._offer(level, now)
+            startable: dict[str, bool] = {}  # each task asked once per decision, however many keys wait
+            chosen: tuple[tuple[int, float, int], _Level, _Lane, str, Ticket] | None = None
+            for priority, level in self._levels.items():
+                offer = self._offer(level, startable, now)
                 if offer is None:
                     continue
-                key, task = offer
-                arrived = level.keys[key][task][0].arrived
-                rank = (priority + math.floor((now - arrived) / self.aging_s), -arrived)  # the older among equals
+                lane, key, ticket = offer
+                # The highest effective priority; the older among equals.
+                rank = (priority + math.floor((now - ticket.arrived) / self.aging_s), -ticket.arrived, -ticket.seq)
                 if chosen is None or rank > chosen[0]:
-                    chosen = (rank, priority, key, task)
+                    chosen = (rank, level, lane, key, ticket)
             if chosen is None:
                 self._wake_for_tokens(now)
                 return
-            _, priority, key, task = chosen
-            level = self._levels[priority]
-            ticket = level.keys[key][task].popleft()
-            self._leave(ticket)
-            if ticket.future.done():  # its caller left this very moment (cancelled, not yet told): skip it
-                continue
-            level.keys.move_to_end(key)  # its turn is over: every other key waiting goes before it again
-            self._take(self._tasks[task])
-            ticket.future.set_result(None)
+            _, level, lane, key, ticket = chosen
+            fifo = lane.fifos[key]
+            fifo.popleft()  # the ticket: the top of its lane
+            self._count_out(ticket)
+            granted = not ticket.future.done()  # done: its caller left this very moment (not yet told)
+            if granted and key in level.stamps:
+                level.stamp(key)  # its turn is over: every other key waiting goes before it again
+            if lane.live:  # the lane's top entry is this key's: fix it now rather than lazily
+                if not fifo:
+                    heapq.heappop(lane.heap)
+                    del lane.fifos[key]
+                elif key in level.stamps:
+                    heapq.heapreplace(lane.heap, (level.stamps[key], key))
+            if granted:
+                self._take(self._tasks[ticket.task])
+                ticket.future.set_result(None)
 
     def _wake_for_tokens(self, now: float) -> None:
         """Calls wait only for tokens: dispatch again when the first comes."""
