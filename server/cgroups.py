@@ -2,7 +2,8 @@
 
 The daemon finds or creates the subtree once (`prepare`); the fork server puts each task
 process into its own cgroup as it forks it, ends the whole tree with `cgroup.kill` (which no
-setsid() or double fork escapes) and removes the cgroup once it is empty. Where the memory and
+setsid() or double fork escapes) and removes the cgroup once it is empty. At each start the
+daemon kills and removes the trees that daemons which are gone left behind. Where the memory and
 pids controllers are enabled, `memory.max` and `pids.max` carry the task's limits.
 Elsewhere the fork server falls back to process groups and subreaper tracking.
 """
@@ -13,11 +14,19 @@ import contextlib
 import errno
 import logging
 import os
+import select
+import signal
 import time
 
 from task_runner.server import wire
 
 log = logging.getLogger("task_runner.server")
+# What a start spends at most on the cgroups of daemons that are gone; the rest waits for the next.
+STALE_MAX_CGROUPS = 2000
+STALE_MAX_S = 5.0
+GENERATION_END_S = 5.0  # the most an ended fork server's cgroups are waited for
+KILL_ROUND_S = 0.1  # without cgroup.kill: how long one round of kills by pid is given to empty a tree
+PID_MAX_LIMIT = 1 << 22  # the kernel's ceiling for pid_max: a larger number names no process
 
 
 def own_cgroup(pid: int | str = "self") -> str | None:
@@ -64,28 +73,150 @@ def prepare(setting: str) -> str | None:
 
 
 def _remove_stale(parent: str) -> None:
-    """Kill and remove the task cgroups of daemons that are gone (a SIGKILLed one leaves them)."""
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(parent):
-            pid = entry.name.removeprefix("task-runner-")
-            if entry.name.startswith("task-runner-") and pid.isdigit() and not pid_alive(int(pid)):
-                log.info("removing %s, left behind by a daemon that is gone", entry.path)
-                _kill(entry.path)
-                for task in os.scandir(entry.path):
-                    if task.is_dir():
-                        _remove_when_empty(task.path)
-                _remove_when_empty(entry.path)
+    """Kill and remove, whole, the cgroup trees of daemons that are gone: a SIGKILLed daemon leaves
+    `task-runner-PID/gN/sM` (and whatever its tasks made below), and a tree left there would cost
+    every later start its time again.
+
+    Bounded: at most STALE_MAX_CGROUPS cgroups and STALE_MAX_S seconds a start; what is left then
+    waits for the next start. A tree is touched only if the daemon named in it is gone (a pid of
+    this pid namespace that no process has) and every process in it is one this namespace sees.
+    """
+    began = time.monotonic()
+    deadline = began + STALE_MAX_S
+    try:
+        stale = [entry.path for entry in os.scandir(parent) if _of_a_dead_daemon(entry)]
+    except OSError as exc:
+        log.warning("cannot look for cgroups left by daemons that are gone in %s: %s", parent, exc.strerror)
+        return
+    budget, killed, trees = STALE_MAX_CGROUPS, 0, 0
+    for number, path in enumerate(stale):
+        if budget <= 0 or time.monotonic() >= deadline:
+            log.warning("%d cgroup trees of daemons that are gone are left in %s for the next start (at most %d "
+                        "cgroups and %.0f s a start)", len(stale) - number, parent, STALE_MAX_CGROUPS, STALE_MAX_S)
+            break
+        removed, ended = _remove_tree(path, deadline, budget, "left behind by a daemon that is gone")
+        budget -= removed
+        killed += ended
+        trees += removed > 0
+    if trees:
+        log.info("removed %d cgroups in %d trees of daemons that are gone (%d processes killed) in %.2f s",
+                 STALE_MAX_CGROUPS - budget, trees, killed, time.monotonic() - began)
 
 
-def _remove_when_empty(path: str, attempts: int = 100) -> None:
-    for _ in range(attempts):  # cgroup.kill is asynchronous: the processes take a moment to go
+def _of_a_dead_daemon(entry: os.DirEntry[str]) -> bool:
+    """Whether a directory is a daemon's cgroup tree, `task-runner-PID`, whose daemon is gone."""
+    pid = entry.name.removeprefix("task-runner-")
+    if pid == entry.name or not pid.isdigit() or not 0 < int(pid) <= PID_MAX_LIMIT:
+        return False
+    return entry.is_dir(follow_symlinks=False) and not pid_alive(int(pid))
+
+
+def _remove_tree(path: str, deadline: float, budget: int, why: str | None) -> tuple[int, int]:
+    """Kill everything in a cgroup tree, then remove its cgroups, deepest first; (cgroups removed,
+    processes killed). Up to `budget` cgroups, until `deadline` (monotonic); errors are logged, and
+    what was removed too, saying `why`, if given."""
+    tree, truncated = _subtree(path, budget)
+    procs = [pid for cgroup in tree for pid in _procs(cgroup)]
+    if 0 in procs:  # a process of another pid namespace: "its daemon is gone" means nothing here
+        log.warning("leaving %s alone: it holds processes of another pid namespace", path)
+        return 0, 0
+    if procs and not _end_processes(path, tree, deadline):
+        log.warning("cannot remove %s: processes are still in it; left for the next start", path)
+        return 0, len(procs)
+    removed = 0
+    for cgroup in reversed(tree):  # children before their parents
         try:
-            os.rmdir(path)
-            return
+            os.rmdir(cgroup)
+            removed += 1
+        except FileNotFoundError:
+            pass
         except OSError as exc:
-            if exc.errno != errno.EBUSY:
-                return
-        time.sleep(0.01)
+            if not (truncated and exc.errno in (errno.EBUSY, errno.ENOTEMPTY)):  # its children wait their turn
+                log.warning("cannot remove the cgroup %s: %s", cgroup, exc.strerror)
+    if removed and why:
+        log.info("removed %s, %s (%d cgroups, %d processes killed)%s", path, why, removed, len(procs),
+                 "; the rest waits for the next start" if truncated else "")
+    return removed, len(procs)
+
+
+def _subtree(path: str, limit: int) -> tuple[list[str], bool]:
+    """A cgroup and those below it, each after its parent, at most `limit` of them; and whether
+    some were left out."""
+    found: list[str] = []
+    pending = [path]
+    while pending and len(found) < limit:
+        current = pending.pop()
+        found.append(current)
+        try:
+            with os.scandir(current) as entries:
+                pending += [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot list the cgroup %s: %s", current, exc.strerror)
+    return found, bool(pending)
+
+
+def _procs(cgroup: str) -> list[int]:
+    """The processes in one cgroup (0 for each one this pid namespace cannot see)."""
+    try:
+        with open(os.path.join(cgroup, "cgroup.procs")) as f:
+            return [int(line) for line in f if line.strip()]
+    except OSError:
+        return []
+
+
+def _end_processes(path: str, tree: list[str], deadline: float) -> bool:
+    """SIGKILL every process in a cgroup tree; whether the tree was empty by `deadline`.
+
+    `cgroup.kill` (Linux 5.14) ends the whole tree at once, with nothing escaping it. Before it,
+    the tree is frozen where the kernel can (5.2), so that nothing forks while it is killed pid
+    by pid, and killed again until it is empty.
+    """
+    try:
+        _write(os.path.join(path, "cgroup.kill"), "1")
+    except OSError:
+        pass
+    else:
+        return _wait_unpopulated(path, deadline)
+    with contextlib.suppress(OSError):
+        _write(os.path.join(path, "cgroup.freeze"), "1")  # a frozen process still dies of SIGKILL
+    while True:
+        for pid in (pid for cgroup in tree for pid in _procs(cgroup)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            except OSError as exc:
+                log.warning("cannot kill process %d in the cgroup %s: %s", pid, path, exc.strerror)
+        if _wait_unpopulated(path, min(deadline, time.monotonic() + KILL_ROUND_S)):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+
+
+def _wait_unpopulated(path: str, deadline: float) -> bool:
+    """Wait until no process is left in a cgroup or below it, until `deadline` (monotonic); whether
+    none is. The kernel reports each change of `cgroup.events` to poll() as POLLPRI."""
+    try:
+        fd = os.open(os.path.join(path, "cgroup.events"), os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI)
+        while b"populated 0" not in os.pread(fd, 4096, 0):  # reading re-arms the notification
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            poller.poll(int(remaining * 1e3) + 1)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def pid_alive(pid: int) -> bool:
@@ -167,14 +298,8 @@ def new_generation(base: str | None, number: int) -> str | None:
 
 def end_generation(path: str | None) -> None:
     """Kill everything left in a fork server's generation cgroup, then remove it (blocking, briefly)."""
-    if path is None:
-        return
-    _kill(path)
-    with contextlib.suppress(OSError):
-        for task in os.scandir(path):
-            if task.is_dir():
-                _remove_when_empty(task.path)
-    _remove_when_empty(path)
+    if path is not None:
+        _remove_tree(path, time.monotonic() + GENERATION_END_S, STALE_MAX_CGROUPS, None)
 
 
 def _kill(path: str) -> None:

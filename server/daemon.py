@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import grp
 import itertools
 import logging
@@ -41,6 +42,31 @@ from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
 
 log = logging.getLogger("task_runner.server")
+M_MMAP_THRESHOLD = -3  # glibc's mallopt() parameter
+MMAP_THRESHOLD_BYTES = 64 << 10
+
+
+def give_back_large_blocks() -> None:
+    """Make glibc's malloc hand every block of 64 KiB or more straight back to the kernel when freed.
+
+    A big request passes through gRPC's threads in 64 KiB blocks (two for each 64 KiB of it) and is
+    copied whole before it becomes the bytes the daemon holds. glibc, once it has freed a block as
+    large as a request, raises its mmap threshold to that size (its dynamic threshold): from then on
+    all of these come from its arenas and stay there when freed, scattered among live blocks where
+    no trim reaches. 100 queued 4 MiB calls grew the daemon by 2.2 x max_queued_bytes so; with a
+    fixed threshold, by 1.2 x. Smaller blocks, all a small call's, are unaffected. Process-wide: for
+    a daemon that owns its process only.
+    """
+    try:
+        glibc = os.confstr("CS_GNU_LIBC_VERSION")  # the parameter's number is glibc's: another libc may differ
+        mallopt = ctypes.CDLL(None).mallopt
+    except (ValueError, OSError, AttributeError):
+        return
+    if not glibc:
+        return
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES):
+        log.warning("cannot set malloc's mmap threshold: big requests may leave memory behind")
 
 
 class StartError(RuntimeError):
@@ -138,6 +164,7 @@ class Daemon:
             prctl(PR_SET_DUMPABLE, 0)
             # Orphans of a fork server that dies come to us, not to PID 1, so that we can end them.
             prctl(PR_SET_CHILD_SUBREAPER, 1)
+            give_back_large_blocks()
         credentials = server_credentials(self.config)
         token = load_token(self.config)
         try:
