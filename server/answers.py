@@ -20,7 +20,8 @@ if TYPE_CHECKING:
 
 Kind = TaskError.Kind
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
-# The error kinds a task process's own answer may carry; the others are the runner's alone.
+# The error kinds a task process's own answer may carry; the others (KIND_UNSPECIFIED included) are the
+# runner's alone. The runner's verdict on the options is no answer but the channel's first frame (see run.py).
 TASK_KINDS = frozenset({Kind.EXCEPTION, Kind.CRASHED, Kind.RESULT_INVALID, Kind.RESULT_TOO_LARGE, Kind.LIMIT_EXCEEDED})
 
 
@@ -33,12 +34,12 @@ def answer_response(frame: bytes) -> PerformResponse:
     response = PerformResponse(outcome=answer.outcome)
     response.result.CopyFrom(answer.result)
     if answer.HasField("error"):
-        invalid_options = answer.error.kind == Kind.KIND_UNSPECIFIED and answer.error.type == wire.INVALID_OPTIONS
-        if answer.error.kind not in TASK_KINDS and not invalid_options:  # a task's own frame may claim anything
+        if answer.error.kind not in TASK_KINDS:  # a task's own frame may claim anything
             name = Kind.Name(answer.error.kind) if answer.error.kind in Kind.values() else str(answer.error.kind)
             return error_response(
                 Kind.RESULT_INVALID, "ResultInvalid",
-                f"the task's answer claimed the error kind {name}, which only the runner gives",
+                f"the task's answer claimed the error kind {name}, which only the runner gives "
+                f"(its type: {answer.error.type[:100]!r})",
             )
         response.error.CopyFrom(answer.error)
         response.error.exit_code = response.error.signal = 0  # the runner's to tell, from the exit status

@@ -1,7 +1,8 @@
 """The task process: forked by the fork server, it waits for one task, runs it, answers once and exits.
 
 The channel to the daemon is fd 3, a stream socket carrying length-prefixed frames: one
-PerformRequest in, one PerformResponse (outcome, result, error only) out. Whatever answers
+PerformRequest in; out, first the runner's verdict on the options (the task starts, or they are
+invalid), then one PerformResponse (outcome, result, error only). Whatever answers
 first wins: the task's return, its callback, or an uncaught exception in any thread or asyncio
 callback; the process then ends itself at once with `os._exit(0)`. A process that ends
 without answering is reported by the daemon as CRASHED, with its exit code or signal.
@@ -311,7 +312,13 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoRetur
     try:
         options = from_struct(request.options)
     except NotJsonLike as exc:
-        answer.give(_error(Kind.KIND_UNSPECIFIED, wire.INVALID_OPTIONS, f"options{exc}"))
+        with contextlib.suppress(OSError):
+            channel.write(wire.OPTIONS_INVALID, f"options{exc}".encode())
+        os._exit(0)
+    # The runner's verdict goes first, before any task code runs: only as the first frame is it the
+    # runner's, so a task cannot forge it (nor the daemon's INVALID_ARGUMENT) by writing on fd 3 itself.
+    with contextlib.suppress(OSError):
+        channel.write(wire.TASK_STARTS, b"")
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
         if workdir:

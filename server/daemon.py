@@ -261,7 +261,13 @@ class Daemon:
             await asyncio.to_thread(reap, orphans)
             log.warning("killed %d processes left behind by a fork server that ended", len(orphans))
         if self._uids is not None:
-            for uid in forkserver.leftover_uids():
+            # What a dead fork server's tasks left may still run under their uids (where no cgroup
+            # ended them): a uid goes back only once no process of it is left on the machine.
+            leftover = forkserver.leftover_uids()
+            killed = await asyncio.to_thread(uids.sweep, leftover)
+            if killed:
+                log.warning("killed %d processes left under task uids of a fork server that ended", killed)
+            for uid in leftover:
                 self._uids.give_back(uid)
 
     async def _replace_if_it_dies(self, generation: Generation) -> None:

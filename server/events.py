@@ -1,12 +1,13 @@
 """An execution's events (PerformEvent), bounded: what PerformStream and Watch send.
 
 Each execution has one `EventLog`: events get a sequence number and a time as they are added,
-the last `max_events` (and `max_bytes`) are kept for a Watch to replay, and every follower
-(a PerformStream or Watch) has a bounded queue of its own: one that falls behind loses the
-oldest events it has not read, and is told how many with a `gap` event. Progress and
-heartbeats are coalesced (the latest wins, at most one every COALESCE_S), output is sent in
-chunks at most every COALESCE_S, so a task that reports or prints as fast as it can costs the
-daemon bounded memory and time.
+the last MAX_EVENTS (and MAX_BYTES) are kept for a Watch to replay, and every follower
+(a PerformStream or Watch) has a queue of its own, bounded in events and in bytes (FOLLOWER_MAX,
+FOLLOWER_MAX_BYTES): one that falls behind loses the oldest events it has not read, and is told
+how many with a `gap` event; the response, last, is never lost. Progress and heartbeats are
+coalesced (the latest wins, at most one every COALESCE_S), output is sent in chunks at most every
+COALESCE_S, so a task that reports or prints as fast as it can, and a follower that stops reading,
+cost the daemon bounded memory and time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ MAX_EVENTS = 256  # kept per execution for a Watch to replay
 MAX_BYTES = 256 << 10
 KEPT_BYTES = 32 << 10  # of a finished execution's events, for a Watch after the end
 FOLLOWER_MAX = 1024  # events a follower may lag behind before it loses the oldest
+FOLLOWER_MAX_BYTES = 1 << 20  # and bytes of them (the newest is kept whatever its size: the response may be bigger)
 OUTPUT_CHUNK = 64 << 10  # the most one output event carries; more in one interval is dropped (counted)
 _RESPONSE_FIELD = bytes([8 << 3 | 2])  # PerformEvent.response, a length-delimited field
 Stream = PerformEvent.OutputChunk.Stream
@@ -40,17 +42,33 @@ def _varint(n: int) -> bytes:
 
 
 class _Follower:
+    """The events a follower has not read yet, None last once nothing follows."""
+
     def __init__(self) -> None:
         self.queue: collections.deque[bytes | None] = collections.deque()
+        self.nbytes = 0  # of the events in the queue
         self.dropped = 0  # events lost since the last read
         self.wake = asyncio.Event()
 
-    def push(self, data: bytes | None) -> None:
-        if len(self.queue) >= FOLLOWER_MAX:
-            self.queue.popleft()
-            self.dropped += 1
-        self.queue.append(data)
+    def push(self, data: bytes | None) -> int:
+        """Queue an event (None: the end, after the last); returns how many of the oldest it lost for room.
+        The newest is always kept, so the response, the last event, always reaches the follower."""
+        queue, lost = self.queue, 0
+        if data is not None:
+            self.nbytes += len(data)
+            while (len(queue) >= FOLLOWER_MAX or self.nbytes > FOLLOWER_MAX_BYTES) and queue:
+                self.nbytes -= len(queue.popleft() or b"")
+                lost += 1
+            self.dropped += lost
+        queue.append(data)
         self.wake.set()
+        return lost
+
+    def pop(self) -> bytes | None:
+        data = self.queue.popleft()
+        if data is not None:
+            self.nbytes -= len(data)
+        return data
 
 
 class EventLog:
@@ -58,7 +76,8 @@ class EventLog:
 
     Args:
         started_at: loop time the call arrived (event times count from it).
-        on_dropped: called with a count of events a follower or the buffer lost (for the metrics).
+        on_dropped: called with a count of events a follower lost, or of progress and heartbeats no event
+            carries (coalesced away, or too big), for the metrics.
     """
 
     def __init__(self, started_at: float, on_dropped: Callable[[int], None] = lambda n: None) -> None:
@@ -97,8 +116,14 @@ class EventLog:
             self._last_sent[key] = now
             self._add_built(build)
             return
+        if key in self._pending:
+            self._on_dropped(1)  # the one it replaces is never sent
         self._pending[key] = build
         self._arm()
+
+    def lost(self, count: int) -> None:
+        """Count `count` progress or heartbeat frames no event will carry (the channel's reader coalesced them)."""
+        self._on_dropped(count)
 
     def _add_built(self, build: Callable[[], PerformEvent | None]) -> None:
         event = build()
@@ -179,10 +204,9 @@ class EventLog:
             _, old = self._events.popleft()
             self._bytes -= len(old)
         for follower in self._followers:
-            before = follower.dropped
-            follower.push(data)
-            if follower.dropped != before:
-                self._on_dropped(follower.dropped - before)
+            lost = follower.push(data)
+            if lost:
+                self._on_dropped(lost)
 
     async def follow(self) -> AsyncIterator[bytes]:
         """The serialized events: those still buffered (a gap event first if earlier ones are gone),
@@ -191,10 +215,12 @@ class EventLog:
         first = self._events[0][0] if self._events else self._sequence + 1
         if first > 1:
             follower.dropped = first - 1
-        for _, buffered in self._events:
-            follower.queue.append(buffered)
+        for _, buffered in self._events:  # within MAX_BYTES and one event: the follower's bounds keep most of it
+            lost = follower.push(buffered)
+            if lost:
+                self._on_dropped(lost)
         if self.closed:
-            follower.queue.append(None)
+            follower.push(None)
         self._followers.add(follower)
         try:
             while True:
@@ -205,7 +231,7 @@ class EventLog:
                     gap = PerformEvent()
                     gap.gap.events_dropped, follower.dropped = follower.dropped, 0
                     yield gap.SerializeToString()
-                data = follower.queue.popleft()
+                data = follower.pop()
                 if data is None:
                     return
                 yield data

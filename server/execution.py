@@ -438,9 +438,9 @@ class Executor:
             assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id)
             response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
                                                     stall_s)
-            if response.error.kind == TaskError.KIND_UNSPECIFIED and response.error.type == wire.INVALID_OPTIONS:
-                refused = True  # found by the task process as it read them, before any task code ran
-                raise Refusal(Reason.INVALID_OPTIONS, response.error.message)
+            if run.options_invalid is not None:
+                refused = True  # the runner's own verdict, the channel's first frame, before any task code ran
+                raise Refusal(Reason.INVALID_OPTIONS, run.options_invalid)
             response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
             response.timings.start_ms = (handed_at - admitted_at) * 1e3
             answer = self._answer(execution, response)

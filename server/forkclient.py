@@ -89,7 +89,6 @@ class ForkServerClient:
         self._config = config
         self._uids = uids
         self._held: set[int] = set()  # uids of ours: asked for, or of processes not yet reaped
-        self._doomed: dict[int, int] = {}  # pid -> uid of processes killed before they could be used
         self._workdirs = workdirs
         self._cgroup = cgroup
         self._tasks = tasks
@@ -110,27 +109,36 @@ class ForkServerClient:
         self._forking = 0
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._failing = False  # task processes cannot be made ready (logged once until they can again)
+        self._short_of_uids = False  # every task uid was busy at the last fork (logged once until not)
         self.closed = asyncio.Event()
         self.retired = False  # closed on purpose (a reload, a stop), not died
 
     async def start(self) -> None:
         spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
                 "cgroup": self._cgroup, "owner": self._owner}
-        await self._loop.sock_sendall(self._sock, json.dumps(spec).encode())
+        for packet in wire.chunks(wire.SPEC, json.dumps(spec).encode()):
+            await self._loop.sock_sendall(self._sock, packet)
         try:  # importing the task modules happens now: a module that hangs must not hang the daemon
-            hello = await asyncio.wait_for(self._loop.sock_recv(self._sock, 1 << 22), FORKSERVER_START_TIMEOUT_S)
+            hello = await asyncio.wait_for(self._hello(), FORKSERVER_START_TIMEOUT_S)
         except TimeoutError:
             self._process.kill()
             raise ForkServerDied(
                 f"the fork server did not start within {FORKSERVER_START_TIMEOUT_S:.0f} s "
                 "(does a task module hang at import?)",
             ) from None
-        if hello[:1] != b"H":
-            raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})")
-        info = json.loads(hello[1:])
+        except ValueError:
+            raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})") from None
+        info = json.loads(hello)
         self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
         self._want_spares()
+
+    async def _hello(self) -> bytes:
+        """The fork server's first message, in as many packets as its catalogue needs."""
+        hello = wire.Reassembly(wire.HELLO)
+        while not hello.done:
+            hello.add(await self._loop.sock_recv(self._sock, wire.CHUNK + 2))
+        return hello.whole
 
     async def take(self) -> TaskProcess:
         """A ready task process, forked ahead of demand if possible."""
@@ -206,9 +214,13 @@ class ForkServerClient:
             for _ in range(wanted):
                 try:
                     uids.append(self._uids.take() if self._uids is not None else wire.NO_UID)
-                except UidError as exc:  # every uid is busy: fewer spares for now
-                    log.warning("%s; fewer spare task processes until some end", exc)
+                except UidError as exc:  # every uid is busy: fewer spares for now (said once until they are not)
+                    if not self._short_of_uids:
+                        log.warning("%s; fewer spare task processes until some end", exc)
+                    self._short_of_uids = True
                     break
+            else:
+                self._short_of_uids = False
             if not uids:
                 self._loop.call_later(FORK_RETRY_S, self._want_spares)
                 return
@@ -236,6 +248,11 @@ class ForkServerClient:
                     self._give_back(uid)
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
                 self._loop.call_later(FORK_RETRY_S, self._want_spares)
+            elif isinstance(record, wire.Released):
+                for uid in record.uids:
+                    self._give_back(uid)
+                if self._short_of_uids:
+                    self._want_spares()
             elif isinstance(record, wire.Exited):
                 self._on_exit(record.pid, Exit(record.status, record.user_s, record.system_s, record.max_rss_kib,
                                                Stop(record.why), self._loop.time(), record.oom_killed))
@@ -254,7 +271,6 @@ class ForkServerClient:
             for fd in fds:
                 os.close(fd)
             self._send(wire.Kill(pid, ready.serial, Stop.CANCELLED).pack(), urgent=True)
-            self._doomed[pid] = uid
             self._spare_failed(problem)
             return
         if self._failing:
@@ -310,11 +326,10 @@ class ForkServerClient:
         return set(self._held)
 
     def _on_exit(self, pid: int, exit_: Exit) -> None:
+        # Its uid comes back with the fork server's Released, once no process of it is left.
         process = self._processes.pop(pid, None)
-        if process is None:
-            self._give_back(self._doomed.pop(pid, wire.NO_UID))
+        if process is None:  # killed before it could be used
             return
-        self._give_back(process.uid)  # reaped, and its tree killed with it
         self._workdirs.discard(process.workdir)
         if process in self._spares:  # a spare died before it was used
             self._spares.remove(process)

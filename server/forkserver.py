@@ -9,7 +9,15 @@ directly, so a task process forked later cannot find an earlier task's data in i
 It is the parent of every task process, so it owns the kill and the reaping. It is a child
 subreaper, and so is every task process: a task's descendants, even those that called
 setsid(), stay inside the task's tree while the task lives, and fall to the fork server when
-it dies, which kills every adopted process it did not fork itself. Nothing outlives its task.
+it dies, which kills every adopted process it did not fork itself, with all of its tree at once.
+Nothing outlives its task.
+
+A task process with a uid of its own is not done with when it is reaped: whatever it left may
+still run under its uid. A *sweeper* (a process forked for the purpose, under that uid and
+nothing else) kills every process of the uid with one kill(-1, SIGKILL), which the kernel makes
+reach all of them at once, forks in flight included, and tells by its exit code whether it found
+any; sweepers go again until one finds none. Only then is the uid Released: no process of it is
+left on the machine, checked by the kernel, whatever the cgroup mode.
 
 The messages it exchanges with the daemon are in task_runner.server.wire; end of file from the
 daemon ends the fork server, after killing every task process.
@@ -23,10 +31,12 @@ import ctypes
 import gc
 import json
 import os
+import resource
 import selectors
 import signal
 import socket
 import sys
+import time
 from typing import Any, NoReturn
 
 from task_runner.server import child, wire
@@ -37,6 +47,10 @@ MAX_PACKET = 1 << 16
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
+PR_SET_NO_NEW_PRIVS = 38
+SWEPT_CLEAN = 0  # a sweeper's exit code: it found no process of its uid
+SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
+SWEEP_BACKOFF_S = (0.01, 1.0)
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -53,6 +67,43 @@ def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
         os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
+
+
+def tree(root: int) -> list[tuple[int, int]]:
+    """(pid, parent) of every descendant of `root`, as /proc shows them now."""
+    found: list[tuple[int, int]] = []
+    stack = [root]
+    while stack:
+        parent = stack.pop()
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{parent}/task"):
+                with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{tid}/children") as f:
+                    for pid in map(int, f.read().split()):
+                        found.append((pid, parent))
+                        stack.append(pid)
+    return found
+
+
+def kill_descendants(root: int) -> None:
+    """SIGKILL every descendant of `root` at once, whatever session or group each is in.
+
+    Each is signalled through a pidfd opened while it is still `parent`'s child, so that a pid
+    freed and reused meanwhile is never hit.
+    """
+    for pid, parent in tree(root):
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid == parent:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
+        finally:
+            os.close(fd)
 
 
 def children() -> set[int]:
@@ -85,6 +136,10 @@ class ForkServer:
         self._serial = 0
         self._to_fork: collections.deque[int] = collections.deque()  # uids of spares asked for, not yet forked
         self._kill_reason: dict[int, wire.Stop] = {}
+        self._uid_of: dict[int, int] = {}  # live task process -> its own uid (none for NO_UID)
+        self._sweepers: dict[int, int] = {}  # sweeper pid -> the uid it sweeps
+        self._unswept: dict[int, tuple[int, float]] = {}  # uid -> (sweeps so far, not before this time)
+        self._sweep_at: float | None = None  # when a uid's next sweep is due, if one waits
         self._pid = os.getpid()
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -119,7 +174,8 @@ class ForkServer:
         sys.stderr.flush()
         gc.collect()
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages in children
-        self._sock.send(b"H" + json.dumps(self._hello).encode())
+        for packet in wire.chunks(wire.HELLO, json.dumps(self._hello).encode()):
+            self._sock.send(packet)
         selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, self._on_message)
         selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_sigchld)
@@ -127,8 +183,11 @@ class ForkServer:
             while True:
                 # Forks are done one per turn, so that kills and exits that arrive during a
                 # storm of forks wait for one fork at most, never for the whole storm.
-                for key, _ in selector.select(0 if self._to_fork else None):
+                timeout = None if self._sweep_at is None else max(0.0, self._sweep_at - time.monotonic())
+                for key, _ in selector.select(0 if self._to_fork else timeout):
                     key.data()
+                if self._sweep_at is not None and time.monotonic() >= self._sweep_at:
+                    self._sweep()
                 if self._to_fork:
                     self._fork_one()
         except EOFError:
@@ -197,6 +256,8 @@ class ForkServer:
                 os._exit(70)
         self._serial += 1
         self._live[pid] = self._serial
+        if uid != wire.NO_UID:
+            self._uid_of[pid] = uid
         cgroup = self._cgroups.add(pid) or ""
         for fd in (child_end.fileno(), out_w, err_w):
             os.close(fd)
@@ -221,6 +282,9 @@ class ForkServer:
                 # of its own no other task can use that; sharing a uid, it stays undumpable, so that
                 # tasks of that uid cannot read each other's memory or take each other's descriptors.
                 prctl(PR_SET_DUMPABLE, 1)
+        # Set-user-ID and file capabilities never raise what it or its descendants may do: a set-user-ID
+        # copy of a program one task leaves (its own uid's) cannot run as that uid for a later task.
+        prctl(PR_SET_NO_NEW_PRIVS, 1)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which would clear it
         if os.getppid() != self._pid:  # the fork server died before prctl took effect
             os._exit(0)
@@ -240,13 +304,20 @@ class ForkServer:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wakeup_r, 4096)
         reaped = False
+        released: list[int] = []
         while True:
             try:
-                pid, status, usage = os.wait4(-1, os.WNOHANG)
+                # WUNTRACED: a sweeper stopped by what it sweeps (SIGSTOP from a process of its uid) is
+                # seen, and killed, so that its uid is swept again rather than never released.
+                pid, status, usage = os.wait4(-1, os.WNOHANG | os.WUNTRACED)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
+            if os.WIFSTOPPED(status):
+                if pid in self._sweepers:
+                    os.kill(pid, signal.SIGKILL)
+                continue
             reaped = True
             if pid in self._live:
                 del self._live[pid]
@@ -254,19 +325,83 @@ class ForkServer:
                 self._cgroups.release(pid)
                 why = self._kill_reason.pop(pid, wire.Stop.NONE)
                 self._send(wire.Exited(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, why, oom).pack())
+                uid = self._uid_of.pop(pid, None)
+                if uid is not None:
+                    self._unswept[uid] = (0, 0.0)
+            elif pid in self._sweepers:
+                uid = self._sweepers.pop(pid)
+                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == SWEPT_CLEAN:
+                    del self._unswept[uid]
+                    released.append(uid)
+                else:  # it killed something (or was killed): sweep again to be sure nothing is left
+                    sweeps, _ = self._unswept[uid]
+                    pause = min(SWEEP_BACKOFF_S[1], SWEEP_BACKOFF_S[0] * 2 ** (sweeps - SWEEPS_AT_ONCE))
+                    self._unswept[uid] = (sweeps + 1, time.monotonic() + pause if sweeps >= SWEEPS_AT_ONCE else 0.0)
+        if released:
+            self._send(wire.Released(tuple(released)).pack())
         if reaped:
             self._kill_orphans()
             self._cgroups.sweep()
+            self._sweep()
 
     def _kill_orphans(self) -> None:
         # A process we did not fork is the remains of a finished task: its task process was a
-        # subreaper, so its descendants came to us only when it died. Kill them; their own
-        # children come to us in turn and go the same way when we reap these.
-        for pid in children() - self._live.keys():
+        # subreaper, so its descendants came to us only when it died. Kill each with its whole
+        # tree at once (descendants in sessions of their own included): the parents die first, so
+        # what is left comes to us in turn and is reaped.
+        for pid in children() - self._live.keys() - self._sweepers.keys():
+            kill_descendants(pid)
             kill_tree(pid)
+
+    def _sweep(self) -> None:
+        """Fork a sweeper for each uid whose processes may live and whose sweep is due."""
+        self._sweep_at = None
+        now = time.monotonic()
+        sweeping = set(self._sweepers.values())
+        for uid, (sweeps, not_before) in self._unswept.items():
+            if uid in sweeping:
+                continue
+            if not_before > now:
+                self._sweep_at = min(self._sweep_at or not_before, not_before)
+                continue
+            try:
+                pid = os.fork()
+            except OSError:  # out of processes: again shortly
+                self._unswept[uid] = (sweeps, now + SWEEP_BACKOFF_S[0])
+                self._sweep_at = min(self._sweep_at or now + SWEEP_BACKOFF_S[0], now + SWEEP_BACKOFF_S[0])
+                continue
+            if pid == 0:
+                self._become_sweeper(uid)
+            self._sweepers[pid] = uid
+
+    def _become_sweeper(self, uid: int) -> NoReturn:
+        """Kill every process of `uid` but this one; exit SWEPT_CLEAN if none is left (not even unreaped).
+
+        kill(-1)'s own result cannot tell (it succeeds if any process exists), so the kernel's count
+        of the uid's processes answers: with RLIMIT_NPROC at 2, this process may fork only if it is
+        the uid's only process (an unprivileged fork is refused once the count exceeds the limit).
+        """
+        try:
+            assert self._owner is not None
+            os.setgroups([])
+            os.setresgid(self._owner[1], self._owner[1], self._owner[1])
+            os.setresuid(uid, uid, uid)  # no capability is left: it can signal that uid's processes alone
+            os.kill(-1, signal.SIGKILL)
+            resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+            try:
+                pid = os.fork()
+            except BlockingIOError:  # EAGAIN: a process of the uid is still there (dying, or not yet reaped)
+                os._exit(1)
+            if pid == 0:
+                os._exit(0)
+            os.waitpid(pid, 0)
+            os._exit(SWEPT_CLEAN)
+        finally:
+            os._exit(70)
 
     def _shutdown(self) -> None:
         for pid in list(self._live):
+            kill_descendants(pid)
             kill_tree(pid, self._cgroups)
         while True:
             try:
@@ -281,7 +416,10 @@ class ForkServer:
 def main() -> None:
     """Entry point: `python -m task_runner.server.forkserver FD`, FD a SOCK_SEQPACKET socket."""
     sock = socket.socket(fileno=int(sys.argv[1]))
-    spec = json.loads(sock.recv(MAX_PACKET * 16))
+    message = wire.Reassembly(wire.SPEC)
+    while not message.done:
+        message.add(sock.recv(wire.CHUNK + 2))
+    spec = json.loads(message.whole)
     sys.path[:] = spec["sys_path"]
     ForkServer(sock, spec).serve()
 

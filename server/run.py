@@ -2,24 +2,39 @@
 
 A task's options go straight to its process over the process's own channel, and its output
 and answer come straight back: the fork server never sees them.
+
+The channel's frames are the runner's verdict on the options (first, before any task code ran),
+then the task's progress and heartbeats, then its answer. Each turn of the event loop reads a
+channel at most once and parses at most FRAMES_PER_TURN frames of all channels together (CHANNEL_SHARE
+of one at a time; channels with frames left wait their turn, unread meanwhile), and of the progress
+and heartbeats parsed at once only the last of each is passed on: tasks writing tiny frames as fast
+as they can, however many, are slowed to the daemon's pace and delay no other call.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import os
+import weakref
 
 from task_runner.server import wire
 from task_runner.server.answers import Kind, answer_response, error_response, failure_response, fill_usage
 from task_runner.server.config import Config
 from task_runner.server.events import EventLog, Stream, beat_event
 from task_runner.server.forkclient import Exit, ForkServerClient, TaskProcess
-from task_runner.server.wire import ANSWER, HEARTBEAT, PROGRESS, Stop
+from task_runner.server.wire import ANSWER, HEARTBEAT, OPTIONS_INVALID, PROGRESS, TASK_STARTS, Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 READ_CHUNK = 1 << 16
+FRAMES_PER_TURN = 512  # the most frames of all task channels parsed in one turn of the event loop
+CHANNEL_SHARE = 128  # of them, the most of one channel before the next one's turn
+DRAIN_RECVS = 64  # after the process ended, at most this many reads take what its channel still holds
+_HEADER = wire.FRAME.size
+_PROGRESS, _HEARTBEAT, _ANSWER = PROGRESS[0], HEARTBEAT[0], ANSWER[0]  # kind bytes, as a bytearray indexes them
+_TASK_STARTS, _OPTIONS_INVALID = TASK_STARTS[0], OPTIONS_INVALID[0]
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 MAX_BEAT_BYTES = 64 << 10  # a progress or heartbeat frame above this is dropped
 
@@ -57,9 +72,15 @@ class Run:
         self._loop = asyncio.get_running_loop()
         self._stdout = Tail(config.output_tail_bytes)
         self._stderr = Tail(config.output_tail_bytes)
-        self._incoming = bytearray()  # of the channel, up to the end of the last whole frame
+        self._incoming = bytearray()  # of the channel, not yet parsed
+        self._started = False  # the runner's first frame came: the options were read, the task started
         self._answer: bytes | None = None
-        self._unknown_frame = False
+        self._invalid: str | None = None  # why the channel's frames make no valid answer (RESULT_INVALID)
+        self.options_invalid: str | None = None  # the runner's verdict on the options, if they were invalid
+        self._pump = _pump(self._loop)
+        self._reading = False  # the channel's reader is registered
+        self._channel_done = False  # nothing more is taken from the channel (an end, its end of file, a kill)
+        self._caught_up: asyncio.Future[None] | None = None  # while draining: the pump parsed all there was
         self._settled: asyncio.Future[None] = self._loop.create_future()
         self._timer: asyncio.TimerHandle | None = None  # the kill at the deadline (or at a notice's end)
         self._notice_timer: asyncio.TimerHandle | None = None
@@ -79,7 +100,7 @@ class Run:
     def notice(self, why: Stop, grace_s: float) -> None:
         """Tell the task to stop (SIGTERM to its process group, task_runner.task.cancelled() true); kill it
         `grace_s` from now, or at its deadline if that is sooner, unless it answers first."""
-        if self.reaped.done() or self._answer is not None:
+        if self.reaped.done() or self._ended:
             return
         if self.noticed is None:
             self.noticed = why
@@ -118,6 +139,7 @@ class Run:
             await loop.sock_sendall(process.channel, request)
         del request  # sent: the daemon holds no copy of it while the task runs
         loop.add_reader(process.channel.fileno(), self._read_channel)
+        self._reading = True
         loop.add_reader(process.stdout, self._read_output, process.stdout, self._stdout, Stream.STDOUT)
         loop.add_reader(process.stderr, self._read_output, process.stderr, self._stderr, Stream.STDERR)
         await self._settled
@@ -125,14 +147,15 @@ class Run:
         for timer in (self._notice_timer, self._stall_timer):
             if timer is not None:
                 timer.cancel()
-        self._drain()
-        if self._unknown_frame:
-            response = error_response(Kind.RESULT_INVALID, "ResultInvalid",
-                                      "the task process sent a frame of no known kind on its channel")
+        await self._drain()
+        if self._invalid is not None:
+            response = error_response(Kind.RESULT_INVALID, "ResultInvalid", self._invalid)
+        elif self.options_invalid is not None:  # the executor refuses the call: no caller sees this
+            response = error_response(Kind.KIND_UNSPECIFIED, "InvalidOptions", self.options_invalid)
         elif self._answer is not None:
             response = answer_response(self._answer)
             response.usage.wall_ms = (settled_at - handed_at) * 1e3
-        if self._answer is not None or self._unknown_frame:
+        if self._ended:
             # The process ends itself right after answering; should it linger, it gets a second.
             if self._timer is not None:
                 self._timer.cancel()
@@ -154,7 +177,13 @@ class Run:
         if not self._settled.done():
             self._settled.set_result(None)
 
+    @property
+    def _ended(self) -> bool:
+        """The channel said how the run ends: the task's answer, an invalid frame, or invalid options."""
+        return self._answer is not None or self._invalid is not None or self.options_invalid is not None
+
     def _read_channel(self) -> None:
+        """The channel is readable: read once; its frames are parsed now or, if others wait, in their turn."""
         try:
             data = self.process.channel.recv(READ_CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -162,43 +191,111 @@ class Run:
         except OSError:
             data = b""
         if not data:
-            self._loop.remove_reader(self.process.channel.fileno())
+            self._stop_reading(done=True)
             return
         self._incoming += data
-        self._parse()
+        if self._pump.take(self):
+            self._stop_reading(done=False)  # nothing more is read until the pump has parsed what is here
 
-    def _parse(self) -> None:
-        """Take every whole frame received: events as they come, the answer last."""
-        buffer, offset, header = self._incoming, 0, wire.FRAME.size
-        while self._answer is None and not self._unknown_frame and len(buffer) - offset >= header:
-            (size,) = wire.FRAME.unpack_from(buffer, offset)
-            if size > self._limit:
-                self._loop.remove_reader(self.process.channel.fileno())
-                self.stop(Stop.RESULT_TOO_LARGE)
-                buffer.clear()
-                return
-            end = offset + header + size
-            if len(buffer) < end:
+    def parsed(self) -> None:
+        """The pump parsed every whole frame this channel had waiting: read on (or let the drain go on)."""
+        if self._caught_up is not None:
+            if not self._caught_up.done():
+                self._caught_up.set_result(None)
+        elif not self._reading and not self._channel_done:
+            self._loop.add_reader(self.process.channel.fileno(), self._read_channel)
+            self._reading = True
+
+    def _stop_reading(self, done: bool) -> None:
+        if self._reading:
+            self._loop.remove_reader(self.process.channel.fileno())
+            self._reading = False
+        self._channel_done = self._channel_done or done
+
+    def parse(self, budget: int) -> tuple[int, bool]:
+        """Take up to `budget` whole frames received, in order: the runner's first, events, the answer last.
+        Of the progress and heartbeats among them only the last of each is passed on.
+
+        Returns:
+            How many frames it took, and whether whole frames are left for another turn.
+        """
+        buffer, limit, unpack = self._incoming, self._limit, wire.FRAME.unpack_from
+        available, offset, frames, beats = len(buffer), 0, 0, 0
+        progress: tuple[int, int] | None = None  # where the last of each begins and ends
+        heartbeat: tuple[int, int] | None = None
+        started, more, too_large = self._started, False, False
+        # The hot loop of a flooding task: a frame costs a header, a kind and a comparison or two.
+        while available - offset >= _HEADER:
+            if frames == budget:
+                more = True
                 break
-            kind, payload = bytes(buffer[offset + header:offset + header + 1]), bytes(buffer[offset + header + 1:end])
-            offset = end
-            if kind == ANSWER:
-                self._answer = payload
-            elif kind in (PROGRESS, HEARTBEAT):
-                self._on_beat(kind, payload)
+            (size,) = unpack(buffer, offset)
+            if size > limit:
+                too_large = True
+                break
+            end = offset + _HEADER + size
+            if end > available:
+                break
+            frames += 1
+            kind = buffer[offset + _HEADER] if size else -1
+            start, offset = offset + _HEADER + 1, end
+            if not started:  # the runner's own, written before any task code ran: the only one it may be
+                if kind == _TASK_STARTS:
+                    started = True
+                elif kind == _OPTIONS_INVALID:
+                    self.options_invalid = buffer[start:end].decode(errors="replace")
+                    break
+                else:
+                    self._invalid = "the task process's first frame on its channel was not the runner's"
+                    break
+            elif kind == _PROGRESS:
+                progress, beats = (start, end), beats + 1
+            elif kind == _HEARTBEAT:
+                heartbeat, beats = (start, end), beats + 1
+            elif kind == _ANSWER:
+                self._answer = bytes(buffer[start:end])
+                break
+            elif kind in (_TASK_STARTS, _OPTIONS_INVALID):
+                claimed = "options invalid" if kind == _OPTIONS_INVALID else "the task starts"
+                self._invalid = (f"the task sent the runner's own first frame ({claimed!r}) after it started, "
+                                 "which only the runner gives")
+                break
             else:
-                self._unknown_frame = True
+                self._invalid = "the task process sent a frame of no known kind on its channel"
+                break
+        self._started = started
+        if beats:
+            self._on_beats(buffer, progress, heartbeat, beats)
+        if too_large:
+            self._stop_reading(done=True)
+            self.stop(Stop.RESULT_TOO_LARGE)
+            buffer.clear()
+            return frames, False
         del buffer[:offset]
-        if (self._answer is not None or self._unknown_frame) and not self._settled.done():
-            self._settled.set_result(None)
+        if self._ended:
+            self._stop_reading(done=True)
+            if not self._settled.done():
+                self._settled.set_result(None)
+            return frames, False
+        return frames, more
 
-    def _on_beat(self, kind: bytes, payload: bytes) -> None:
-        """A progress or heartbeat frame: the task is alive; pass it on to the execution's events."""
+    def _on_beats(self, buffer: bytearray, progress: tuple[int, int] | None, heartbeat: tuple[int, int] | None,
+                  beats: int) -> None:
+        """`beats` progress and heartbeat frames came: the task is alive; pass the last of each on to the
+        execution's events, and count the others (and any too big to pass on) as dropped."""
         self._last_beat = self._loop.time()
         if self._stall_s is not None and self._stall_timer is None:
             self._stall_timer = self._loop.call_at(self._last_beat + self._stall_s, self._check_stall)
-        if self._events is not None and len(payload) <= MAX_BEAT_BYTES:  # bigger ones are dropped
-            self._events.coalesce(kind.decode(), functools.partial(beat_event, kind, payload))
+        if self._events is None:
+            return
+        lost = beats
+        for kind, span in ((PROGRESS, progress), (HEARTBEAT, heartbeat)):
+            if span is not None and span[1] - span[0] <= MAX_BEAT_BYTES:  # bigger ones are dropped
+                lost -= 1
+                payload = bytes(buffer[span[0]:span[1]])
+                self._events.coalesce(kind.decode(), functools.partial(beat_event, kind, payload))
+        if lost:
+            self._events.lost(lost)
 
     def _check_stall(self) -> None:
         assert self._stall_s is not None
@@ -223,26 +320,95 @@ class Run:
         else:
             self._loop.remove_reader(fd)
 
-    def _drain(self) -> None:
-        """Take what is already buffered, without waiting for more, and close the daemon's ends."""
+    async def _drain(self) -> None:
+        """Take what is already buffered, without waiting for more (parsed by the pump, in turn with every
+        other channel), and close the daemon's ends."""
         process, loop = self.process, self._loop
-        loop.remove_reader(process.channel.fileno())
-        with contextlib.suppress(OSError):
-            while (self._answer is None and not self._unknown_frame and len(self._incoming) <= self._limit
-                   and (data := process.channel.recv(READ_CHUNK))):
-                self._incoming += data
-                self._parse()
-        for fd, tail, stream in ((process.stdout, self._stdout, Stream.STDOUT),
-                                 (process.stderr, self._stderr, Stream.STDERR)):
-            loop.remove_reader(fd)
-            # The task flushed its output before answering; a descendant may still hold the pipe
-            # and write on, so read what is there now and stop.
-            with contextlib.suppress(OSError):
-                for _ in range(64):
-                    data = os.read(fd, READ_CHUNK)
+        self._stop_reading(done=False)
+        self._caught_up = loop.create_future()
+        recvs = 0
+        try:
+            if self._pump.waiting(self):
+                await self._caught_up  # frames already read are parsed first
+            with contextlib.suppress(OSError):  # BlockingIOError: nothing more is there
+                while not self._channel_done and not self._ended and recvs < DRAIN_RECVS:
+                    data = process.channel.recv(READ_CHUNK)
                     if not data:
                         break
-                    tail.add(data)
-                    if self._events is not None:
-                        self._events.output(stream, data)
-        process.close()
+                    recvs += 1
+                    self._incoming += data
+                    self._caught_up = loop.create_future()
+                    if self._pump.take(self):
+                        await self._caught_up
+        finally:
+            for fd, tail, stream in ((process.stdout, self._stdout, Stream.STDOUT),
+                                     (process.stderr, self._stderr, Stream.STDERR)):
+                loop.remove_reader(fd)
+                # The task flushed its output before answering; a descendant may still hold the pipe
+                # and write on, so read what is there now and stop.
+                with contextlib.suppress(OSError):
+                    for _ in range(64):
+                        data = os.read(fd, READ_CHUNK)
+                        if not data:
+                            break
+                        tail.add(data)
+                        if self._events is not None:
+                            self._events.output(stream, data)
+            process.close()
+
+
+class _Pump:
+    """Parses the frames received on the task channels of one event loop: FRAMES_PER_TURN at most in all each
+    turn of the loop, CHANNEL_SHARE at most of one channel at a time. A channel with whole frames left waits
+    its turn, in order, unread meanwhile (its task blocks once the socket is full): however many tasks flood
+    their channels, a turn of the loop stays short and every other call's timers fire on time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._left = FRAMES_PER_TURN  # of this turn's frames (refilled by the next turn's `_turn`)
+        self._waiting: collections.deque[Run] = collections.deque()
+        self._turn_handle: asyncio.Handle | None = None
+
+    def take(self, run: Run) -> bool:
+        """Parse what `run` received now if this turn has room and no other channel waits; returns whether
+        it waits (then `run.parsed()` is called once the pump has parsed its whole frames)."""
+        if self._waiting or self._left <= 0 or self._serve(run):
+            self._waiting.append(run)
+            if self._turn_handle is None:
+                self._turn_handle = self._loop.call_soon(self._turn)
+            return True
+        return False
+
+    def waiting(self, run: Run) -> bool:
+        return run in self._waiting
+
+    def _serve(self, run: Run) -> bool:
+        used, more = run.parse(min(self._left, CHANNEL_SHARE))
+        self._left -= used
+        return more
+
+    def _turn(self) -> None:
+        self._turn_handle = None
+        self._left = FRAMES_PER_TURN
+        waiting = self._waiting
+        for _ in range(len(waiting)):
+            if self._left <= 0:
+                break
+            run = waiting.popleft()
+            if self._serve(run):
+                waiting.append(run)
+            else:
+                run.parsed()
+        if waiting:
+            self._turn_handle = self._loop.call_soon(self._turn)
+
+
+_pumps: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Pump] = weakref.WeakKeyDictionary()
+
+
+def _pump(loop: asyncio.AbstractEventLoop) -> _Pump:
+    """The pump of `loop`'s task channels (one a loop: its budget is the loop's)."""
+    pump = _pumps.get(loop)
+    if pump is None:
+        pump = _pumps[loop] = _Pump(loop)
+    return pump

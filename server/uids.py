@@ -5,37 +5,55 @@ waits) runs under a uid of its own, taken from a block of unnamed uids the daemo
 start, with `run_as_user`'s group and no other. Processes of different uids cannot signal,
 ptrace or read each other's memory, and a 0700 directory of one uid is closed to the others.
 
-A block is claimed by binding an abstract unix socket named after it, held for the daemon's
-life, so two daemons on one machine never share a block; the kernel releases it when the daemon
-dies, however it dies. A uid goes back to the pool once its process is reaped and its tree
-killed, and is handed out again only after every other free uid of the block (round robin).
+A claim is a file named after its range in CLAIMS_DIR, a directory only root may enter, locked
+(flock) by the daemon for its life: the kernel drops the lock when the daemon dies, however it
+dies. Claims are made under one lock on that directory, so two daemons on one machine never hold
+overlapping uids, and no task (whatever its uid) can take, block or release a claim: it cannot
+open a file there. A uid goes back to the pool only once no process of that uid is left on the
+machine (the fork server asks the kernel, see task_runner.server.forkserver), and is handed out
+again only after every other free uid of the block (round robin).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import pwd
 import signal
-import socket
+import stat
+from collections.abc import Iterable, Iterator
+from typing import NamedTuple
 
 log = logging.getLogger("task_runner.server")
 
 AUTO_FIRST = 0x7000_0000  # systemd leaves 0x70000000-0x7FFDFFFF unused (systemd.io/UIDS-GIDS)
 AUTO_BLOCK = 4096
 AUTO_BLOCKS = 4096  # up to 0x71000000
+CLAIMS_DIR = "/run/isolated-task-runner/uids"
 
 
 class UidError(RuntimeError):
     """No block of uids can be claimed as configured; the message says why and what to change."""
 
 
-class UidPool:
-    """The uids of a claimed block, handed out round robin; `lock` holds the claim."""
+class Claim(NamedTuple):
+    """A range of uids a live daemon holds."""
 
-    def __init__(self, first: int, last: int, lock: socket.socket) -> None:
+    first: int
+    last: int
+    pid: int  # the daemon that holds it (0: not known)
+
+    def overlaps(self, first: int, last: int) -> bool:
+        return self.first <= last and first <= self.last
+
+
+class UidPool:
+    """The uids of a claimed block, handed out round robin; `lock` is the open, locked claim file."""
+
+    def __init__(self, first: int, last: int, lock: int) -> None:
         self.first, self.last = first, last
         self._lock = lock
         self._free = collections.deque(range(first, last + 1))
@@ -45,7 +63,7 @@ class UidPool:
         return self.last - self.first + 1
 
     def take(self) -> int:
-        """A uid no live process of ours has.
+        """A uid no process has.
 
         Raises:
             UidError: if every uid of the block is in use (the block is too small for the load).
@@ -57,13 +75,19 @@ class UidPool:
         return uid
 
     def give_back(self, uid: int) -> None:
-        """Its process was reaped and its tree killed: the uid may serve again, last of all."""
+        """No process of `uid` is left: it may serve again, last of all."""
         if uid in self._taken:
             self._taken.discard(uid)
             self._free.append(uid)
 
     def close(self) -> None:
-        self._lock.close()
+        """Release the claim (the file goes; the lock with the descriptor)."""
+        if self._lock < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(CLAIMS_DIR, _name(self.first, self.last)))
+        os.close(self._lock)
+        self._lock = -1
 
 
 def parse_range(setting: str) -> tuple[int, int]:
@@ -81,59 +105,117 @@ def parse_range(setting: str) -> tuple[int, int]:
     return low, high
 
 
-def claim(setting: str, needed: int) -> UidPool | None:
+def claim(setting: str, needed: int, directory: str = CLAIMS_DIR) -> UidPool | None:
     """Claim a block of task uids: "auto" (the first free block of 4096 from 0x70000000), "off"
     (None: every task runs as run_as_user itself) or "FIRST-LAST".
 
     Args:
         setting: the `task_uids` setting.
         needed: how many task processes may live at once (running, spares, just ended).
+        directory: where claims are kept (root's alone).
 
     Raises:
-        UidError: if no block can be claimed, naming what to change.
+        UidError: if no block can be claimed, naming what to change (and the daemon that holds it).
     """
     if setting == "off":
         return None
-    named = {entry.pw_uid for entry in pwd.getpwall()}
-    if setting == "auto":
-        if needed > AUTO_BLOCK // 2:
-            raise UidError(f"{needed} task processes may live at once: set task_uids to a range of at least "
-                           f"{2 * needed} uids")
-        for block in range(AUTO_BLOCKS):
-            first = AUTO_FIRST + block * AUTO_BLOCK
-            last = first + AUTO_BLOCK - 1
-            if any(first <= uid <= last for uid in named):
-                continue
-            lock = _lock(first, last)
-            if lock is not None:
-                return _claimed(first, last, lock)
-        raise UidError("no free block of task uids from 0x70000000: set task_uids to a range of unused uids")
-    first, last = parse_range(setting)
-    if last - first + 1 < 2 * needed:
-        raise UidError(f"task_uids {setting!r} holds {last - first + 1} uids; {needed} task processes may live "
-                       f"at once, so give it at least {2 * needed}")
-    clash = sorted(uid for uid in named if first <= uid <= last)
-    if clash:
-        raise UidError(f"task_uids {setting!r} includes uids of named users ({', '.join(map(str, clash[:5]))}): "
-                       "give it a range no account uses")
-    lock = _lock(first, last)
-    if lock is None:
-        raise UidError(f"task_uids {setting!r} is in use by another daemon on this machine: give each its own")
+    named = sorted(entry.pw_uid for entry in pwd.getpwall())
+    if setting != "auto":
+        first, last = parse_range(setting)
+        if last - first + 1 < 2 * needed:
+            raise UidError(f"task_uids {setting!r} holds {last - first + 1} uids; {needed} task processes may "
+                           f"live at once, so give it at least {2 * needed}")
+        clash = [uid for uid in named if first <= uid <= last]
+        if clash:
+            raise UidError(f"task_uids {setting!r} includes uids of named users "
+                           f"({', '.join(map(str, clash[:5]))}): give it a range no account uses")
+    elif needed > AUTO_BLOCK // 2:
+        raise UidError(f"{needed} task processes may live at once: set task_uids to a range of at least "
+                       f"{2 * needed} uids")
+    with _claims_locked(directory) as dirfd:
+        held = list(_live_claims(dirfd))
+        if setting == "auto":
+            first, last = _free_block(held, named)
+        else:
+            holder = next((c for c in held if c.overlaps(first, last)), None)
+            if holder is not None:
+                raise UidError(f"task_uids {setting!r} overlaps uids {holder.first}-{holder.last}, claimed by "
+                               f"{_who(holder.pid)}: give each daemon a range of its own")
+        lock = _hold(dirfd, first, last)
     return _claimed(first, last, lock)
 
 
-def _lock(first: int, last: int) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+def _who(pid: int) -> str:
+    return f"the daemon with pid {pid}" if pid else "another daemon"
+
+
+def _free_block(held: list[Claim], named: list[int]) -> tuple[int, int]:
+    for block in range(AUTO_BLOCKS):
+        first = AUTO_FIRST + block * AUTO_BLOCK
+        last = first + AUTO_BLOCK - 1
+        if not any(first <= uid <= last for uid in named) and not any(c.overlaps(first, last) for c in held):
+            return first, last
+    holders = ", ".join(sorted({str(c.pid) for c in held}))
+    raise UidError("no free block of task uids from 0x70000000 (daemons holding blocks: pids "
+                   f"{holders or 'none'}): set task_uids to a range of unused uids")
+
+
+@contextlib.contextmanager
+def _claims_locked(directory: str) -> Iterator[int]:
+    """The claims directory (made root's alone if need be), locked against other daemons' claims."""
     try:
-        sock.bind(f"\0isolated-task-runner/uids/{first}-{last}")
-    except OSError:
-        sock.close()
-        return None
-    return sock
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UidError(f"cannot open {directory}, where task uid claims are kept: {exc.strerror or exc}") from None
+    try:
+        info = os.fstat(dirfd)
+        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IXGRP | stat.S_IXOTH):
+            raise UidError(f"{directory} must be root's alone (mode 0700) so that no task can touch a claim: "
+                           f"it is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}")
+        fcntl.flock(dirfd, fcntl.LOCK_EX)  # released with the descriptor
+        yield dirfd
+    finally:
+        os.close(dirfd)
 
 
-def _claimed(first: int, last: int, lock: socket.socket) -> UidPool:
-    killed = _kill_leftovers(first, last)
+def _name(first: int, last: int) -> str:
+    return f"{first}-{last}"
+
+
+def _live_claims(dirfd: int) -> Iterable[Claim]:
+    """The claims of live daemons; those whose daemon died (no lock on them) are removed."""
+    for name in os.listdir(dirfd):
+        try:
+            first, last = parse_range(name)
+        except ValueError:
+            continue
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                text = os.read(fd, 32).decode(errors="replace").strip()
+                yield Claim(first, last, int(text) if text.isdigit() else 0)
+            else:  # nobody holds it: its daemon is gone
+                os.unlink(name, dir_fd=dirfd)
+        finally:
+            os.close(fd)
+
+
+def _hold(dirfd: int, first: int, last: int) -> int:
+    name = _name(first, last)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def _claimed(first: int, last: int, lock: int) -> UidPool:
+    killed = sweep(range(first, last + 1))
     if killed:
         log.warning("killed %d processes left running under task uids %d-%d by a daemon that is gone",
                     killed, first, last)
@@ -141,8 +223,8 @@ def _claimed(first: int, last: int, lock: socket.socket) -> UidPool:
     return UidPool(first, last, lock)
 
 
-def _kill_leftovers(first: int, last: int) -> int:
-    """Kill every process running under a uid of the block: no daemon holds it, so they are leftovers.
+def sweep(uids: range | set[int]) -> int:
+    """Kill every process running under one of these uids (they belong to no live task); the count killed.
 
     Again until none is found: one may fork between the look and the kill.
     """
@@ -153,8 +235,8 @@ def _kill_leftovers(first: int, last: int) -> int:
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError, ValueError, StopIteration), open(f"/proc/{entry.name}/status") as f:
-                uids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-                if any(first <= int(uid) <= last for uid in uids):
+                ids = next(line for line in f if line.startswith("Uid:")).split()[1:]
+                if any(int(uid) in uids for uid in ids):
                     os.kill(int(entry.name), signal.SIGKILL)
                     found += 1
         if not found:

@@ -12,12 +12,17 @@ hello); after that:
                                 stdout, stderr. The serial tells this process from a later one that
                                 gets the same pid, so a late kill never reaches the wrong one.
     fork server -> Exited(pid, status, usage, why, oom_killed)   a task process was reaped
+    fork server -> Released(uids)   no process of these uids is left on the machine: they may serve again
+
+The first messages (the spec, the hello) carry a catalogue of any size: each is sent as `chunks`,
+parts of at most CHUNK bytes that `Reassembly` puts back together.
 
 Daemon <-> task process: its channel, fd 3, a stream socket of length-prefixed frames: the daemon
 sends an Assignment frame (the limits, the working directory, the deadline, the request id, then
 the serialized PerformRequest as it came); the task process sends frames of a kind byte and a
-payload: progress and heartbeats (PerformEvent.Progress, .Heartbeat) as the task reports them
-(task_runner.task), and last its answer, one PerformResponse.
+payload: first, before any task code runs, the runner's own verdict on the options (TASK_STARTS or
+OPTIONS_INVALID), then progress and heartbeats (PerformEvent.Progress, .Heartbeat) as the task
+reports them (task_runner.task), and last its answer, one PerformResponse.
 
 This module is imported by the fork server, so by every task process: struct and the generated
 messages only.
@@ -37,10 +42,13 @@ BY_CGROUP = -2  # a limit the task's cgroup carries instead (pids.max)
 NO_UID = 0xFFFF_FFFF
 # The kinds of frame a task process sends on its channel, each a kind byte then its payload.
 PROGRESS, HEARTBEAT, ANSWER = b"P", b"H", b"A"  # PerformEvent.Progress, .Heartbeat, the PerformResponse
-# The error type of the answer for options a Struct can carry but JSON cannot (NaN, nesting too
-# deep), found before any task code runs: the daemon answers the call INVALID_ARGUMENT.
-INVALID_OPTIONS = "InvalidOptions"
+# The runner's own first frame, written before any task code runs: the options were read and the task
+# starts (no payload), or they were invalid (the message, UTF-8). Only as the first frame are they the runner's.
+TASK_STARTS, OPTIONS_INVALID = b"S", b"I"
 
+CHUNK = 32 << 10  # the most a first message carries per packet (a SEQPACKET message must fit the socket's buffer)
+SPEC, HELLO = b"S", b"H"  # the daemon's first message and the fork server's answer
+_MORE, _LAST = b"+", b"."
 _COUNT = struct.Struct("!cI")
 _KILL = struct.Struct("!cIIB")
 _NOTICE = struct.Struct("!cII")
@@ -110,6 +118,15 @@ class ForkFailed(NamedTuple):
         return _pack_uids(b"E", self.uids)
 
 
+class Released(NamedTuple):
+    """No process of these uids is left on the machine (checked by a process of each uid, see forkserver)."""
+
+    uids: tuple[int, ...]
+
+    def pack(self) -> bytes:
+        return _pack_uids(b"U", self.uids)
+
+
 class Kill(NamedTuple):
     pid: int
     serial: int
@@ -152,7 +169,7 @@ class Exited(NamedTuple):
         return _EXITED.pack(b"X", *self)
 
 
-Message = Fork | ForkFailed | Kill | Notice | Ready | Exited
+Message = Fork | ForkFailed | Released | Kill | Notice | Ready | Exited
 
 
 def unpack(message: bytes) -> Message:
@@ -162,10 +179,10 @@ def unpack(message: bytes) -> Message:
         ValueError: for a message of no known kind.
     """
     kind = message[:1]
-    if kind in (b"F", b"E"):
+    if kind in (b"F", b"E", b"U"):
         count = _COUNT.unpack_from(message)[1]
         uids = struct.unpack_from(f"!{count}I", message, _COUNT.size)
-        return Fork(uids) if kind == b"F" else ForkFailed(uids)
+        return Fork(uids) if kind == b"F" else ForkFailed(uids) if kind == b"E" else Released(uids)
     if kind == b"N":
         return Notice(*_NOTICE.unpack(message)[1:])
     if kind == b"K":
@@ -178,6 +195,32 @@ def unpack(message: bytes) -> Message:
         pid, status, user_s, system_s, max_rss, why, oom = _EXITED.unpack(message)[1:]
         return Exited(pid, status, user_s, system_s, max_rss, Stop(why), bool(oom))
     raise ValueError(f"unknown message kind {kind!r}")
+
+
+def chunks(kind: bytes, payload: bytes) -> list[bytes]:
+    """A first message of any size as packets: `kind`, then whether more follow, then a part."""
+    parts = [payload[start:start + CHUNK] for start in range(0, len(payload), CHUNK)] or [b""]
+    return [kind + (_LAST if i == len(parts) - 1 else _MORE) + part for i, part in enumerate(parts)]
+
+
+class Reassembly:
+    """The packets of one first message, put back together: `add` each; `whole` once `done`."""
+
+    def __init__(self, kind: bytes) -> None:
+        self._kind, self._parts, self.done = kind, bytearray(), False
+
+    def add(self, packet: bytes) -> None:
+        """Raises:
+            ValueError: for a packet that is not part of this message (or end of file: b"").
+        """
+        if packet[:1] != self._kind or packet[1:2] not in (_MORE, _LAST) or self.done:
+            raise ValueError(f"expected a part of a {self._kind!r} message, got {packet[:2]!r}")
+        self._parts += packet[2:]
+        self.done = packet[1:2] == _LAST
+
+    @property
+    def whole(self) -> bytes:
+        return bytes(self._parts)
 
 
 def _pack_uids(kind: bytes, uids: tuple[int, ...]) -> bytes:
