@@ -13,11 +13,11 @@ it dies, which kills every adopted process it did not fork itself, with all of i
 Nothing outlives its task.
 
 A task process with a uid of its own is not done with when it is reaped: whatever it left may
-still run under its uid. A *sweeper* (a process forked for the purpose, under that uid and
-nothing else) kills every process of the uid with one kill(-1, SIGKILL), which the kernel makes
-reach all of them at once, forks in flight included, and tells by its exit code whether it found
-any; sweepers go again until one finds none. Only then is the uid Released: no process of it is
-left on the machine, checked by the kernel, whatever the cgroup mode.
+still run under its uid. If nothing is left in its tree (we have no child we did not fork: every
+process a task makes stays in its tree and falls to us), nothing of the uid is left. Otherwise the
+sweeper (task_runner.server.sweeper, a tiny child process) kills every process of the uid at
+once and asks the kernel whether any is left, again until none is. Only then is the uid
+Released, whatever the cgroup mode.
 
 The messages it exchanges with the daemon are in task_runner.server.wire; end of file from the
 daemon ends the fork server, after killing every task process.
@@ -31,7 +31,6 @@ import ctypes
 import gc
 import json
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -39,7 +38,7 @@ import sys
 import time
 from typing import Any, NoReturn
 
-from task_runner.server import child, wire
+from task_runner.server import child, sweeper, wire
 from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
@@ -48,7 +47,6 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
-SWEPT_CLEAN = 0  # a sweeper's exit code: it found no process of its uid
 SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
 SWEEP_BACKOFF_S = (0.01, 1.0)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -137,7 +135,8 @@ class ForkServer:
         self._to_fork: collections.deque[int] = collections.deque()  # uids of spares asked for, not yet forked
         self._kill_reason: dict[int, wire.Stop] = {}
         self._uid_of: dict[int, int] = {}  # live task process -> its own uid (none for NO_UID)
-        self._sweepers: dict[int, int] = {}  # sweeper pid -> the uid it sweeps
+        self._sweeper: tuple[int, socket.socket] | None = None  # its pid, and our end of its socket
+        self._sweeping: set[int] = set()  # uids the sweeper was asked about and has not answered yet
         self._unswept: dict[int, tuple[int, float]] = {}  # uid -> (sweeps so far, not before this time)
         self._sweep_at: float | None = None  # when a uid's next sweep is due, if one waits
         self._pid = os.getpid()
@@ -179,6 +178,10 @@ class ForkServer:
         selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, self._on_message)
         selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_sigchld)
+        if self._owner is not None:
+            self._start_sweeper()
+            assert self._sweeper is not None
+            selector.register(self._sweeper[1], selectors.EVENT_READ, self._on_swept)
         try:
             while True:
                 # Forks are done one per turn, so that kills and exits that arrive during a
@@ -304,20 +307,16 @@ class ForkServer:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wakeup_r, 4096)
         reaped = False
-        released: list[int] = []
+        freed: list[int] = []  # uids of the task processes reaped now
         while True:
             try:
-                # WUNTRACED: a sweeper stopped by what it sweeps (SIGSTOP from a process of its uid) is
-                # seen, and killed, so that its uid is swept again rather than never released.
-                pid, status, usage = os.wait4(-1, os.WNOHANG | os.WUNTRACED)
+                pid, status, usage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid == 0:
                 break
-            if os.WIFSTOPPED(status):
-                if pid in self._sweepers:
-                    os.kill(pid, signal.SIGKILL)
-                continue
+            if self._sweeper is not None and pid == self._sweeper[0]:
+                raise EOFError  # it never ends on its own: without it no uid could come back; start afresh
             reaped = True
             if pid in self._live:
                 del self._live[pid]
@@ -327,79 +326,92 @@ class ForkServer:
                 self._send(wire.Exited(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, why, oom).pack())
                 uid = self._uid_of.pop(pid, None)
                 if uid is not None:
-                    self._unswept[uid] = (0, 0.0)
-            elif pid in self._sweepers:
-                uid = self._sweepers.pop(pid)
-                if os.WIFEXITED(status) and os.WEXITSTATUS(status) == SWEPT_CLEAN:
-                    del self._unswept[uid]
-                    released.append(uid)
-                else:  # it killed something (or was killed): sweep again to be sure nothing is left
-                    sweeps, _ = self._unswept[uid]
-                    pause = min(SWEEP_BACKOFF_S[1], SWEEP_BACKOFF_S[0] * 2 ** (sweeps - SWEEPS_AT_ONCE))
-                    self._unswept[uid] = (sweeps + 1, time.monotonic() + pause if sweeps >= SWEEPS_AT_ONCE else 0.0)
-        if released:
-            self._send(wire.Released(tuple(released)).pack())
+                    freed.append(uid)
         if reaped:
-            self._kill_orphans()
+            if self._kill_orphans():
+                # Something a task left lives (or did until now): the sweeper sees to these uids.
+                self._unswept.update((uid, (0, 0.0)) for uid in freed)
+            elif freed:
+                # Nothing of theirs is left: every process a task makes stays in its tree (it is a
+                # subreaper) and falls to us when it dies, and we have no child it could have left.
+                self._send(wire.Released(tuple(freed)).pack())
             self._cgroups.sweep()
             self._sweep()
 
-    def _kill_orphans(self) -> None:
+    def _kill_orphans(self) -> bool:
+        """Kill what finished tasks left; whether there was any."""
         # A process we did not fork is the remains of a finished task: its task process was a
         # subreaper, so its descendants came to us only when it died. Kill each with its whole
         # tree at once (descendants in sessions of their own included): the parents die first, so
         # what is left comes to us in turn and is reaped.
-        for pid in children() - self._live.keys() - self._sweepers.keys():
+        sweeper_pid = {self._sweeper[0]} if self._sweeper is not None else set()
+        orphans = children() - self._live.keys() - sweeper_pid
+        for pid in orphans:
             kill_descendants(pid)
             kill_tree(pid)
+        return bool(orphans)
+
+    def _start_sweeper(self) -> None:
+        """Spawn the sweeper: a fresh interpreter, so that its forks copy a few MiB, not our task modules."""
+        assert self._owner is not None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
+        argv = [sys.executable, "-m", sweeper.__name__, str(theirs.fileno()), str(self._owner[1])]
+        pid = os.fork()
+        if pid == 0:  # this process has no thread but the main one: fork, then exec at once
+            try:
+                os.set_inheritable(theirs.fileno(), True)
+                os.execve(sys.executable, argv, env)
+            finally:
+                os._exit(70)
+        theirs.close()
+        self._sweeper = (pid, ours)
 
     def _sweep(self) -> None:
-        """Fork a sweeper for each uid whose processes may live and whose sweep is due."""
+        """Ask the sweeper about each uid whose processes may live and whose sweep is due."""
         self._sweep_at = None
+        if self._sweeper is None:
+            return
         now = time.monotonic()
-        sweeping = set(self._sweepers.values())
-        for uid, (sweeps, not_before) in self._unswept.items():
-            if uid in sweeping:
+        for uid, (_, not_before) in self._unswept.items():
+            if uid in self._sweeping:
                 continue
             if not_before > now:
-                self._sweep_at = min(self._sweep_at or not_before, not_before)
+                self._sweep_at = not_before if self._sweep_at is None else min(self._sweep_at, not_before)
                 continue
             try:
-                pid = os.fork()
-            except OSError:  # out of processes: again shortly
-                self._unswept[uid] = (sweeps, now + SWEEP_BACKOFF_S[0])
-                self._sweep_at = min(self._sweep_at or now + SWEEP_BACKOFF_S[0], now + SWEEP_BACKOFF_S[0])
-                continue
-            if pid == 0:
-                self._become_sweeper(uid)
-            self._sweepers[pid] = uid
+                self._sweeper[1].send(sweeper.REQUEST.pack(uid), socket.MSG_DONTWAIT)
+            except BlockingIOError:  # it has enough to do: the rest are asked as it answers
+                return
+            self._sweeping.add(uid)
 
-    def _become_sweeper(self, uid: int) -> NoReturn:
-        """Kill every process of `uid` but this one; exit SWEPT_CLEAN if none is left (not even unreaped).
-
-        kill(-1)'s own result cannot tell (it succeeds if any process exists), so the kernel's count
-        of the uid's processes answers: with RLIMIT_NPROC at 2, this process may fork only if it is
-        the uid's only process (an unprivileged fork is refused once the count exceeds the limit).
-        """
-        try:
-            assert self._owner is not None
-            os.setgroups([])
-            os.setresgid(self._owner[1], self._owner[1], self._owner[1])
-            os.setresuid(uid, uid, uid)  # no capability is left: it can signal that uid's processes alone
-            os.kill(-1, signal.SIGKILL)
-            resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+    def _on_swept(self) -> None:
+        """The sweeper's answers: CLEAN uids are Released; the others are swept again (soon, then later)."""
+        assert self._sweeper is not None
+        released: list[int] = []
+        while True:
             try:
-                pid = os.fork()
-            except BlockingIOError:  # EAGAIN: a process of the uid is still there (dying, or not yet reaped)
-                os._exit(1)
-            if pid == 0:
-                os._exit(0)
-            os.waitpid(pid, 0)
-            os._exit(SWEPT_CLEAN)
-        finally:
-            os._exit(70)
+                answer = self._sweeper[1].recv(sweeper.ANSWER.size, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                break
+            if not answer:
+                raise EOFError  # the sweeper is gone (see _on_sigchld)
+            uid, result = sweeper.ANSWER.unpack(answer)
+            self._sweeping.discard(uid)
+            if result == sweeper.CLEAN:
+                del self._unswept[uid]
+                released.append(uid)
+                continue
+            sweeps, _ = self._unswept[uid]
+            pause = min(SWEEP_BACKOFF_S[1], SWEEP_BACKOFF_S[0] * 2 ** (sweeps - SWEEPS_AT_ONCE))
+            self._unswept[uid] = (sweeps + 1, time.monotonic() + pause if sweeps >= SWEEPS_AT_ONCE else 0.0)
+        if released:
+            self._send(wire.Released(tuple(released)).pack())
+        self._sweep()
 
     def _shutdown(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper[1].close()  # end of file ends it; it is reaped below with the rest
         for pid in list(self._live):
             kill_descendants(pid)
             kill_tree(pid, self._cgroups)
