@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -193,6 +194,18 @@ def read_pids(path: Path) -> list[int]:
     return [int(line) for line in path.read_text().split()] if path.exists() else []
 
 
+def task_processes(forkserver: Any) -> list[Any]:
+    """The fork server's children but its sweeper (a long-lived helper of a daemon with a uid per task)."""
+    import psutil
+
+    found = []
+    for child in forkserver.children():
+        with contextlib.suppress(psutil.Error):
+            if "task_runner.server.sweeper" not in " ".join(child.cmdline()):
+                found.append(child)
+    return found
+
+
 def wait_for_spares(daemon: Daemon, spares: int = 4, timeout: float = 10) -> bool:
     """Wait until the fork server holds just its spares (each costs the daemon 3 descriptors)."""
     import psutil
@@ -201,7 +214,7 @@ def wait_for_spares(daemon: Daemon, spares: int = 4, timeout: float = 10) -> boo
         try:
             zygote = next(p for p in psutil.Process(daemon.process.pid).children()
                           if "forkserver" in " ".join(p.cmdline()))
-            return len(zygote.children()) == spares
+            return len(task_processes(zygote)) == spares
         except (psutil.Error, StopIteration):
             return False
 

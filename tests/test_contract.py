@@ -15,7 +15,7 @@ from task_runner.client import (
     TaskResultTooLarge,
     TaskTimeout,
 )
-from tests.conftest import REPO, Daemon, read_pids, wait_gone, wait_until
+from tests.conftest import REPO, Daemon, read_pids, task_processes, wait_gone, wait_until
 
 FAULTS_FILE = REPO / "tests" / "tasks" / "faults.py"
 
@@ -221,8 +221,8 @@ def leftovers(daemon, spares: int = 4) -> list[int]:  # type: ignore[no-untyped-
 
     try:
         zygote = next(p for p in psutil.Process(daemon.process.pid).children() if "forkserver" in " ".join(p.cmdline()))
-        direct = zygote.children()
-        deeper = [p.pid for p in zygote.children(recursive=True) if p.ppid() != zygote.pid]
+        direct = task_processes(zygote)
+        deeper = [p.pid for task in direct for p in task.children(recursive=True)]
         return deeper + ([p.pid for p in direct] if len(direct) > spares else [])
     except psutil.Error:
         return [-1]  # something changed while we looked: look again
