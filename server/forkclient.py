@@ -154,7 +154,7 @@ class ForkServerClient:
                 process = await waiter
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
-                    self._spares.appendleft(waiter.result())  # handed over just as the caller left
+                    self._hand_over(waiter.result())  # handed over just as the caller left: to the next
                 raise
             if self.closed.is_set():  # handed over, then closed (a reload retiring it) before we woke
                 raise ForkServerDied("the fork server is not running")
@@ -282,14 +282,21 @@ class ForkServerClient:
             os.set_blocking(fd, False)
         process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid)
         self._processes[pid] = process
+        self._hand_over(process)
+
+    def _hand_over(self, process: TaskProcess) -> None:
+        """A ready process: to the first call waiting for one, else a spare, unless spares enough wait."""
+        if self.closed.is_set():
+            process.close()
+            return
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(process)
                 return
         if len(self._spares) >= self._config.spare_processes:
-            # Forked for a call that left before it came: surplus. Closing its channel ends it
-            # (it exits at end of file) and its exit report frees the rest.
+            # Forked for a call that left before it came (or handed to one just as it left): surplus.
+            # Closing its channel ends it (it exits at end of file) and its exit report frees the rest.
             process.close()
             return
         self._spares.append(process)
