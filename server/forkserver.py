@@ -57,16 +57,6 @@ def prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
-def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
-    """SIGKILL a task process, its process group and its cgroup; tolerate those already gone."""
-    if cgroups is not None:
-        cgroups.kill(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def tree(root: int) -> list[tuple[int, int]]:
     """(pid, parent) of every descendant of `root`, as /proc shows them now."""
     found: list[tuple[int, int]] = []
@@ -102,6 +92,18 @@ def kill_descendants(root: int) -> None:
             pass
         finally:
             os.close(fd)
+
+
+def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
+    """SIGKILL a process and its whole tree at once (descendants in sessions of their own included), its
+    process group and its cgroup; tolerate those already gone."""
+    kill_descendants(pid)
+    if cgroups is not None:
+        cgroups.kill(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def children() -> set[int]:
@@ -342,12 +344,10 @@ class ForkServer:
         """Kill what finished tasks left; whether there was any."""
         # A process we did not fork is the remains of a finished task: its task process was a
         # subreaper, so its descendants came to us only when it died. Kill each with its whole
-        # tree at once (descendants in sessions of their own included): the parents die first, so
-        # what is left comes to us in turn and is reaped.
+        # tree at once: what is left comes to us in turn and is reaped.
         sweeper_pid = {self._sweeper[0]} if self._sweeper is not None else set()
         orphans = children() - self._live.keys() - sweeper_pid
         for pid in orphans:
-            kill_descendants(pid)
             kill_tree(pid)
         return bool(orphans)
 
@@ -413,7 +413,6 @@ class ForkServer:
         if self._sweeper is not None:
             self._sweeper[1].close()  # end of file ends it; it is reaped below with the rest
         for pid in list(self._live):
-            kill_descendants(pid)
             kill_tree(pid, self._cgroups)
         while True:
             try:
