@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -146,15 +147,16 @@ def _tasks(args: argparse.Namespace) -> int:
             print(f"task-runner: {exc}", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps([vars(t) for t in tasks], indent=2))
+        print(json.dumps([dataclasses.asdict(t) for t in tasks], indent=2))
     else:
         for t in tasks:
             note = " (import error)" if t.import_error else ""
             limits = [f"{name} {value:g}" for name, value in (("max_running", t.max_running),
                       ("max_queued", t.max_queued), ("rate_per_s", t.rate_per_s), ("burst", t.burst)) if value]
             admission = f"  [{', '.join(limits)}]" if limits else ""
+            sandbox = f"  [sandbox: {t.sandbox}]" if t.sandbox else ""
             print(f"{t.name:<20} {t.default_timeout_ms:>8} ms (max {t.max_timeout_ms} ms)  {t.description}{note}"
-                  f"{admission}")
+                  f"{admission}{sandbox}")
     return 0
 
 

@@ -24,6 +24,7 @@ class Usage:
     max_rss_kib: int = 0
     exit_code: int = 0
     signal: int = 0
+    tmp_full: bool = False  # its private /tmp (the sandbox's tmp_mb) had no space left when it answered
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,22 @@ class TaskInfo:
     burst: int = 0
     grace_ms: int = 0  # its notice before the deadline
     heartbeat_timeout_ms: int = 0  # 0: none
+    sandbox: Sandbox | None = None  # None from a daemon older than sandboxes
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """The sandbox a task runs in, as its daemon sets it up (README: "What a task can reach")."""
+
+    filesystem: str  # "private" | "host"
+    network: str  # "none" | "host"
+    processes: str  # "private" | "host"
+    syscalls: str  # "default" | "off"
+    tmp_mb: int  # its private /tmp, /var/tmp and /dev/shm together (0 with filesystem = "host")
+
+    def __str__(self) -> str:
+        return (f"filesystem {self.filesystem}, network {self.network}, processes {self.processes}, "
+                f"syscalls {self.syscalls}" + (f", tmp {self.tmp_mb} MiB" if self.tmp_mb else ""))
 
 
 def build_request(
@@ -120,7 +137,7 @@ def read_response(response: PerformResponse) -> TaskResult:
         result=from_struct(response.result),
         request_id=response.request_id,
         usage=Usage(usage.wall_ms, usage.user_cpu_ms, usage.system_cpu_ms, usage.max_rss_kib,
-                    usage.exit_code, usage.signal),
+                    usage.exit_code, usage.signal, usage.tmp_full),
         timings=Timings(timings.queue_ms, timings.start_ms, timings.run_ms, timings.collect_ms),
         stdout=response.stdout.tail,
         stderr=response.stderr.tail,
@@ -135,7 +152,9 @@ def read_response(response: PerformResponse) -> TaskResult:
 def read_tasks(response: ListTasksResponse) -> list[TaskInfo]:
     return [
         TaskInfo(t.name, t.description, t.default_timeout_ms, t.max_timeout_ms, t.import_error,
-                 t.max_running, t.max_queued, t.rate_per_s, t.burst, t.grace_ms, t.heartbeat_timeout_ms)
+                 t.max_running, t.max_queued, t.rate_per_s, t.burst, t.grace_ms, t.heartbeat_timeout_ms,
+                 Sandbox(t.sandbox.filesystem, t.sandbox.network, t.sandbox.processes, t.sandbox.syscalls,
+                         t.sandbox.tmp_mb) if t.HasField("sandbox") else None)
         for t in response.tasks
     ]
 

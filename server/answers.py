@@ -47,6 +47,7 @@ def answer_response(frame: bytes) -> PerformResponse:
     usage = response.usage
     usage.user_cpu_ms, usage.system_cpu_ms = answer.usage.user_cpu_ms, answer.usage.system_cpu_ms
     usage.max_rss_kib = answer.usage.max_rss_kib
+    usage.tmp_full = answer.usage.tmp_full  # its own to tell: the tmpfs is its alone, and gone once it ends
     return response
 
 

@@ -48,6 +48,18 @@ _LIMITS = (
     ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE),
 )
 _limited: set[str] = set()  # the limits this process runs under
+_private_tmp = False  # its /tmp is the sandbox's own tmpfs (of tmp_mb)
+
+
+def _tmp_full() -> bool:
+    """Its private /tmp has no space left (nor inodes)."""
+    if not _private_tmp:
+        return False
+    try:
+        info = os.statvfs("/tmp")
+    except OSError:
+        return False
+    return info.f_bavail == 0 or info.f_favail == 0
 
 
 def _address_space() -> int:
@@ -87,6 +99,8 @@ def _limit_hit(exc: BaseException) -> str | None:
             return "processes"
         if exc.errno == errno.EFBIG and "file_size" in _limited:
             return "file_size"
+        if exc.errno == errno.ENOSPC and _tmp_full():
+            return "tmp_mb"
     return None
 
 
@@ -153,6 +167,7 @@ def _measure(response: PerformResponse) -> None:
     usage.user_cpu_ms = (own.ru_utime + waited.ru_utime) * 1e3
     usage.system_cpu_ms = (own.ru_stime + waited.ru_stime) * 1e3
     usage.max_rss_kib = max(own.ru_maxrss, waited.ru_maxrss)
+    usage.tmp_full = _tmp_full()
 
 
 def _flush_output() -> None:
@@ -288,14 +303,17 @@ def _warm_up() -> None:
     response.SerializeToString()
 
 
-def main(registry: Mapping[str, Loaded | str], result_max_bytes: int) -> NoReturn:
+def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tmp: bool = False) -> NoReturn:
     """Serve one task: read the assignment from fd 3, run it, answer, exit.
 
     Args:
         registry: task name -> the callable the fork server preloaded, or its target string
             when preloading failed (it is imported again here, so the error is the task's answer).
         result_max_bytes: the largest serialized answer this process may send.
+        private_tmp: its /tmp is its sandbox's own (a full one is reported: LIMIT_EXCEEDED "tmp_mb", tmp_full).
     """
+    global _private_tmp
+    _private_tmp = private_tmp
     _warm_up()
     # Before the assignment: a notice may come the moment the task is handed over (a grace as long
     # as its timeout); it must find the handler, not SIGTERM's default.

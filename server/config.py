@@ -40,15 +40,55 @@ class Limits:
 
     def merged(self, override: Limits | None) -> Limits:
         """These limits with `override`'s set fields taking precedence."""
-        if override is None:
-            return self
-        changes = {f.name: getattr(override, f.name) for f in dataclasses.fields(Limits)
-                   if f.name in override.explicit}
-        return dataclasses.replace(self, **changes)
+        return _merged(self, override)
 
     @property
     def explicit(self) -> frozenset[str]:
-        return getattr(self, "_explicit", frozenset())
+        return explicit(self)
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """A task's sandbox (task_runner.server.sandbox); set for every task, overridable per task key by key."""
+
+    filesystem: str = "private"  # "private" | "host"
+    network: str = "host"  # "none" | "host"
+    processes: str = "private"  # "private" | "host"
+    syscalls: str = "default"  # "default" | "off"
+    tmp_mb: int = 256  # its private /tmp, /var/tmp and /dev/shm, together
+    hide: tuple[str, ...] = ()  # more paths it must not see (the daemon's own secrets are always hidden)
+    writable: tuple[str, ...] = ()  # paths it may write besides its own
+
+    CHOICES: typing.ClassVar[dict[str, tuple[str, str]]] = {  # key -> (sandboxed, not)
+        "filesystem": ("private", "host"), "network": ("none", "host"), "processes": ("private", "host"),
+        "syscalls": ("default", "off"),
+    }
+
+    def merged(self, override: SandboxConfig | None) -> SandboxConfig:
+        """This sandbox with `override`'s set keys taking precedence (explicit where either set a key)."""
+        return _merged(self, override)
+
+    def sandboxed(self, part: str) -> bool:
+        return bool(getattr(self, part) == self.CHOICES[part][0])
+
+    @property
+    def explicit(self) -> frozenset[str]:
+        return explicit(self)
+
+
+def explicit(settings: object) -> frozenset[str]:
+    """The keys of a config table its file set (not defaults)."""
+    return frozenset(getattr(settings, "_explicit", frozenset()))
+
+
+def _merged(base: _T, override: _T | None) -> _T:
+    """`base` with the keys `override`'s table set taking precedence; explicit: the keys either set."""
+    if override is None:
+        return base
+    keys = explicit(override)
+    merged = dataclasses.replace(base, **{key: getattr(override, key) for key in keys})  # type: ignore[type-var]
+    object.__setattr__(merged, "_explicit", explicit(base) | keys)
+    return merged
 
 
 @dataclass(frozen=True)
@@ -70,6 +110,7 @@ class TaskConfig:
     grace_ms: int = 0
     # Once it has sent a heartbeat (or progress), killed as STALLED after this long without one.
     heartbeat_timeout_ms: int | None = None
+    sandbox: SandboxConfig | None = None  # None: the global sandbox; else these keys override it
 
 
 @dataclass(frozen=True)
@@ -84,6 +125,7 @@ class Task:
     admission: TaskRules = field(default_factory=TaskRules)  # its own admission limits
     grace_ms: int = 0  # its notice before the deadline, unless a request says otherwise
     heartbeat_timeout_ms: int | None = None
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the global sandbox with its own keys on top
 
     def process_limits(self) -> wire.Limits:
         """The limits its task process sets on itself (bytes for sizes)."""
@@ -150,6 +192,7 @@ class Config:
     default_timeout_ms: int = 30_000
     max_timeout_ms: int = 3_600_000
     limits: Limits = field(default_factory=Limits)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     result_max_bytes: int = 1 << 20
     output_tail_bytes: int = 16 << 10
     max_request_bytes: int = 4 << 20
@@ -191,7 +234,7 @@ class Config:
         return types.MappingProxyType({
             name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits),
                        TaskRules(entry.max_running, entry.max_queued, entry.rate_per_s, entry.burst or 1),
-                       entry.grace_ms, entry.heartbeat_timeout_ms)
+                       entry.grace_ms, entry.heartbeat_timeout_ms, self.sandbox.merged(entry.sandbox))
             for name, entry in sorted(found.items())
         })
 
@@ -224,7 +267,15 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
             data[key] = value
     if extra_tasks:
         data["tasks"] = {**data.get("tasks", {}), **extra_tasks}
-    return _build(data, where)
+    config = _build(data, where)
+    object.__setattr__(config, "_file", str(Path(path).resolve()) if path is not None else None)
+    return config
+
+
+def config_file(config: Config) -> str | None:
+    """The file `config` was loaded from, if any (its tasks never see it: see sandboxes.hidden)."""
+    file: str | None = getattr(config, "_file", None)
+    return file
 
 
 def _build(data: dict[str, Any], where: str) -> Config:
@@ -331,6 +382,18 @@ def _validate(config: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'min_priority' and 'max_priority' must hold 0, the default priority")
     if config.priority_aging_s <= 0:
         raise ConfigError(f"{where}: 'priority_aging_s' must be above 0")
+    sandboxes = [("sandbox", config.sandbox)] + [
+        (f"tasks.{n}.sandbox", t.sandbox) for n, t in config.tasks.items() if t.sandbox is not None]
+    for scope, sandbox in sandboxes:
+        for key, choices in SandboxConfig.CHOICES.items():
+            if getattr(sandbox, key) not in choices:
+                raise ConfigError(f"{where}: '{scope}.{key}' must be \"{choices[0]}\" or \"{choices[1]}\"")
+        if sandbox.tmp_mb <= 0:
+            raise ConfigError(f"{where}: '{scope}.tmp_mb' must be above 0")
+        for key in ("hide", "writable"):
+            for path in getattr(sandbox, key):
+                if not os.path.isabs(path):
+                    raise ConfigError(f"{where}: '{scope}.{key}': {path!r} is not an absolute path")
     for name, task in config.tasks.items():
         for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1), ("grace_ms", 0),
                          ("heartbeat_timeout_ms", 1)):

@@ -29,7 +29,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from task_runner.server import cgroups, uids
+from task_runner.server import cgroups, sandboxes, uids
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
 from task_runner.server.forkclient import ForkServerClient
@@ -229,11 +229,18 @@ class Daemon:
         """A fork server for `config`'s tasks, started (the tasks imported), as the generation to serve with."""
         tasks = {name: task.target for name, task in config.catalogue.items()}
         number = next(self._generation)
+        try:
+            profiles, failures = sandboxes.build(config)
+        except FileNotFoundError as exc:
+            raise StartError(str(exc)) from None
         cgroup = cgroups.new_generation(self._cgroup, number)
-        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids)
+        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids, profiles)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()
+            refusals = sandboxes.check(config.catalogue, {**failures, **forkserver.sandbox_failures})
+            if refusals:
+                raise StartError("; ".join(refusals))
         except BaseException:
             await self._end(forkserver)
             raise

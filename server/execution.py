@@ -393,7 +393,7 @@ class Executor:
             if task is None:
                 raise Refusal(Reason.UNKNOWN_TASK, f"task {name!r} is no longer served (the daemon was reloaded)")
             try:
-                process = await generation.forkserver.take()
+                process = await generation.forkserver.take(name)
                 break
             except (ForkServerDied, NoProcess) as exc:
                 if generation.forkserver.retired and generation is not self.generation:
@@ -427,7 +427,7 @@ class Executor:
                 raise _shutting_down()
             limits = task.process_limits()
             if run.process.cgroup:
-                limits = cgroups.limit(run.process.cgroup, limits)
+                limits = cgroups.limit(run.process.cgroup, limits, run.process.init)
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
             run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
             stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
@@ -502,6 +502,8 @@ class Executor:
         if response is not None:
             metrics.start.observe(response.timings.start_ms / 1e3)
             metrics.run.labels(execution.task).observe(response.timings.run_ms / 1e3)
+            if response.usage.tmp_full:
+                metrics.tmp_full.labels(execution.task).inc()
         log.info("task %s finished: %s in %.1f ms", execution.task, verdict, (now - execution.received_at) * 1e3,
                  extra={"request_id": execution.request_id})
 

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 from task_runner.server import wire
 from task_runner.server.config import Config
+from task_runner.server.sandbox import Profile
+from task_runner.server.sandboxes import Sandboxes
 from task_runner.server.uids import UidError, UidPool
 from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
@@ -61,8 +63,10 @@ class TaskProcess:
     stdout: int
     stderr: int
     cgroup: str  # its own cgroup v2 directory, or "" where there is none
-    workdir: str  # its working directory, made while it waited, removed once it is reaped
+    workdir: str  # its working directory, made while it waited, removed once it is reaped ("": its private /tmp)
     uid: int  # its own uid from the pool, or wire.NO_UID
+    profile: int  # its sandbox, an index in the fork server's profiles
+    init: bool  # `pid` is the init of its own pid namespace (processes = "private"), the task its child
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -85,8 +89,9 @@ class ForkServerClient:
 
     def __init__(self, config: Config, tasks: dict[str, str], workdirs: Workdirs,
                  owner: tuple[int, int] | None = None, cgroup: str | None = None, uids: UidPool | None = None,
-                 ) -> None:
+                 sandboxes: Sandboxes | None = None) -> None:
         self._config = config
+        self._sandboxes = sandboxes or Sandboxes.none(tasks)
         self._uids = uids
         self._held: set[int] = set()  # uids of ours: asked for, or of processes not yet reaped
         self._workdirs = workdirs
@@ -104,9 +109,15 @@ class ForkServerClient:
         theirs.close()
         self.info: dict[str, ModuleInfo] = {}
         self._processes: dict[int, TaskProcess] = {}  # unreaped, spare or running
-        self._spares: collections.deque[TaskProcess] = collections.deque()
-        self._waiters: collections.deque[asyncio.Future[TaskProcess]] = collections.deque()
-        self._forking = 0
+        # Spares, calls waiting for one and forks asked for, by sandbox profile. A profile keeps spares once
+        # a call asked for one of it; the profile of the most tasks, from the start.
+        count = len(self._sandboxes.profiles)
+        self._spares: list[collections.deque[TaskProcess]] = [collections.deque() for _ in range(count)]
+        self._waiters: list[collections.deque[asyncio.Future[TaskProcess]]] = [
+            collections.deque() for _ in range(count)]
+        self._forking = [0] * count
+        self._in_demand = {self._sandboxes.busiest}
+        self.sandbox_failures: dict[str, str] = {}  # the parts this machine could not set up, and why
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._failing = False  # task processes cannot be made ready (logged once until they can again)
         self._short_of_uids = False  # every task uid was busy at the last fork (logged once until not)
@@ -115,7 +126,8 @@ class ForkServerClient:
 
     async def start(self) -> None:
         spec = {"tasks": self._tasks, "sys_path": sys.path, "result_max_bytes": self._config.result_max_bytes,
-                "cgroup": self._cgroup, "owner": self._owner}
+                "cgroup": self._cgroup, "owner": self._owner,
+                "profiles": [profile.to_json() for profile in self._sandboxes.profiles]}
         for packet in wire.chunks(wire.SPEC, json.dumps(spec).encode()):
             await self._loop.sock_sendall(self._sock, packet)
         try:  # importing the task modules happens now: a module that hangs must not hang the daemon
@@ -130,8 +142,10 @@ class ForkServerClient:
             raise ForkServerDied(f"the fork server failed to start (exit code {self._process.wait()})") from None
         info = json.loads(hello)
         self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
+        self.sandbox_failures = info["sandbox_failures"]
+        self._sandboxes = self._sandboxes.without(set(self.sandbox_failures))  # what the fork server sets up
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
-        self._want_spares()
+        self._want_spares(self._sandboxes.busiest)
 
     async def _hello(self) -> bytes:
         """The fork server's first message, in as many packets as its catalogue needs."""
@@ -140,16 +154,19 @@ class ForkServerClient:
             hello.add(await self._loop.sock_recv(self._sock, wire.CHUNK + 2))
         return hello.whole
 
-    async def take(self) -> TaskProcess:
-        """A ready task process, forked ahead of demand if possible."""
+    async def take(self, task: str) -> TaskProcess:
+        """A ready task process in the sandbox of `task`, forked ahead of demand if possible."""
         if self.closed.is_set():
             raise ForkServerDied("the fork server is not running")
-        if self._spares:
-            process = self._spares.popleft()
+        profile = self._sandboxes.of_task.get(task, self._sandboxes.busiest)
+        self._in_demand.add(profile)
+        spares = self._spares[profile]
+        if spares:
+            process = spares.popleft()
         else:
             waiter = self._loop.create_future()
-            self._waiters.append(waiter)
-            self._want_spares()
+            self._waiters[profile].append(waiter)
+            self._want_spares(profile)
             try:
                 process = await waiter
             except asyncio.CancelledError:
@@ -158,11 +175,15 @@ class ForkServerClient:
                 raise
             if self.closed.is_set():  # handed over, then closed (a reload retiring it) before we woke
                 raise ForkServerDied("the fork server is not running")
-        if len(self._spares) < (self._config.spare_processes + 1) // 2:
-            self._want_spares()
+        if len(spares) < (self._config.spare_processes + 1) // 2:
+            self._want_spares(profile)
         # Otherwise the refill waits for a process to end: forking now would take a CPU from the
         # task just handed over, and there are spares enough for the next calls.
         return process
+
+    def sandbox_of(self, task: str) -> Profile:
+        """The sandbox `task`'s processes run in, as this fork server sets it up."""
+        return self._sandboxes.profiles[self._sandboxes.of_task.get(task, self._sandboxes.busiest)]
 
     def kill(self, process: TaskProcess, why: Stop) -> None:
         if not process.exited.done():
@@ -206,9 +227,10 @@ class ForkServerClient:
             self._backlog.popleft()
         self._loop.remove_writer(self._sock.fileno())
 
-    def _want_spares(self) -> None:
-        waiting = sum(1 for waiter in self._waiters if not waiter.done())
-        wanted = self._config.spare_processes + waiting - len(self._spares) - self._forking
+    def _want_spares(self, profile: int) -> None:
+        waiting = sum(1 for waiter in self._waiters[profile] if not waiter.done())
+        spares = self._config.spare_processes if profile in self._in_demand else 0
+        wanted = spares + waiting - len(self._spares[profile]) - self._forking[profile]
         if wanted > 0 and not self.closed.is_set():
             uids = []
             for _ in range(wanted):
@@ -222,11 +244,11 @@ class ForkServerClient:
             else:
                 self._short_of_uids = False
             if not uids:
-                self._loop.call_later(FORK_RETRY_S, self._want_spares)
+                self._loop.call_later(FORK_RETRY_S, self._want_spares, profile)
                 return
             self._held.update(uids)
-            self._send(wire.Fork(tuple(uids)).pack())
-            self._forking += len(uids)
+            self._send(wire.Fork(tuple(wire.Spare(uid, profile) for uid in uids)).pack())
+            self._forking[profile] += len(uids)
 
     def _on_readable(self) -> None:
         while True:
@@ -243,26 +265,30 @@ class ForkServerClient:
             if isinstance(record, wire.Ready):
                 self._on_ready(record, fds)
             elif isinstance(record, wire.ForkFailed):
-                self._forking -= len(record.uids)
-                for uid in record.uids:
+                for uid, profile in record.spares:
+                    self._forking[profile] -= 1
                     self._give_back(uid)
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
-                self._loop.call_later(FORK_RETRY_S, self._want_spares)
+                self._loop.call_later(FORK_RETRY_S, self._want_all_spares)
             elif isinstance(record, wire.Released):
                 for uid in record.uids:
                     self._give_back(uid)
                 if self._short_of_uids:
-                    self._want_spares()
+                    self._want_all_spares()
             elif isinstance(record, wire.Exited):
                 self._on_exit(record.pid, Exit(record.status, record.user_s, record.system_s, record.max_rss_kib,
                                                Stop(record.why), self._loop.time(), record.oom_killed))
 
+    def _want_all_spares(self) -> None:
+        for profile in range(len(self._spares)):
+            self._want_spares(profile)
+
     def _on_ready(self, ready: wire.Ready, fds: list[int]) -> None:
-        self._forking -= 1
+        self._forking[ready.profile] -= 1
         pid, uid = ready.pid, ready.uid
         problem = "could not receive a task process's descriptors (out of descriptors?)" if len(fds) != 3 else ""
         workdir = ""
-        if not problem:
+        if not problem and not self._sandboxes.profiles[ready.profile].private_tmp:
             try:
                 workdir = self._workdirs.create(pid, self._owner_of(uid))
             except OSError as exc:
@@ -271,7 +297,7 @@ class ForkServerClient:
             for fd in fds:
                 os.close(fd)
             self._send(wire.Kill(pid, ready.serial, Stop.CANCELLED).pack(), urgent=True)
-            self._spare_failed(problem)
+            self._spare_failed(problem, ready.profile)
             return
         if self._failing:
             self._failing = False
@@ -280,7 +306,8 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid)
+        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid, ready.profile,
+                              self._sandboxes.profiles[ready.profile].processes)
         self._processes[pid] = process
         self._hand_over(process)
 
@@ -289,19 +316,20 @@ class ForkServerClient:
         if self.closed.is_set():
             process.close()
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        waiters, spares = self._waiters[process.profile], self._spares[process.profile]
+        while waiters:
+            waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(process)
                 return
-        if len(self._spares) >= self._config.spare_processes:
+        if len(spares) >= self._config.spare_processes:
             # Forked for a call that left before it came (or handed to one just as it left): surplus.
             # Closing its channel ends it (it exits at end of file) and its exit report frees the rest.
             process.close()
             return
-        self._spares.append(process)
+        spares.append(process)
 
-    def _spare_failed(self, problem: str) -> None:
+    def _spare_failed(self, problem: str, profile: int) -> None:
         """A task process could not be made ready: answer the calls waiting for one at once.
 
         They would only wait for the next one to fail the same way (a full disk, no descriptors
@@ -310,11 +338,12 @@ class ForkServerClient:
         if not self._failing:
             self._failing = True
             log.error("a task process could not be made ready: %s; retrying every %.1f s", problem, FORK_RETRY_S)
-        while self._waiters:
-            waiter = self._waiters.popleft()
+        waiters = self._waiters[profile]
+        while waiters:
+            waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_exception(NoProcess(f"the daemon {problem}"))
-        self._loop.call_later(FORK_RETRY_S, self._want_spares)
+        self._loop.call_later(FORK_RETRY_S, self._want_spares, profile)
 
     def _owner_of(self, uid: int) -> tuple[int, int] | None:
         """Who owns the working directory of a process of that uid."""
@@ -337,12 +366,14 @@ class ForkServerClient:
         process = self._processes.pop(pid, None)
         if process is None:  # killed before it could be used
             return
-        self._workdirs.discard(process.workdir)
-        if process in self._spares:  # a spare died before it was used
-            self._spares.remove(process)
+        if process.workdir:
+            self._workdirs.discard(process.workdir)
+        spares = self._spares[process.profile]
+        if process in spares:  # a spare died before it was used
+            spares.remove(process)
             process.close()
         process.exited.set_result(exit_)
-        self._want_spares()
+        self._want_spares(process.profile)
 
     def _on_closed(self) -> None:
         """The fork server is gone (or being let go): whatever it had forked is dead or dying."""
@@ -356,17 +387,19 @@ class ForkServerClient:
         self._sock.close()  # the fork server sees end of file: it kills what is left and exits
         lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
         for process in self._processes.values():
-            self._workdirs.discard(process.workdir)
+            if process.workdir:
+                self._workdirs.discard(process.workdir)
             if not process.exited.done():
                 process.exited.set_result(lost)  # killed with the fork server (PR_SET_PDEATHSIG)
-        for process in self._spares:
-            process.close()
         self._processes.clear()
-        self._spares.clear()
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_exception(ForkServerDied("the fork server ended"))
-        self._waiters.clear()
+        for spares, waiters in zip(self._spares, self._waiters, strict=True):
+            for process in spares:
+                process.close()
+            spares.clear()
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_exception(ForkServerDied("the fork server ended"))
+            waiters.clear()
 
     async def close(self) -> None:
         """End the fork server: it kills every task process it forked, then exits; or, if it does not

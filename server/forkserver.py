@@ -31,14 +31,16 @@ import ctypes
 import gc
 import json
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from typing import Any, NoReturn
 
-from task_runner.server import child, sweeper, wire
+from task_runner.server import child, sandbox, seccomp, sweeper, wire
 from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
@@ -47,6 +49,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
+INIT_STATUS = struct.Struct("=i")  # a task's wait status, from its init
 SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
 SWEEP_BACKOFF_S = (0.01, 1.0)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -134,14 +137,24 @@ class ForkServer:
         self._registry: dict[str, Loaded | str] = {}
         self._live: dict[int, int] = {}  # task processes forked here and not yet reaped -> their serial
         self._serial = 0
-        self._to_fork: collections.deque[int] = collections.deque()  # uids of spares asked for, not yet forked
+        self._to_fork: collections.deque[wire.Spare] = collections.deque()  # spares asked for, not yet forked
         self._kill_reason: dict[int, wire.Stop] = {}
         self._uid_of: dict[int, int] = {}  # live task process -> its own uid (none for NO_UID)
+        self._init_of: dict[int, socket.socket] = {}  # live task init (pid 1 of a task's namespace) -> its socket
         self._sweeper: tuple[int, socket.socket] | None = None  # its pid, and our end of its socket
         self._sweeping: set[int] = set()  # uids the sweeper was asked about and has not answered yet
         self._unswept: dict[int, tuple[int, float]] = {}  # uid -> (sweeps so far, not before this time)
         self._sweep_at: float | None = None  # when a uid's next sweep is due, if one waits
         self._pid = os.getpid()
+        # A task process checks it right after fork, to know whether we died before it could ask to die with us.
+        self._alive = os.pidfd_open(self._pid)
+        self._pid_namespaces = sandbox.PidNamespaces()
+        profiles = [sandbox.Profile.from_json(profile) for profile in spec.get("profiles", [])] or [sandbox.Profile()]
+        asked = {part for profile in profiles for part in profile.parts}
+        # What this machine cannot set up is left out of every profile (the daemon says so, or refuses to start).
+        seccomp_program = next((profile.seccomp for profile in profiles if profile.seccomp), b"")
+        self._sandbox_failures = sandbox.probe(asked, seccomp_program, self._pid_namespaces, seccomp.load)
+        self._profiles = [profile.without(set(self._sandbox_failures)) for profile in profiles]
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._hello = self._preload(spec["tasks"])
@@ -163,6 +176,9 @@ class ForkServer:
                 infos[name] = {"description": loaded.description, "import_error": ""}
         return {"pid": self._pid, "tasks": infos}
 
+    def _hello_message(self) -> dict[str, Any]:
+        return {**self._hello, "sandbox_failures": self._sandbox_failures}
+
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
         # Not dumpable, and neither are the task processes it forks (unless they get a uid of their
@@ -175,7 +191,7 @@ class ForkServer:
         sys.stderr.flush()
         gc.collect()
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages in children
-        for packet in wire.chunks(wire.HELLO, json.dumps(self._hello).encode()):
+        for packet in wire.chunks(wire.HELLO, json.dumps(self._hello_message()).encode()):
             self._sock.send(packet)
         selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, self._on_message)
@@ -213,7 +229,7 @@ class ForkServer:
                 raise EOFError
             record = wire.unpack(message)
             if isinstance(record, wire.Fork):
-                self._to_fork.extend(record.uids)
+                self._to_fork.extend(record.spares)
             elif isinstance(record, wire.Kill) and self._live.get(record.pid) == record.serial:
                 self._kill_reason.setdefault(record.pid, record.why)
                 kill_tree(record.pid, self._cgroups)
@@ -240,23 +256,30 @@ class ForkServer:
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise EOFError from exc
 
-    def _spawn(self, uid: int) -> None:
+    def _spawn(self, spare: wire.Spare) -> None:
+        uid, profile = spare
+        private = self._profiles[profile].processes
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        sockets = [parent_end, child_end]
         pipes: list[int] = []
         try:
+            if private:  # to its init: "go" once it is in its cgroup; from it: the task's wait status
+                our_init_end, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+                sockets += (our_init_end, init_end)
             pipes += os.pipe()
             pipes += os.pipe()
-            pid = os.fork()
+            pid = self._pid_namespaces.fork(private)
         except OSError:
             for fd in pipes:
                 os.close(fd)
-            parent_end.close()
-            child_end.close()
+            for sock in sockets:
+                sock.close()
             raise
         out_r, out_w, err_r, err_w = pipes
         if pid == 0:
             try:
-                self._become_task_process(child_end.fileno(), out_w, err_w, uid)
+                init = init_end if private else None
+                self._become_task_process(child_end.fileno(), out_w, err_w, uid, self._profiles[profile], init)
             finally:
                 os._exit(70)
         self._serial += 1
@@ -264,18 +287,32 @@ class ForkServer:
         if uid != wire.NO_UID:
             self._uid_of[pid] = uid
         cgroup = self._cgroups.add(pid) or ""
+        if private:
+            init_end.close()
+            self._init_of[pid] = our_init_end
+            with contextlib.suppress(OSError):
+                our_init_end.send(b"\0")  # it is in its cgroup: its init may fork the task into it
         for fd in (child_end.fileno(), out_w, err_w):
             os.close(fd)
         child_end.detach()
         try:
-            self._send(wire.Ready(pid, self._serial, uid, cgroup).pack(), [parent_end.fileno(), out_r, err_r])
+            self._send(wire.Ready(pid, self._serial, uid, profile, cgroup).pack(), [parent_end.fileno(), out_r, err_r])
         finally:
             parent_end.close()
             os.close(out_r)
             os.close(err_r)
 
-    def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int) -> NoReturn:
+    def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int,
+                             profile: sandbox.Profile, init: socket.socket | None) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
+        try:
+            sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
+        except OSError as exc:
+            # Never run a task outside the sandbox it was promised: the call is answered CRASHED, with this.
+            os.write(err_w, f"the task's sandbox could not be set up: {exc}\n".encode())
+            os._exit(sandbox.SETUP_FAILED)
+        if init is not None:
+            self._become_init(init)  # returns in the task process, pid 2 of the namespace
         os.umask(0o077)  # what it creates is its own: other tasks may share its group
         if self._owner is not None:
             own_uid, gid = self._owner
@@ -287,12 +324,16 @@ class ForkServer:
                 # of its own no other task can use that; sharing a uid, it stays undumpable, so that
                 # tasks of that uid cannot read each other's memory or take each other's descriptors.
                 prctl(PR_SET_DUMPABLE, 1)
+        if profile.private_tmp:  # its working directory and TMPDIR: fresh, its own, on its private /tmp
+            os.mkdir(workdir := f"/tmp/task-{self._serial + 1}", 0o700)
+            os.chdir(workdir)
+            os.environ["TMPDIR"] = os.environ["TMP"] = os.environ["TEMP"] = workdir
         # Set-user-ID and file capabilities never raise what it or its descendants may do: a set-user-ID
         # copy of a program one task leaves (its own uid's) cannot run as that uid for a later task.
         prctl(PR_SET_NO_NEW_PRIVS, 1)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which would clear it
-        if os.getppid() != self._pid:  # the fork server died before prctl took effect
-            os._exit(0)
+        if select.select([self._alive], [], [], 0)[0]:  # we died before prctl took effect (getppid() is 0
+            os._exit(0)                                  # from a pid namespace of its own: it cannot tell)
         prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree
         signal.set_wakeup_fd(-1)
         for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
@@ -303,7 +344,37 @@ class ForkServer:
         os.dup2(err_w, 2)
         os.dup2(channel, child.CHANNEL_FD, inheritable=False)
         os.closerange(child.CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))
-        child.main(self._registry, self._result_max_bytes)
+        if profile.seccomp:  # last: it refuses what the steps above needed
+            seccomp.load(profile.seccomp)
+        child.main(self._registry, self._result_max_bytes, profile.private_tmp)
+
+    def _become_init(self, sock: socket.socket) -> None:
+        """Pid 1 of the task's pid namespace: fork the task, reap what reaches it, and hand the task's wait
+        status to the fork server when it ends; its own exit then ends every process left in the namespace.
+
+        The kernel delivers to a namespace's pid 1 no signal it has no handler for, not even its own:
+        abort(), kill(getpid(), ...) and RLIMIT_CPU's SIGXCPU would do nothing to a task that was pid 1.
+        As pid 2 under this init, a task dies of its signals as it would on the host.
+        """
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the fork server goes the namespace
+        if not sock.recv(1) or select.select([self._alive], [], [], 0)[0]:
+            os._exit(0)  # the fork server is gone (before it could put us in the task's cgroup)
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            return
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.closerange(0, sock.fileno())  # holding none of the task's pipes: their end is the task's end
+        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
+        while True:
+            try:
+                ended, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                os._exit(0)
+            if ended == pid:
+                sock.send(INIT_STATUS.pack(status))
+                os._exit(0)
 
     def _on_sigchld(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -322,6 +393,7 @@ class ForkServer:
             reaped = True
             if pid in self._live:
                 del self._live[pid]
+                status = self._task_status(pid, status)
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
                 why = self._kill_reason.pop(pid, wire.Stop.NONE)
@@ -408,6 +480,19 @@ class ForkServer:
         if released:
             self._send(wire.Released(tuple(released)).pack())
         self._sweep()
+
+    def _task_status(self, pid: int, status: int) -> int:
+        """The wait status of the task in process `pid`: its init's report of it, when it has an init
+        that lived to report (an init killed first, at a deadline, is the task killed with it)."""
+        init = self._init_of.pop(pid, None)
+        if init is None:
+            return status
+        with init:
+            try:
+                report = init.recv(INIT_STATUS.size, socket.MSG_DONTWAIT)
+            except OSError:
+                return status
+        return INIT_STATUS.unpack(report)[0] if len(report) == INIT_STATUS.size else status
 
     def _shutdown(self) -> None:
         if self._sweeper is not None:

@@ -35,6 +35,10 @@ class Metrics:
             "task_runner_events_dropped", "PerformEvents a PerformStream or Watch did not get (it fell behind)",
             registry=r,
         )
+        self.tmp_full = Counter(
+            "task_runner_tmp_full", "Tasks whose private /tmp (the sandbox's tmp_mb) was full when they answered",
+            ("task",), registry=r,
+        )
         self.queue_wait = Histogram("task_runner_queue_wait_seconds", "Time waiting for a slot", registry=r,
                                     buckets=_BUCKETS)
         self.start = Histogram("task_runner_start_seconds", "Time obtaining a ready task process", registry=r,

@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 
+from task_runner.server import sandboxes
 from task_runner.server.config import Task
 from task_runner.server.execution import Executor, Reason, Refusal, Wants, options_digest
 from task_runner.server.metrics import Metrics
@@ -128,6 +129,7 @@ class TaskRunnerService:
                 max_running=rules.max_running or 0, max_queued=rules.max_queued or 0,
                 rate_per_s=rules.rate_per_s or 0.0, burst=rules.burst if rules.rate_per_s else 0,
                 grace_ms=task.grace_ms, heartbeat_timeout_ms=task.heartbeat_timeout_ms or 0,
+                sandbox=sandboxes.message(generation.forkserver.sandbox_of(task.name)),
             ))
         return response.SerializeToString()
 

@@ -4,11 +4,12 @@ Daemon <-> fork server: a SOCK_SEQPACKET socket, one message per packet, the fir
 The daemon's first message is a JSON spec and the fork server's first answer `H` + JSON (its
 hello); after that:
 
-    daemon -> Fork(uids)        fork a spare task process under each uid (NO_UID: run_as_user's own)
+    daemon -> Fork(spares)      fork a spare task process for each (uid, profile): under that uid (NO_UID:
+                                run_as_user's own), in that sandbox profile (an index in the spec's list)
     daemon -> Kill(pid, serial, why)   kill that task process's tree now
     daemon -> Notice(pid, serial)      tell it to stop: SIGTERM to its process group
-    fork server -> ForkFailed(uids)    these forks failed (EAGAIN, EMFILE): ask again later
-    fork server -> Ready(pid, serial, uid, cgroup)   a spare is ready; SCM_RIGHTS: its channel,
+    fork server -> ForkFailed(spares)  these forks failed (EAGAIN, EMFILE): ask again later
+    fork server -> Ready(pid, serial, uid, profile, cgroup)   a spare is ready; SCM_RIGHTS: its channel,
                                 stdout, stderr. The serial tells this process from a later one that
                                 gets the same pid, so a late kill never reaches the wrong one.
     fork server -> Exited(pid, status, usage, why, oom_killed)   a task process was reaped
@@ -52,7 +53,8 @@ _MORE, _LAST = b"+", b"."
 _COUNT = struct.Struct("!cI")
 _KILL = struct.Struct("!cIIB")
 _NOTICE = struct.Struct("!cII")
-_READY = struct.Struct("!cIII")
+_READY = struct.Struct("!cIIIB")
+_SPARE = struct.Struct("!IB")
 _EXITED = struct.Struct("!cIiddqBB")
 _ASSIGNMENT = struct.Struct("!qqqqqdHH")
 
@@ -104,18 +106,23 @@ class Assignment(NamedTuple):
         return assignment, frame[end:]
 
 
+class Spare(NamedTuple):
+    uid: int  # NO_UID: run_as_user's own
+    profile: int  # its sandbox: an index in the spec's list of profiles
+
+
 class Fork(NamedTuple):
-    uids: tuple[int, ...]
+    spares: tuple[Spare, ...]
 
     def pack(self) -> bytes:
-        return _pack_uids(b"F", self.uids)
+        return _pack_spares(b"F", self.spares)
 
 
 class ForkFailed(NamedTuple):
-    uids: tuple[int, ...]
+    spares: tuple[Spare, ...]
 
     def pack(self) -> bytes:
-        return _pack_uids(b"E", self.uids)
+        return _pack_spares(b"E", self.spares)
 
 
 class Released(NamedTuple):
@@ -150,10 +157,11 @@ class Ready(NamedTuple):
     pid: int
     serial: int
     uid: int
+    profile: int
     cgroup: str  # its own cgroup v2 directory, or ""
 
     def pack(self) -> bytes:
-        return _READY.pack(b"R", self.pid, self.serial, self.uid) + self.cgroup.encode()
+        return _READY.pack(b"R", self.pid, self.serial, self.uid, self.profile) + self.cgroup.encode()
 
 
 class Exited(NamedTuple):
@@ -179,18 +187,21 @@ def unpack(message: bytes) -> Message:
         ValueError: for a message of no known kind.
     """
     kind = message[:1]
-    if kind in (b"F", b"E", b"U"):
+    if kind in (b"F", b"E"):
         count = _COUNT.unpack_from(message)[1]
-        uids = struct.unpack_from(f"!{count}I", message, _COUNT.size)
-        return Fork(uids) if kind == b"F" else ForkFailed(uids) if kind == b"E" else Released(uids)
+        spares = tuple(Spare(*_SPARE.unpack_from(message, _COUNT.size + i * _SPARE.size)) for i in range(count))
+        return Fork(spares) if kind == b"F" else ForkFailed(spares)
+    if kind == b"U":
+        count = _COUNT.unpack_from(message)[1]
+        return Released(struct.unpack_from(f"!{count}I", message, _COUNT.size))
     if kind == b"N":
         return Notice(*_NOTICE.unpack(message)[1:])
     if kind == b"K":
         pid, serial, why = _KILL.unpack(message)[1:]
         return Kill(pid, serial, Stop(why))
     if kind == b"R":
-        pid, serial, uid = _READY.unpack_from(message)[1:]
-        return Ready(pid, serial, uid, message[_READY.size:].decode())
+        pid, serial, uid, profile = _READY.unpack_from(message)[1:]
+        return Ready(pid, serial, uid, profile, message[_READY.size:].decode())
     if kind == b"X":
         pid, status, user_s, system_s, max_rss, why, oom = _EXITED.unpack(message)[1:]
         return Exited(pid, status, user_s, system_s, max_rss, Stop(why), bool(oom))
@@ -221,6 +232,10 @@ class Reassembly:
     @property
     def whole(self) -> bytes:
         return bytes(self._parts)
+
+
+def _pack_spares(kind: bytes, spares: tuple[Spare, ...]) -> bytes:
+    return _COUNT.pack(kind, len(spares)) + b"".join(_SPARE.pack(*spare) for spare in spares)
 
 
 def _pack_uids(kind: bytes, uids: tuple[int, ...]) -> bytes:

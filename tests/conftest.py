@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from task_runner.client import Client
+from tests.inprocess import with_harness_writable
 from tests.tasks import faults
 
 REPO = Path(__file__).resolve().parent.parent
@@ -88,7 +89,9 @@ class Daemon:
 
 
 def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) -> Path:
-    lines = [extra, "[tasks]"]
+    """A config with the test tasks. Tasks may write to the tests' temporary directories (their files are how
+    tests watch them from outside), unless `extra` has a [sandbox] table of its own."""
+    lines = [with_harness_writable(extra, path), "[tasks]"]
     lines += [f'{name} = "{FAULTS}:{name}"' for name in (TEST_TASKS if tasks is None else tasks)]
     lines.append('broken_import = "tests.tasks.broken_import:never"')
     path.write_text("\n".join(lines) + "\n")
@@ -167,6 +170,7 @@ def client(daemon: Daemon) -> Iterator[Client]:
 def wait_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     """Wait until none of `pids` exists (not even as a zombie); return those still there."""
     deadline = time.monotonic() + timeout
+    pids = [pid for pid in pids if pid > 0]  # (0: read_pids found it ended)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             fd = os.pidfd_open(pid)
@@ -191,17 +195,47 @@ def wait_until(predicate: Callable[[], object], timeout: float) -> bool:
 
 
 def read_pids(path: Path) -> list[int]:
-    return [int(line) for line in path.read_text().split()] if path.exists() else []
+    """The pids here of the processes a task recorded (tests/tasks/faults.py `_record`: its pid in its own
+    pid namespace, that namespace, its start time); 0 for one that has ended (no process has pid 0), so
+    that the count is what the task recorded."""
+    if not path.exists():
+        return []
+    records = [line.split() for line in path.read_text().splitlines() if line.count(" ") == 2]
+    found: dict[tuple[str, str, str], int] = {}
+    wanted = {tuple(record) for record in records}
+    own = os.readlink("/proc/self/ns/pid")
+    for entry in os.scandir("/proc") if any(ns != own for _, ns, _ in wanted) else ():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                ns = os.readlink(f"/proc/{entry.name}/ns/pid")
+                if ns != own:
+                    status = Path(f"/proc/{entry.name}/status").read_text()
+                    inner = next(line.split()[-1] for line in status.splitlines() if line.startswith("NSpid:"))
+                    found[(inner, ns, _started(entry.name))] = int(entry.name)
+    for pid, ns, started in wanted:
+        if ns == own:
+            with contextlib.suppress(OSError, IndexError):
+                if _started(pid) == started:
+                    found[(pid, ns, started)] = int(pid)
+    return [found.get((pid, ns, started), 0) for pid, ns, started in records]
+
+
+def _started(pid: str) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
 
 def task_processes(forkserver: Any) -> list[Any]:
-    """The fork server's children but its sweeper (a long-lived helper of a daemon with a uid per task)."""
+    """The fork server's task processes: its children but its sweeper (a long-lived helper of a daemon with
+    a uid per task), and, for a child that is the init of a task's pid namespace, the task process under it."""
     import psutil
 
     found = []
+    own = os.readlink(f"/proc/{forkserver.pid}/ns/pid")
     for child in forkserver.children():
-        with contextlib.suppress(psutil.Error):
-            if "task_runner.server.sweeper" not in " ".join(child.cmdline()):
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.readlink(f"/proc/{child.pid}/ns/pid") != own:
+                found += child.children()
+            elif "task_runner.server.sweeper" not in " ".join(child.cmdline()):
                 found.append(child)
     return found
 

@@ -41,13 +41,27 @@ class Recorder(Notifier):
             return self._changed.wait_for(lambda: state in self.states[after:], timeout)
 
 
+def harness_dir(path: Path) -> Path:
+    """The directory all of pytest's temporary directories are in (those of path, if it is in one)."""
+    return next((parent for parent in path.resolve().parents if parent.name.startswith("pytest-of-")), path.parent)
+
+
+def with_harness_writable(config_text: str, path: Path) -> str:
+    """The config, with tasks allowed to write to the tests' temporary directories (their files are how
+    tests watch tasks from outside: a private filesystem is read-only elsewhere), unless it has a
+    [sandbox] table of its own."""
+    if "[sandbox]" in config_text:
+        return config_text
+    return f'{config_text}\n[sandbox]\nwritable = ["{harness_dir(path)}"]\n'
+
+
 class InProcessDaemon:
     """`with InProcessDaemon(directory, config_text) as d:` serves on `d.unix` until the block ends."""
 
     def __init__(self, directory: Path, config_text: str, **overrides: Any) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         config_file = directory / "config.toml"
-        config_file.write_text(config_text)
+        config_file.write_text(with_harness_writable(config_text, directory))
         self.unix = f"unix:{directory / 'daemon.sock'}"
         self.config = load(config_file, listen=[self.unix], **overrides)
         self.notifier = Recorder()

@@ -147,6 +147,9 @@ def test_a_burst_of_cancels_in_the_queue_loses_nothing(tmp_path: Path) -> None:
     assert "failed to run it" not in daemon.log_text(), daemon.log_text()
 
 
+HOST_FILESYSTEM = '[sandbox]\nfilesystem = "host"\n'
+
+
 def victim(tmp_path: Path) -> Path:
     """A directory outside the daemon's reach that links planted by tasks point to: it must survive."""
     keep = tmp_path / "victim" / "123"  # named like a dead daemon's directory
@@ -156,7 +159,8 @@ def victim(tmp_path: Path) -> Path:
 
 
 def test_a_deep_hostile_tree_is_removed_without_following_links(tmp_path: Path) -> None:
-    daemon = start_daemon(tmp_path / "d", f'workdir_base = "{tmp_path / "work"}"\n')
+    # The daemon's working directories are what is attacked: the tasks' filesystem is the host's.
+    daemon = start_daemon(tmp_path / "d", f'workdir_base = "{tmp_path / "work"}"\n{HOST_FILESYSTEM}')
     try:
         with Client(daemon.unix) as client:
             answer = client.call("leave_a_mess", 30_000, {"depth": 3000, "victim": str(victim(tmp_path))})
@@ -209,7 +213,8 @@ def small_filesystem(path: Path, inodes: int) -> Iterator[Path]:
 
 def test_a_full_disk_is_answered_at_once_and_service_resumes(tmp_path: Path) -> None:
     with small_filesystem(tmp_path / "small", inodes=400) as small:
-        daemon = start_daemon(tmp_path / "d", f'workdir_base = "{small / "work"}"\nspare_processes = 2\n')
+        daemon = start_daemon(tmp_path / "d", f'workdir_base = "{small / "work"}"\nspare_processes = 2\n'
+                              f'{HOST_FILESYSTEM}')
         try:
             with Client(daemon.unix, retry=NO_RETRY) as client:
                 assert client.call("echo", 5000).outcome
@@ -426,11 +431,13 @@ def test_big_requests_do_not_delay_other_calls_deadlines(tmp_path: Path) -> None
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running tasks as other users needs root")
 def test_tasks_cannot_reach_each_other_or_the_spares(tmp_path: Path) -> None:
-    """With run_as_user alone, a task can neither write, signal, trace nor read another task or a spare."""
+    """With run_as_user alone (no sandbox: uids are what is tested), a task can neither write, signal, trace
+    nor read another task or a spare."""
     shared = Path(tempfile.mkdtemp(prefix="task-runner-attack-"))  # reachable by the tasks' users
     shared.chmod(0o1777)
     pidfile = shared / "victim"
-    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\nspare_processes = 3\n')
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\nspare_processes = 3\n'
+                          '[sandbox]\nfilesystem = "host"\nprocesses = "host"\n')
     try:
         with Client(daemon.unix) as client, ThreadPoolExecutor(1) as pool:
             victim = pool.submit(client.call, "victim", 30_000, {"pidfile": str(pidfile), "s": 3})

@@ -166,7 +166,7 @@ def test_a_full_queue_says_when_to_retry_in_the_status_details(tmp_path: Path) -
 
     from task_runner.client import RetryPolicy
 
-    daemon = start_daemon(tmp_path, "max_running = 1\nmax_queued = 0\n")
+    daemon = start_daemon(tmp_path / "d", "max_running = 1\nmax_queued = 0\n")
     try:
         with Client(daemon.unix, retry=NO_RETRY) as client, ThreadPoolExecutor(1) as pool:
             pidfile = tmp_path / "pids"

@@ -16,7 +16,9 @@ from tests.conftest import REPO, in_ci, start_daemon, wait_until
 
 UNIT = REPO / "systemd" / "task-runner.service"
 EXAMPLE_CONFIG = REPO / "systemd" / "config.toml"
-MAX_EXPOSURE = 3.5  # systemd-analyze security: 0 is locked down, 10 is fully exposed; under 4 reads "OK"
+# systemd-analyze security: 0 is locked down, 10 is fully exposed; under 4 reads "OK". It was 3.5 before the
+# tasks' sandboxes, which need the daemon to make namespaces with CAP_SYS_ADMIN and CAP_NET_ADMIN (+0.4 here).
+MAX_EXPOSURE = 3.8
 
 
 def systemd_analyze() -> str:
@@ -65,6 +67,11 @@ def test_unit_matches_the_daemon() -> None:
     assert int(unit["TimeoutStopSec"]) > config["drain_grace_s"] + 5
     assert f"unix:/run/{unit['RuntimeDirectory']}/task-runner.sock" in config["listen"]
     assert config["workdir_base"].startswith(f"/var/lib/{unit['StateDirectory']}/")
+    # What the fork server needs for the tasks' sandboxes (every part on, as [tasks.render.sandbox] asks).
+    assert {"mnt", "pid", "ipc", "net"} <= set(unit["RestrictNamespaces"].split())
+    assert {"CAP_SYS_ADMIN", "CAP_NET_ADMIN"} <= set(unit["CapabilityBoundingSet"].split())
+    assert "@mount" in unit["SystemCallFilter"].split()
+    assert config["tasks"]["render"]["sandbox"]["network"] == "none"
 
 
 def test_example_config_is_valid() -> None:

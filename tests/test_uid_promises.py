@@ -20,6 +20,9 @@ from tests.conftest import REPO, Daemon, cgroup_v2_writable, in_ci, start_daemon
 
 HOSTILE = "tests.tasks.hostile_uids"
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="uids of their own need a root daemon")
+# These tests try the uid layer alone: a private filesystem and pid namespace would hide what they look for.
+# (a table: it goes after every top-level key)
+UID_LAYER = '[sandbox]\nfilesystem = "host"\nprocesses = "host"\n'
 
 
 def tasks(*names: str) -> str:
@@ -52,7 +55,7 @@ def test_a_uid_serves_again_only_once_nothing_of_it_is_left(tmp_path: Path, cgro
         pytest.skip("no writable cgroup v2 hierarchy on this machine")
     first = 0x7200_0000 + (os.getpid() % 4096) * 16
     config = (f'run_as_user = "nobody"\ntask_uids = "{first}-{first + 9}"\nmax_running = 2\nspare_processes = 1\n'
-              f'cgroup = "{cgroup}"\n' + tasks("leave_chain", "others_of_my_uid"))
+              f'cgroup = "{cgroup}"\n' + tasks("leave_chain", "others_of_my_uid") + UID_LAYER)
     daemon = start_daemon(tmp_path / "d", config)
     try:
         with daemon.client() as client:
@@ -70,7 +73,7 @@ def test_a_uid_serves_again_only_once_nothing_of_it_is_left(tmp_path: Path, cgro
 @root_only
 def test_a_set_user_id_file_a_task_leaves_serves_no_later_task(tmp_path: Path, shared_dir: Path) -> None:
     """no_new_privs: a set-user-ID copy of `id`, owned by one task's uid, runs as the uid of whoever runs it."""
-    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n' + tasks("plant_setuid", "run_planted"))
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n' + tasks("plant_setuid", "run_planted") + UID_LAYER)
     try:
         with daemon.client() as client:
             planted = client.call("plant_setuid", 10_000, {"dir": str(shared_dir)}).result
@@ -85,7 +88,7 @@ def test_a_set_user_id_file_a_task_leaves_serves_no_later_task(tmp_path: Path, s
 
 @root_only
 def test_a_range_inside_another_daemons_block_is_refused_and_harms_nothing(tmp_path: Path, shared_dir: Path) -> None:
-    first = start_daemon(tmp_path / "a", 'run_as_user = "nobody"\n')
+    first = start_daemon(tmp_path / "a", 'run_as_user = "nobody"\n' + UID_LAYER)
     pidfile = shared_dir / "victim"
     try:
         low, _ = claimed_range(first)
@@ -106,7 +109,7 @@ def test_a_range_inside_another_daemons_block_is_refused_and_harms_nothing(tmp_p
 @root_only
 def test_no_task_can_squat_or_touch_the_uid_claims(tmp_path: Path, shared_dir: Path) -> None:
     """A task binds every name the old claims used and tries the claims directory; a new daemon still starts."""
-    first = start_daemon(tmp_path / "a", 'run_as_user = "nobody"\n' + tasks("squat_claims"))
+    first = start_daemon(tmp_path / "a", 'run_as_user = "nobody"\n' + tasks("squat_claims") + UID_LAYER)
     ready = shared_dir / "ready"
     try:
         with first.client() as client, ThreadPoolExecutor(1) as pool:
@@ -149,7 +152,7 @@ def test_what_a_task_sees_of_others_in_proc_is_what_the_readme_says(tmp_path: Pa
     never to put secrets in argv); their environment, memory and descriptors stay closed to a uid of its own."""
     readme = (REPO / "README.md").read_text()
     assert "never pass a secret on the command line" in readme
-    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n' + tasks("read_others_proc"))
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n' + tasks("read_others_proc") + UID_LAYER)
     try:
         with daemon.client() as client:
             seen = client.call("read_others_proc", 10_000, {"pid": os.getpid()}).result

@@ -1,7 +1,7 @@
 """Test tasks: every way a task can answer, fail or misbehave.
 
-Tasks that leave processes behind write their pids, one per line, to options["pidfile"], so the
-tests can check that every one of them is gone.
+Tasks that leave processes behind record them, one per line, in options["pidfile"], so the tests can
+check that every one of them is gone (in a pid namespace of the task's own, too: see `_record`).
 """
 
 from __future__ import annotations
@@ -22,9 +22,17 @@ from typing import Any
 STATE = {"touched": False}
 
 
+def _identity(pid: int) -> str:
+    """A process as any pid namespace can find it: its pid here, this pid namespace, its start time."""
+    with open(f"/proc/{pid}/stat") as f:
+        started = f.read().rsplit(")", 1)[1].split()[19]
+    return f"{pid} {os.readlink('/proc/self/ns/pid')} {started}"
+
+
 def _record(options: dict[str, Any], *pids: int) -> None:
+    """Record processes (tests.conftest.read_pids finds them from outside, whatever their pid namespace)."""
     with open(options["pidfile"], "a") as f:
-        f.write("".join(f"{pid}\n" for pid in pids))
+        f.write("".join(f"{_identity(pid)}\n" for pid in pids))
         f.flush()
         os.fsync(f.fileno())
 
@@ -116,7 +124,8 @@ def stubborn_tree(options):
     daemonize = (
         "import os, subprocess, sys\n"
         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True)\n"
-        f"open({options['pidfile']!r}, 'a').write(f'{{p.pid}}\\n')\n"
+        "started = open(f'/proc/{p.pid}/stat').read().rsplit(')', 1)[1].split()[19]\n"
+        f"open({options['pidfile']!r}, 'a').write(f'{{p.pid}} {{os.readlink(\"/proc/self/ns/pid\")}} {{started}}\\n')\n"
     )
     subprocess.run([sys.executable, "-c", daemonize], check=True)
     _record(options, os.getpid(), plain.pid, session.pid)

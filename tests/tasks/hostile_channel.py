@@ -71,10 +71,10 @@ def big_progress(options):
 
 def tiny_flood(options):
     """Write 5-byte progress frames (an empty Progress) raw on the channel as fast as it can, until killed;
-    first create the file options["started"] + its pid, once the flood is under way."""
+    first create a file options["started"] + "." + a name of its own, once the flood is under way."""
     frames = _frame(b"P") * 4096
     os.write(CHANNEL, frames)
-    open(f"{options['started']}.{os.getpid()}", "w").close()
+    open(f"{options['started']}.{os.urandom(8).hex()}", "w").close()  # (its pid may be every flooder's)
     while True:
         os.write(CHANNEL, frames)
 

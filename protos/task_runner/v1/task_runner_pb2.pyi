@@ -586,7 +586,7 @@ class TaskError(_message.Message):
     """
     limit: _builtins.str
     """For LIMIT_EXCEEDED: which limit, one of "memory", "cpu_time", "file_size",
-    "processes", "open_files".
+    "processes", "open_files", or "tmp_mb" (its private /tmp was full).
     """
     notice_given: _builtins.bool
     """For TIMEOUT and CANCELLED: whether the task was told to stop before it was
@@ -630,6 +630,7 @@ class Usage(_message.Message):
     MAX_RSS_KIB_FIELD_NUMBER: _builtins.int
     EXIT_CODE_FIELD_NUMBER: _builtins.int
     SIGNAL_FIELD_NUMBER: _builtins.int
+    TMP_FULL_FIELD_NUMBER: _builtins.int
     wall_ms: _builtins.float
     """Wall time in milliseconds (see above)."""
     user_cpu_ms: _builtins.float
@@ -643,6 +644,10 @@ class Usage(_message.Message):
     """The exit code, if the process exited; else 0."""
     signal: _builtins.int
     """The signal that ended the process, if one did; else 0."""
+    tmp_full: _builtins.bool
+    """With a private filesystem: its /tmp, /var/tmp and /dev/shm (one tmpfs of
+    the sandbox's tmp_mb) had no space left when the task answered.
+    """
     def __init__(
         self,
         *,
@@ -652,10 +657,11 @@ class Usage(_message.Message):
         max_rss_kib: _builtins.int = ...,
         exit_code: _builtins.int = ...,
         signal: _builtins.int = ...,
+        tmp_full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "max_rss_kib", b"max_rss_kib", "signal", b"signal", "system_cpu_ms", b"system_cpu_ms", "user_cpu_ms", b"user_cpu_ms", "wall_ms", b"wall_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "max_rss_kib", b"max_rss_kib", "signal", b"signal", "system_cpu_ms", b"system_cpu_ms", "tmp_full", b"tmp_full", "user_cpu_ms", b"user_cpu_ms", "wall_ms", b"wall_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -775,6 +781,7 @@ class TaskInfo(_message.Message):
     BURST_FIELD_NUMBER: _builtins.int
     GRACE_MS_FIELD_NUMBER: _builtins.int
     HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name callers use in PerformRequest.task."""
     description: _builtins.str
@@ -802,6 +809,12 @@ class TaskInfo(_message.Message):
     long it may go without a heartbeat once it has sent one (STALLED after).
     """
     heartbeat_timeout_ms: _builtins.int
+    @_builtins.property
+    def sandbox(self) -> Global___Sandbox:
+        """The sandbox its task processes run in, as set up on this machine (a part
+        the machine cannot set up shows as not sandboxed).
+        """
+
     def __init__(
         self,
         *,
@@ -816,11 +829,54 @@ class TaskInfo(_message.Message):
         burst: _builtins.int = ...,
         grace_ms: _builtins.int = ...,
         heartbeat_timeout_ms: _builtins.int = ...,
+        sandbox: Global___Sandbox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sandbox", b"sandbox"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "default_timeout_ms", b"default_timeout_ms", "description", b"description", "grace_ms", b"grace_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "import_error", b"import_error", "max_queued", b"max_queued", "max_running", b"max_running", "max_timeout_ms", b"max_timeout_ms", "name", b"name", "rate_per_s", b"rate_per_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "default_timeout_ms", b"default_timeout_ms", "description", b"description", "grace_ms", b"grace_ms", "heartbeat_timeout_ms", b"heartbeat_timeout_ms", "import_error", b"import_error", "max_queued", b"max_queued", "max_running", b"max_running", "max_timeout_ms", b"max_timeout_ms", "name", b"name", "rate_per_s", b"rate_per_s", "sandbox", b"sandbox"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TaskInfo: _TypeAlias = TaskInfo  # noqa: Y015
+
+@_typing.final
+class Sandbox(_message.Message):
+    """A task's sandbox: each part sandboxed or not (see the README, "What a task can
+    reach"), with the values of the config's [sandbox] keys.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FILESYSTEM_FIELD_NUMBER: _builtins.int
+    NETWORK_FIELD_NUMBER: _builtins.int
+    PROCESSES_FIELD_NUMBER: _builtins.int
+    SYSCALLS_FIELD_NUMBER: _builtins.int
+    TMP_MB_FIELD_NUMBER: _builtins.int
+    filesystem: _builtins.str
+    """"private" or "host" """
+    network: _builtins.str
+    """"none" or "host" """
+    processes: _builtins.str
+    """"private" or "host" """
+    syscalls: _builtins.str
+    """"default" or "off" """
+    tmp_mb: _builtins.int
+    """The size of its private /tmp, /var/tmp and /dev/shm together (private
+    filesystem only; else 0).
+    """
+    def __init__(
+        self,
+        *,
+        filesystem: _builtins.str = ...,
+        network: _builtins.str = ...,
+        processes: _builtins.str = ...,
+        syscalls: _builtins.str = ...,
+        tmp_mb: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filesystem", b"filesystem", "network", b"network", "processes", b"processes", "syscalls", b"syscalls", "tmp_mb", b"tmp_mb"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Sandbox: _TypeAlias = Sandbox  # noqa: Y015

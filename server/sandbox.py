@@ -1,0 +1,268 @@
+"""A task's sandbox: the namespaces and mounts a task process sets up for itself before it waits.
+
+A spare task process, still root right after fork(), enters what its profile asks for, then drops
+to its uid and waits; so the sandbox costs no latency. With `processes`, the fork server forks it
+into a new pid namespace (`PidNamespaces.fork`): it is pid 1 there, becomes the task's init
+(ForkServer._become_init) and forks the task as pid 2; when the task ends its init exits, and the
+kernel kills whatever the task left. Then, in the process itself (`enter`):
+
+- `filesystem`: a mount namespace of its own whose every mount is read-only and private (nothing
+  mounted here reaches the host, nor the host's new mounts here); one fresh tmpfs of `tmp_bytes`,
+  nosuid and nodev, serves as /tmp, /var/tmp and /dev/shm and is its working directory: it goes with
+  the namespace, so nothing is left to remove. `writable` paths are cloned before and put back
+  writable after; `hide` paths are covered by an empty read-only tmpfs (a directory) or /dev/null
+  (a file).
+- `network`: a network namespace with only its loopback, up: no route out, not the host's loopback,
+  no other task's abstract unix sockets.
+- `processes`: besides the pid namespace, an IPC namespace (System V and POSIX IPC die with it) and
+  a fresh /proc (it sees its own tree only) and /dev/mqueue.
+
+`probe` tells, at start, which parts this machine allows, so that the daemon can say what it could
+not set up. Imported by the fork server, so by every task process: ctypes, os and struct only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import stat
+import struct
+from typing import Any, NamedTuple
+
+CLONE_NEWNS = 0x0002_0000
+CLONE_NEWIPC = 0x0800_0000
+CLONE_NEWPID = 0x2000_0000
+CLONE_NEWNET = 0x4000_0000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x4_0000
+AT_FDCWD = -100
+AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
+OPEN_TREE_CLONE = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOUNT_ATTR_RDONLY = 0x1
+# Syscalls added since Linux 5.2 have one number on every architecture.
+SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
+SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
+PR_SET_NO_NEW_PRIVS = 38
+PARTS = ("filesystem", "network", "processes", "syscalls")
+SETUP_FAILED = 71  # the exit code of a task process whose sandbox could not be set up: it never runs a task
+_MOUNT_ATTR = struct.Struct("QQQQ")  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+
+class SandboxError(OSError):
+    """A part of a sandbox could not be set up; the message names the step."""
+
+
+class Profile(NamedTuple):
+    """What one kind of task process sets up; the daemon sends the distinct ones to the fork server."""
+
+    filesystem: bool = False
+    network: bool = False
+    processes: bool = False
+    seccomp: bytes = b""  # the filter to load last (task_runner.server.seccomp), or none
+    tmp_bytes: int = 256 << 20
+    hide: tuple[str, ...] = ()
+    writable: tuple[str, ...] = ()
+
+    @property
+    def parts(self) -> set[str]:
+        """The parts (of PARTS) it sets up."""
+        wanted = (self.filesystem, self.network, self.processes, bool(self.seccomp))
+        return {part for part, on in zip(PARTS, wanted, strict=True) if on}
+
+    @property
+    def private_tmp(self) -> bool:
+        """Its /tmp is its own and its working directory: the daemon makes it none."""
+        return self.filesystem
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self._asdict(), "seccomp": self.seccomp.hex()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Profile:
+        return cls(data["filesystem"], data["network"], data["processes"], bytes.fromhex(data["seccomp"]),
+                   data["tmp_bytes"], tuple(data["hide"]), tuple(data["writable"]))
+
+    def without(self, parts: set[str]) -> Profile:
+        """This profile without the parts this machine cannot set up."""
+        return self._replace(filesystem=self.filesystem and "filesystem" not in parts,
+                             network=self.network and "network" not in parts,
+                             processes=self.processes and "processes" not in parts,
+                             seccomp=b"" if "syscalls" in parts else self.seccomp)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        number = ctypes.get_errno()
+        raise SandboxError(number, f"{what}: {os.strerror(number)}")
+    return result
+
+
+def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
+    _check(_libc.mount(source and source.encode(), target.encode(), fstype and fstype.encode(),
+                       ctypes.c_ulong(flags), data and data.encode()), f"mount {target}")
+
+
+def _set_mount_attr(dirfd: int, path: str, flags: int, attr_set: int = 0, propagation: int = 0) -> None:
+    attr = ctypes.create_string_buffer(_MOUNT_ATTR.pack(attr_set, 0, propagation, 0), _MOUNT_ATTR.size)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, dirfd, path.encode(), flags, attr, _MOUNT_ATTR.size),
+           f"mount_setattr {path or 'a cloned tree'}")
+
+
+def no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+
+
+def unshare(flags: int) -> None:
+    _check(_libc.unshare(flags), "unshare")
+
+
+class PidNamespaces:
+    """The fork server's side of `processes`: the next fork() makes pid 1 of a new pid namespace.
+
+    unshare(CLONE_NEWPID) changes only the namespace of the caller's next children; setns() back to
+    its own right after the fork, so that every sandboxed task gets a namespace of its own.
+    """
+
+    def __init__(self) -> None:
+        self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+
+    def fork(self, private: bool) -> int:
+        """os.fork(), the child pid 1 of a pid namespace of its own if `private`."""
+        if not private:
+            return os.fork()
+        unshare(CLONE_NEWPID)
+        try:
+            pid = os.fork()
+        except BaseException:
+            self._back()
+            raise
+        if pid != 0:
+            self._back()
+        return pid
+
+    def _back(self) -> None:
+        _check(_libc.setns(self._own, CLONE_NEWPID), "setns back to the fork server's pid namespace")
+
+
+def enter(profile: Profile) -> None:
+    """Set up the namespaces and mounts of `profile` in this process (root, single-threaded).
+
+    Raises:
+        SandboxError: naming the step that failed; the process must then not run a task.
+    """
+    flags = (CLONE_NEWNS if profile.filesystem or profile.processes else 0) \
+        | (CLONE_NEWNET if profile.network else 0) | (CLONE_NEWIPC if profile.processes else 0)
+    if not flags:
+        return
+    unshare(flags)
+    if profile.network:
+        _loopback_up()
+    if profile.filesystem:
+        # Cloned now, while the host's /tmp (which a writable path may be under) is still in sight.
+        clones = [(path, _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(),
+                                               OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE), f"open_tree {path}"))
+                  for path in profile.writable]
+        _set_mount_attr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, MS_PRIVATE)
+        _private_tmp(profile.tmp_bytes)
+        for path, fd in clones:
+            os.makedirs(path, exist_ok=True)  # under the fresh /tmp, its mount point is made anew
+            _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+                   f"move_mount {path}")
+            os.close(fd)
+        for path in profile.hide:
+            _hide(path)
+    else:
+        _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    if profile.processes:
+        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if os.path.isdir("/dev/mqueue"):
+            _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if profile.filesystem:
+        os.chdir("/tmp")  # (the task's working directory is made there once it has its uid)
+
+
+def _private_tmp(size: int) -> None:
+    """One tmpfs of `size` bytes as /tmp, /var/tmp and /dev/shm: what a task leaves there goes with it."""
+    # An inode costs memory beyond the size: one for every 4 KiB of it, at least 4096.
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={size},nr_inodes={max(4096, size >> 12)},mode=755")
+    for place, name in (("/var/tmp", "var-tmp"), ("/dev/shm", "shm"), ("/tmp", "tmp")):
+        os.mkdir(f"/tmp/{name}")
+        os.chmod(f"/tmp/{name}", 0o1777)
+        # /tmp last: its own mount covers the tmpfs's root, which holds the other two.
+        if os.path.isdir(place):
+            _mount(f"/tmp/{name}", place, None, MS_BIND)
+
+
+def _hide(path: str) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,nr_inodes=1,mode=755")
+    else:
+        _mount("/dev/null", path, None, MS_BIND)
+        _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _loopback_up() -> None:
+    sock = _check(_libc.socket(2, 2, 0), "socket")  # AF_INET, SOCK_DGRAM: ctypes, not the socket module's import
+    try:
+        request = ctypes.create_string_buffer(struct.pack("16sH22x", b"lo", IFF_UP), 40)
+        _check(_libc.ioctl(sock, SIOCSIFFLAGS, request), "bring the loopback up")
+    finally:
+        os.close(sock)
+
+
+def _filtered(seccomp: bytes, load_filter: Any) -> None:
+    """Load the filter as a task process does: no_new_privs first."""
+    no_new_privs()
+    load_filter(seccomp)
+
+
+def probe(parts: set[str], seccomp: bytes, pid_namespaces: PidNamespaces, load_filter: Any) -> dict[str, str]:
+    """Which of `parts` this machine cannot set up, each with why: each tried in a throwaway child."""
+    trials = {
+        "filesystem": (False, lambda: enter(Profile(filesystem=True, tmp_bytes=1 << 20))),
+        "network": (False, lambda: enter(Profile(network=True))),
+        "processes": (True, lambda: enter(Profile(processes=True))),
+        "syscalls": (False, lambda: _filtered(seccomp, load_filter)),
+    }
+    failures: dict[str, str] = {}
+    for part in PARTS:
+        if part in parts:
+            new_pids, trial = trials[part]
+            why = _try(trial, pid_namespaces, new_pids)
+            if why:
+                failures[part] = why
+    return failures
+
+
+def _try(trial: Any, pid_namespaces: PidNamespaces, new_pids: bool) -> str:
+    """Run `trial` in a child; "" if it worked, else what went wrong."""
+    read_end, write_end = os.pipe()
+    try:
+        pid = pid_namespaces.fork(new_pids)
+    except OSError as exc:
+        os.close(read_end)
+        os.close(write_end)
+        return str(exc)
+    if pid == 0:
+        code = 0
+        try:
+            os.close(read_end)
+            trial()
+        except BaseException as exc:  # whatever it is, it is the answer
+            os.write(write_end, str(exc).encode()[:1000])
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        why = f.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0 and not why:
+        why = f"the trial ended with status {status}"
+    return why

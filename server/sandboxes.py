@@ -1,0 +1,132 @@
+"""The daemon's side of the tasks' sandboxes: the profiles of a configuration, and what could not be set up.
+
+A generation's tasks have few distinct sandboxes (usually one): each becomes a `Profile`, an index
+the fork server forks spares by. The seccomp filter is built here, once (task_runner.server.seccomp);
+the fork server tries every part at its start (task_runner.server.sandbox.probe), and `check` turns
+what this machine could not set up into a refusal (a part the config asked for by name) or a warning.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from task_runner.server import seccomp
+from task_runner.server.config import Config, SandboxConfig, Task, config_file
+from task_runner.server.sandbox import PARTS, Profile
+from task_runner.v1.task_runner_pb2 import Sandbox
+
+log = logging.getLogger("task_runner.server")
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Sandboxes:
+    """The distinct sandbox profiles of a generation's tasks, and which is whose."""
+
+    profiles: tuple[Profile, ...]
+    of_task: Mapping[str, int]  # task name -> its profile's index
+    busiest: int = 0  # the profile of the most tasks: it keeps spares from the start
+
+    @classmethod
+    def none(cls, tasks: Mapping[str, object]) -> Sandboxes:
+        return cls((Profile(),), dict.fromkeys(tasks, 0))
+
+    def without(self, parts: set[str]) -> Sandboxes:
+        """These profiles without the parts this machine cannot set up."""
+        return Sandboxes(tuple(profile.without(parts) for profile in self.profiles), self.of_task, self.busiest)
+
+
+def message(profile: Profile) -> Sandbox:
+    """A profile as ListTasks shows it."""
+    choices = SandboxConfig.CHOICES
+    return Sandbox(**{part: choices[part][0 if part in profile.parts else 1] for part in PARTS},
+                   tmp_mb=profile.tmp_bytes // MIB if profile.filesystem else 0)
+
+
+@functools.cache
+def _seccomp_program() -> bytes | str:
+    """The filter, built once per daemon; or why it cannot be."""
+    try:
+        return seccomp.program()
+    except seccomp.SeccompUnavailable as exc:
+        return str(exc)
+
+
+def build(config: Config) -> tuple[Sandboxes, dict[str, str]]:
+    """The profiles of `config`'s tasks, and the parts that cannot be set up here for want of a filter.
+
+    Raises:
+        FileNotFoundError: for a `writable` path that does not exist (the message names the task).
+    """
+    hidden = hidden_paths(config)
+    failures: dict[str, str] = {}
+    program = b""
+    if any(task.sandbox.sandboxed("syscalls") for task in config.catalogue.values()):
+        built = _seccomp_program()
+        if isinstance(built, str):
+            failures["syscalls"] = built
+        else:
+            program = built
+    index: dict[Profile, int] = {}
+    of_task: dict[str, int] = {}
+    for name, task in config.catalogue.items():
+        sandbox = task.sandbox
+        for path in sandbox.writable:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"sandbox.writable of task {name}: {path} does not exist")
+        profile = Profile(
+            filesystem=sandbox.sandboxed("filesystem"), network=sandbox.sandboxed("network"),
+            processes=sandbox.sandboxed("processes"),
+            seccomp=program if sandbox.sandboxed("syscalls") else b"", tmp_bytes=sandbox.tmp_mb * MIB,
+            hide=tuple(sorted({*hidden, *(os.path.realpath(path) for path in sandbox.hide)})),
+            writable=tuple(os.path.realpath(path) for path in sandbox.writable),
+        )
+        of_task[name] = index.setdefault(profile, len(index))
+    if not index:
+        return Sandboxes.none({}), failures
+    busiest = collections.Counter(of_task.values()).most_common(1)[0][0]
+    return Sandboxes(tuple(index), of_task, busiest), failures
+
+
+def hidden_paths(config: Config) -> set[str]:
+    """The daemon's own secrets, hidden from every task with a private filesystem.
+
+    The directory of each (the config, the token, the TLS key) is hidden whole, unless code is
+    imported from it (a `sys.path` entry or the interpreter is inside): then only the file.
+    """
+    files = [config_file(config), config.auth.token_file, config.tls.key_file]
+    code = [os.path.realpath(path) for path in (*sys.path, sys.prefix, sys.base_prefix) if path]
+    hidden: set[str] = set()
+    for file in {os.path.realpath(name) for name in files if name}:
+        directory = os.path.dirname(file)
+        holds_code = any(path == directory or path.startswith(directory.rstrip("/") + "/") for path in code)
+        hidden.add(file if holds_code or directory == "/" else directory)
+    return hidden
+
+
+def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[str]:
+    """What `failures` (part -> why) means for `catalogue`: warnings logged here; refusals returned.
+
+    A part a task's sandbox asks for by name (in the file) that cannot be set up is a refusal;
+    a default one is a warning: the tasks run without it.
+    """
+    refusals: list[str] = []
+    for part in PARTS:
+        why = failures.get(part)
+        if why is None:
+            continue
+        wanting = [name for name, task in catalogue.items() if task.sandbox.sandboxed(part)]
+        asked = [name for name in wanting if part in catalogue[name].sandbox.explicit]
+        setting = f'{part} = "{SandboxConfig.CHOICES[part][0]}"'
+        if asked:
+            refusals.append(f"sandbox: {setting} cannot be set up on this machine ({why}); asked for by "
+                            f"{', '.join(asked)}")
+        elif wanting:
+            log.warning("sandbox: %s cannot be set up on this machine (%s): tasks run without it", setting, why)
+    return refusals
