@@ -422,19 +422,17 @@ def _oom_kills(path: str) -> int:
     return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
 
-def limit(path: str, limits: wire.Limits, init: bool = False) -> wire.Limits:
+def limit(path: str, limits: wire.Limits) -> wire.Limits:
     """Give a task's cgroup its memory.max and pids.max ("max" for none), where those controllers are
     enabled; returns the limits its process still sets itself (none for processes, which pids.max binds
-    for the whole tree better than the per-user RLIMIT_NPROC). `init`: the cgroup also holds the init of
-    the task's pid namespace, which the processes limit does not count.
+    for the whole tree better than the per-user RLIMIT_NPROC).
 
     Cgroups are reused, so a limit is always written, to undo the previous task's.
     """
     for name, value in (("memory.max", limits.memory), ("pids.max", limits.processes)):
         target = os.path.join(path, name)
         if os.path.exists(target):  # the controller is enabled here
-            counted = value + 1 if name == "pids.max" and value != wire.NO_LIMIT and init else value
-            _write(target, "max" if value == wire.NO_LIMIT else str(counted))
+            _write(target, "max" if value == wire.NO_LIMIT else str(value))
             if name == "pids.max" and value != wire.NO_LIMIT:
                 limits = limits._replace(processes=wire.BY_CGROUP)
     return limits

@@ -262,11 +262,16 @@ class Daemon:
         await forkserver.close()
         self._forkservers.discard(forkserver)
         await asyncio.to_thread(cgroups.end_generation, forkserver.cgroup)
+        killed: set[int] = set()
         while self.own_process and (orphans := children() - {f.pid for f in self._forkservers}):
-            for pid in orphans:
+            for pid in orphans - killed:
                 kill_tree(pid)
-            await asyncio.to_thread(reap, orphans)
-            log.warning("killed %d processes left behind by a fork server that ended", len(orphans))
+            killed |= orphans
+            # A short wait, then a new look: what the dead leave may come to us meanwhile, and may be
+            # what another orphan waits for (the init of a pid namespace, for its task process).
+            await asyncio.to_thread(reap, orphans, 0.1)
+        if killed:
+            log.warning("killed %d processes left behind by a fork server that ended", len(killed))
         if self._uids is not None:
             # What a dead fork server's tasks left may still run under their uids (where no cgroup
             # ended them): a uid goes back only once no process of it is left on the machine.

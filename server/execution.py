@@ -427,7 +427,7 @@ class Executor:
                 raise _shutting_down()
             limits = task.process_limits()
             if run.process.cgroup:
-                limits = cgroups.limit(run.process.cgroup, limits, run.process.init)
+                limits = cgroups.limit(run.process.cgroup, limits)
             deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
             run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
             stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None

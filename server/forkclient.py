@@ -66,7 +66,6 @@ class TaskProcess:
     workdir: str  # its working directory, made while it waited, removed once it is reaped ("": its private /tmp)
     uid: int  # its own uid from the pool, or wire.NO_UID
     profile: int  # its sandbox, an index in the fork server's profiles
-    init: bool  # `pid` is the init of its own pid namespace (processes = "private"), the task its child
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -306,8 +305,7 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid, ready.profile,
-                              self._sandboxes.profiles[ready.profile].processes)
+        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid, ready.profile)
         self._processes[pid] = process
         self._hand_over(process)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import gc
 import json
 import os
@@ -35,12 +36,11 @@ import select
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
 from typing import Any, NoReturn
 
-from task_runner.server import child, sandbox, seccomp, sweeper, wire
+from task_runner.server import child, inits, sandbox, seccomp, sweeper, wire
 from task_runner.server.cgroups import TaskCgroups
 from task_runner.server.registry import Form, Loaded, load
 
@@ -49,7 +49,7 @@ PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
 PR_SET_CHILD_SUBREAPER = 36
 PR_SET_NO_NEW_PRIVS = 38
-INIT_STATUS = struct.Struct("=i")  # a task's wait status, from its init
+INITS_AHEAD = 4  # inits asked of the init maker before they are needed
 SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
 SWEEP_BACKOFF_S = (0.01, 1.0)
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -118,11 +118,24 @@ def children() -> set[int]:
     return pids
 
 
-def reap(pids: set[int]) -> None:
-    """Wait for each of these children to end (blocking)."""
-    for pid in pids:
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+def reap(pids: set[int], timeout: float) -> set[int]:
+    """Reap these children as they end, for up to `timeout` seconds (blocking); those still running.
+
+    In whatever order they end: the init of a task's pid namespace ends only once every other
+    process of its namespace has been reaped, and that may be one of them, or a child that is not.
+    """
+    left = set(pids)
+    deadline = time.monotonic() + timeout
+    while left:
+        for pid in list(left):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            left.discard(pid)
+        if not left or time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
+    return left
 
 
 class ForkServer:
@@ -140,7 +153,11 @@ class ForkServer:
         self._to_fork: collections.deque[wire.Spare] = collections.deque()  # spares asked for, not yet forked
         self._kill_reason: dict[int, wire.Stop] = {}
         self._uid_of: dict[int, int] = {}  # live task process -> its own uid (none for NO_UID)
-        self._init_of: dict[int, socket.socket] = {}  # live task init (pid 1 of a task's namespace) -> its socket
+        self._init_of: dict[int, int] = {}  # live task process -> a pidfd of the init of its pid namespace
+        self._ending: dict[int, int | None] = {}  # pidfd of an init killed after its task -> the task's uid
+        self._inits: tuple[int, socket.socket] | None = None  # the init maker's pid, and our end of its socket
+        self._ready_inits: collections.deque[int] = collections.deque()  # their pidfds
+        self._asked_inits = 0  # asked for and not yet answered
         self._sweeper: tuple[int, socket.socket] | None = None  # its pid, and our end of its socket
         self._sweeping: set[int] = set()  # uids the sweeper was asked about and has not answered yet
         self._unswept: dict[int, tuple[int, float]] = {}  # uid -> (sweeps so far, not before this time)
@@ -153,7 +170,7 @@ class ForkServer:
         asked = {part for profile in profiles for part in profile.parts}
         # What this machine cannot set up is left out of every profile (the daemon says so, or refuses to start).
         seccomp_program = next((profile.seccomp for profile in profiles if profile.seccomp), b"")
-        self._sandbox_failures = sandbox.probe(asked, seccomp_program, self._pid_namespaces, seccomp.load)
+        self._sandbox_failures = sandbox.probe(asked, seccomp_program, seccomp.load)
         self._profiles = [profile.without(set(self._sandbox_failures)) for profile in profiles]
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -193,13 +210,16 @@ class ForkServer:
         gc.freeze()  # keep the collector from touching (and so copying) inherited pages in children
         for packet in wire.chunks(wire.HELLO, json.dumps(self._hello_message()).encode()):
             self._sock.send(packet)
-        selector = selectors.DefaultSelector()
+        selector = self._selector = selectors.DefaultSelector()
         selector.register(self._sock, selectors.EVENT_READ, self._on_message)
         selector.register(self._wakeup_r, selectors.EVENT_READ, self._on_sigchld)
         if self._owner is not None:
-            self._start_sweeper()
-            assert self._sweeper is not None
+            self._sweeper = self._start_helper(sweeper.__name__, str(self._owner[1]))
             selector.register(self._sweeper[1], selectors.EVENT_READ, self._on_swept)
+        if any(profile.processes for profile in self._profiles):
+            self._inits = self._start_helper(inits.__name__)
+            selector.register(self._inits[1], selectors.EVENT_READ, self._on_inits)
+            self._ask_inits()
         try:
             while True:
                 # Forks are done one per turn, so that kills and exits that arrive during a
@@ -258,28 +278,25 @@ class ForkServer:
 
     def _spawn(self, spare: wire.Spare) -> None:
         uid, profile = spare
-        private = self._profiles[profile].processes
+        init = self._take_init() if self._profiles[profile].processes else None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        sockets = [parent_end, child_end]
         pipes: list[int] = []
         try:
-            if private:  # to its init: "go" once it is in its cgroup; from it: the task's wait status
-                our_init_end, init_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-                sockets += (our_init_end, init_end)
             pipes += os.pipe()
             pipes += os.pipe()
-            pid = self._pid_namespaces.fork(private)
+            pid = self._pid_namespaces.fork(init)
         except OSError:
             for fd in pipes:
                 os.close(fd)
-            for sock in sockets:
-                sock.close()
+            parent_end.close()
+            child_end.close()
+            if init is not None:
+                self._end_init(init, None)
             raise
         out_r, out_w, err_r, err_w = pipes
         if pid == 0:
             try:
-                init = init_end if private else None
-                self._become_task_process(child_end.fileno(), out_w, err_w, uid, self._profiles[profile], init)
+                self._become_task_process(child_end.fileno(), out_w, err_w, uid, self._profiles[profile])
             finally:
                 os._exit(70)
         self._serial += 1
@@ -287,11 +304,8 @@ class ForkServer:
         if uid != wire.NO_UID:
             self._uid_of[pid] = uid
         cgroup = self._cgroups.add(pid) or ""
-        if private:
-            init_end.close()
-            self._init_of[pid] = our_init_end
-            with contextlib.suppress(OSError):
-                our_init_end.send(b"\0")  # it is in its cgroup: its init may fork the task into it
+        if init is not None:
+            self._init_of[pid] = init
         for fd in (child_end.fileno(), out_w, err_w):
             os.close(fd)
         child_end.detach()
@@ -303,7 +317,7 @@ class ForkServer:
             os.close(err_r)
 
     def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int,
-                             profile: sandbox.Profile, init: socket.socket | None) -> NoReturn:
+                             profile: sandbox.Profile) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
         try:
             sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
@@ -311,8 +325,6 @@ class ForkServer:
             # Never run a task outside the sandbox it was promised: the call is answered CRASHED, with this.
             os.write(err_w, f"the task's sandbox could not be set up: {exc}\n".encode())
             os._exit(sandbox.SETUP_FAILED)
-        if init is not None:
-            self._become_init(init)  # returns in the task process, pid 2 of the namespace
         os.umask(0o077)  # what it creates is its own: other tasks may share its group
         if self._owner is not None:
             own_uid, gid = self._owner
@@ -348,34 +360,6 @@ class ForkServer:
             seccomp.load(profile.seccomp)
         child.main(self._registry, self._result_max_bytes, profile.private_tmp)
 
-    def _become_init(self, sock: socket.socket) -> None:
-        """Pid 1 of the task's pid namespace: fork the task, reap what reaches it, and hand the task's wait
-        status to the fork server when it ends; its own exit then ends every process left in the namespace.
-
-        The kernel delivers to a namespace's pid 1 no signal it has no handler for, not even its own:
-        abort(), kill(getpid(), ...) and RLIMIT_CPU's SIGXCPU would do nothing to a task that was pid 1.
-        As pid 2 under this init, a task dies of its signals as it would on the host.
-        """
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the fork server goes the namespace
-        if not sock.recv(1) or select.select([self._alive], [], [], 0)[0]:
-            os._exit(0)  # the fork server is gone (before it could put us in the task's cgroup)
-        pid = os.fork()
-        if pid == 0:
-            sock.close()
-            return
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.closerange(0, sock.fileno())  # holding none of the task's pipes: their end is the task's end
-        os.closerange(sock.fileno() + 1, os.sysconf("SC_OPEN_MAX"))
-        while True:
-            try:
-                ended, status = os.waitpid(-1, 0)
-            except ChildProcessError:
-                os._exit(0)
-            if ended == pid:
-                sock.send(INIT_STATUS.pack(status))
-                os._exit(0)
-
     def _on_sigchld(self) -> None:
         with contextlib.suppress(BlockingIOError):
             os.read(self._wakeup_r, 4096)
@@ -388,18 +372,21 @@ class ForkServer:
                 break
             if pid == 0:
                 break
-            if self._sweeper is not None and pid == self._sweeper[0]:
-                raise EOFError  # it never ends on its own: without it no uid could come back; start afresh
+            if pid in self._helpers():
+                raise EOFError  # neither ends on its own: without the sweeper no uid could come back, without
+                                # the init maker no sandboxed task could start; start afresh
             reaped = True
             if pid in self._live:
                 del self._live[pid]
-                status = self._task_status(pid, status)
                 oom = self._cgroups.oom_killed(pid)
                 self._cgroups.release(pid)
                 why = self._kill_reason.pop(pid, wire.Stop.NONE)
                 self._send(wire.Exited(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, why, oom).pack())
                 uid = self._uid_of.pop(pid, None)
-                if uid is not None:
+                init = self._init_of.pop(pid, None)
+                if init is not None:  # its uid is free once the whole namespace is gone
+                    self._end_init(init, uid)
+                elif uid is not None:
                     freed.append(uid)
         if reaped:
             if self._kill_orphans():
@@ -417,18 +404,21 @@ class ForkServer:
         # A process we did not fork is the remains of a finished task: its task process was a
         # subreaper, so its descendants came to us only when it died. Kill each with its whole
         # tree at once: what is left comes to us in turn and is reaped.
-        sweeper_pid = {self._sweeper[0]} if self._sweeper is not None else set()
-        orphans = children() - self._live.keys() - sweeper_pid
+        orphans = children() - self._live.keys() - self._helpers()
         for pid in orphans:
             kill_tree(pid)
         return bool(orphans)
 
-    def _start_sweeper(self) -> None:
-        """Spawn the sweeper: a fresh interpreter, so that its forks copy a few MiB, not our task modules."""
-        assert self._owner is not None
+    def _helpers(self) -> set[int]:
+        """The pids of the sweeper and the init maker, those that run."""
+        return {helper[0] for helper in (self._sweeper, self._inits) if helper is not None}
+
+    def _start_helper(self, module: str, *args: str) -> tuple[int, socket.socket]:
+        """Spawn the sweeper or the init maker: a fresh interpreter, so that its forks copy a few MiB, not
+        our task modules; its pid, and our end of its socket."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(path for path in sys.path if path)}
-        argv = [sys.executable, "-m", sweeper.__name__, str(theirs.fileno()), str(self._owner[1])]
+        argv = [sys.executable, "-m", module, str(theirs.fileno()), *args]
         pid = os.fork()
         if pid == 0:  # this process has no thread but the main one: fork, then exec at once
             try:
@@ -437,7 +427,64 @@ class ForkServer:
             finally:
                 os._exit(70)
         theirs.close()
-        self._sweeper = (pid, ours)
+        return pid, ours
+
+    def _ask_inits(self) -> None:
+        """Keep INITS_AHEAD inits asked for or ready."""
+        assert self._inits is not None
+        while len(self._ready_inits) + self._asked_inits < INITS_AHEAD:
+            try:
+                self._inits[1].send(b"\0", socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise EOFError from exc  # the init maker is gone (see _on_sigchld)
+            self._asked_inits += 1
+
+    def _on_inits(self, block: bool = False) -> None:
+        """The init maker's answers: pidfds of inits, ready for spares."""
+        assert self._inits is not None
+        while self._asked_inits:
+            try:
+                message, fds, _, _ = socket.recv_fds(self._inits[1], 1, 1, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if not message:
+                raise EOFError
+            self._asked_inits -= 1
+            self._ready_inits.extend(fds)
+            block = False
+
+    def _take_init(self) -> int:
+        """A pidfd of a new init, for a spare with a pid namespace of its own (waiting for one if none is ready).
+
+        Raises:
+            OSError: the init maker could not make one (out of processes): the spare is not forked.
+        """
+        if not self._ready_inits:
+            self._ask_inits()
+            self._on_inits(block=True)
+        if not self._ready_inits:
+            raise OSError(errno.EAGAIN, "the init maker could not make an init")
+        init = self._ready_inits.popleft()
+        self._ask_inits()
+        return init
+
+    def _end_init(self, init: int, uid: int | None) -> None:
+        """Kill the init of a reaped task's pid namespace: the kernel kills what the task left there. Once
+        its pidfd is readable, nothing of the namespace is left, and the task's uid is Released."""
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(init, signal.SIGKILL)
+        self._ending[init] = uid
+        self._selector.register(init, selectors.EVENT_READ, lambda: self._on_init_ended(init))
+
+    def _on_init_ended(self, init: int) -> None:
+        self._selector.unregister(init)
+        os.close(init)
+        uid = self._ending.pop(init)
+        if uid is not None:
+            self._send(wire.Released((uid,)).pack())
+        self._cgroups.sweep()
 
     def _sweep(self) -> None:
         """Ask the sweeper about each uid whose processes may live and whose sweep is due."""
@@ -481,22 +528,10 @@ class ForkServer:
             self._send(wire.Released(tuple(released)).pack())
         self._sweep()
 
-    def _task_status(self, pid: int, status: int) -> int:
-        """The wait status of the task in process `pid`: its init's report of it, when it has an init
-        that lived to report (an init killed first, at a deadline, is the task killed with it)."""
-        init = self._init_of.pop(pid, None)
-        if init is None:
-            return status
-        with init:
-            try:
-                report = init.recv(INIT_STATUS.size, socket.MSG_DONTWAIT)
-            except OSError:
-                return status
-        return INIT_STATUS.unpack(report)[0] if len(report) == INIT_STATUS.size else status
-
     def _shutdown(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper[1].close()  # end of file ends it; it is reaped below with the rest
+        for helper in (self._sweeper, self._inits):
+            if helper is not None:
+                helper[1].close()  # end of file ends it (and the init maker's inits); it is reaped below
         for pid in list(self._live):
             kill_tree(pid, self._cgroups)
         while True:

@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import stat
 import struct
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 CLONE_NEWNS = 0x0002_0000
@@ -120,20 +122,20 @@ def unshare(flags: int) -> None:
 
 
 class PidNamespaces:
-    """The fork server's side of `processes`: the next fork() makes pid 1 of a new pid namespace.
+    """The fork server's side of `processes`: fork a task process into the pid namespace of an init.
 
-    unshare(CLONE_NEWPID) changes only the namespace of the caller's next children; setns() back to
-    its own right after the fork, so that every sandboxed task gets a namespace of its own.
+    setns() on a pidfd of the init (task_runner.server.inits makes them) changes only the namespace
+    of the caller's next children; it goes back to its own right after the fork.
     """
 
     def __init__(self) -> None:
         self._own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
 
-    def fork(self, private: bool) -> int:
-        """os.fork(), the child pid 1 of a pid namespace of its own if `private`."""
-        if not private:
+    def fork(self, init: int | None) -> int:
+        """os.fork(); the child in the pid namespace whose pid 1 `init` (a pidfd) is, if one is given."""
+        if init is None:
             return os.fork()
-        unshare(CLONE_NEWPID)
+        _check(_libc.setns(init, CLONE_NEWPID), "setns into the task's pid namespace")
         try:
             pid = os.fork()
         except BaseException:
@@ -217,35 +219,46 @@ def _loopback_up() -> None:
         os.close(sock)
 
 
-def _filtered(seccomp: bytes, load_filter: Any) -> None:
+def _filtered(seccomp: bytes, load_filter: Callable[[bytes], None]) -> None:
     """Load the filter as a task process does: no_new_privs first."""
     no_new_privs()
     load_filter(seccomp)
 
 
-def probe(parts: set[str], seccomp: bytes, pid_namespaces: PidNamespaces, load_filter: Any) -> dict[str, str]:
+def _under_an_init(trial: Callable[[], object]) -> None:
+    """Run `trial` as a sandboxed task process runs: forked into a new pid namespace by a pidfd of its init."""
+    unshare(CLONE_NEWPID)
+    init = os.fork()
+    if init == 0:  # pid 1 of the new namespace, until killed
+        while True:
+            signal.pause()
+    pidfd = os.pidfd_open(init)
+    try:
+        why = _try(trial, lambda: PidNamespaces().fork(pidfd))
+    finally:
+        os.kill(init, signal.SIGKILL)
+        os.waitpid(init, 0)
+        os.close(pidfd)
+    if why:
+        raise SandboxError(why)
+
+
+def probe(parts: set[str], seccomp: bytes, load_filter: Callable[[bytes], None]) -> dict[str, str]:
     """Which of `parts` this machine cannot set up, each with why: each tried in a throwaway child."""
-    trials = {
-        "filesystem": (False, lambda: enter(Profile(filesystem=True, tmp_bytes=1 << 20))),
-        "network": (False, lambda: enter(Profile(network=True))),
-        "processes": (True, lambda: enter(Profile(processes=True))),
-        "syscalls": (False, lambda: _filtered(seccomp, load_filter)),
+    trials: dict[str, Callable[[], object]] = {
+        "filesystem": lambda: enter(Profile(filesystem=True, tmp_bytes=1 << 20)),
+        "network": lambda: enter(Profile(network=True)),
+        "processes": lambda: _under_an_init(lambda: enter(Profile(processes=True))),
+        "syscalls": lambda: _filtered(seccomp, load_filter),
     }
-    failures: dict[str, str] = {}
-    for part in PARTS:
-        if part in parts:
-            new_pids, trial = trials[part]
-            why = _try(trial, pid_namespaces, new_pids)
-            if why:
-                failures[part] = why
-    return failures
+    return {part: why for part in PARTS if part in parts and (why := _try(trials[part], os.fork))}
 
 
-def _try(trial: Any, pid_namespaces: PidNamespaces, new_pids: bool) -> str:
-    """Run `trial` in a child; "" if it worked, else what went wrong."""
+def _try(trial: Callable[[], object], fork: Callable[[], int]) -> str:
+    """Run `trial` in a child made by `fork`; "" if it worked, else what went wrong."""
     read_end, write_end = os.pipe()
     try:
-        pid = pid_namespaces.fork(new_pids)
+        pid = fork()
     except OSError as exc:
         os.close(read_end)
         os.close(write_end)

@@ -225,17 +225,15 @@ def _started(pid: str) -> str:
 
 
 def task_processes(forkserver: Any) -> list[Any]:
-    """The fork server's task processes: its children but its sweeper (a long-lived helper of a daemon with
-    a uid per task), and, for a child that is the init of a task's pid namespace, the task process under it."""
+    """The fork server's task processes: its children but its helpers (the sweeper of a daemon with a uid per
+    task, the init maker of one with pid namespaces)."""
     import psutil
 
     found = []
-    own = os.readlink(f"/proc/{forkserver.pid}/ns/pid")
     for child in forkserver.children():
         with contextlib.suppress(psutil.Error, OSError):
-            if os.readlink(f"/proc/{child.pid}/ns/pid") != own:
-                found += child.children()
-            elif "task_runner.server.sweeper" not in " ".join(child.cmdline()):
+            command = " ".join(child.cmdline())
+            if "task_runner.server.sweeper" not in command and "task_runner.server.inits" not in command:
                 found.append(child)
     return found
 
