@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import phases, procs, report, scale
+from bench import phases, procs, report, sandbox, scale
 from bench.drivers import open_channel
 from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The phases, in the order they run; those before leanness share one daemon (and the echo service).
 SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
-PHASE_NAMES = (*SHARED, "leanness", "admission_scale")
+PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox")
 
 
 def phase_list(text: str) -> tuple[str, ...]:
@@ -116,12 +116,13 @@ class Run:
             self.results.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"
             self.progress.note(f"FAILED: {type(exc).__name__}: {exc}")
 
-    async def start(self, kind: str) -> procs.Service:
+    async def start(self, kind: str, config: dict[str, Any] | None = None) -> procs.Service:
+        """The echo service, or a daemon with `config` (by default, the one every phase's daemon runs with)."""
         directory = self.workdir / f"{kind}-{len(self.services)}"
         if kind == "echo":
             service = await asyncio.to_thread(procs.start_echo, directory)
         else:
-            config = procs.daemon_config(self.settings.max_running, self.settings.max_queued)
+            config = config or procs.daemon_config(self.settings.max_running, self.settings.max_queued)
             service = await asyncio.to_thread(procs.start_daemon, directory, config)
         self.services.append(service)
         return service
@@ -147,6 +148,11 @@ class Run:
                            f"waiting and with {s.scale_waiting:,} calls waiting under as many fairness keys for a "
                            "task at its max_running = 1")
             await self.attempt("admission_scale", self.admission_scale())
+        if self.wants("sandbox"):
+            progress.phase(f"sandbox: two fresh daemons, every sandbox part on and every part off; {s.sandbox_repeats} "
+                           f"rounds of no-op Perform at {s.baseline_concurrency} in flight ({s.window_s:.1f} s) and "
+                           f"{s.latency_calls // s.sandbox_repeats} calls one at a time, alternating")
+            await self.attempt("sandbox", self.sandbox())
 
     async def shared(self) -> None:
         """The phases on the first daemon (and the echo service, for those that compare with it)."""
@@ -218,6 +224,16 @@ class Run:
             return await scale.admission_scale(daemon, port, config, self.settings, self.progress)
         finally:
             await self.stop(daemon, "scale_daemon")
+
+    async def sandbox(self) -> dict[str, Any]:
+        daemons: dict[str, procs.Service] = {}
+        try:
+            for side in sandbox.SIDES:
+                daemons[side] = await self.start("daemon", sandbox.daemon_config(self.settings, side))
+            return await sandbox.sandbox(daemons, self.settings, self.progress)
+        finally:
+            for side, daemon in daemons.items():
+                await self.stop(daemon, f"{side}_daemon")
 
     def cleanup(self) -> None:
         """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""

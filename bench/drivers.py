@@ -84,8 +84,10 @@ def _record(stats: RunStats, latency_ms: float, failure: str | None, timings: Ti
         stats.timings.append(timings)
 
 
-async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_seconds: float) -> RunStats:
-    """`concurrency` coroutines call one after another until `max_calls` are started or `max_seconds` pass.
+async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_seconds: float,
+                      pause_s: float = 0.0) -> RunStats:
+    """`concurrency` coroutines call one after another until `max_calls` are started or `max_seconds` pass,
+    each waiting `pause_s` after each answer.
 
     Every call started is awaited and counted: the elapsed time runs to the last answer.
     """
@@ -99,6 +101,8 @@ async def closed_loop(call: Call, concurrency: int, *, max_calls: int, max_secon
         while started < max_calls and time.perf_counter() < end:
             started += 1
             _record(stats, *await _attempt(call))
+            if pause_s:
+                await asyncio.sleep(pause_s)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     stats.elapsed_s = time.perf_counter() - begin

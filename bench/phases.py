@@ -50,16 +50,16 @@ async def warm_up(call: Call, settings: Settings) -> RunStats:
     return await closed_loop(call, 1, max_calls=settings.warmup_calls, max_seconds=max(settings.warmup_s, 5.0))
 
 
-async def _window(call: Call, concurrency: int, settings: Settings, warmup_failures: Counter[str],
-                  window_s: float | None = None) -> RunStats:
+async def window(call: Call, concurrency: int, settings: Settings, warmup_failures: Counter[str],
+                 window_s: float | None = None) -> RunStats:
     """One throughput window, after its own warm-up at the same concurrency (whose failures are tallied)."""
-    window, warmup = await steady_window(
+    measured, warmup = await steady_window(
         call, concurrency, warmup_calls=settings.warmup_calls, warmup_s=settings.warmup_s,
         window_s=settings.window_s if window_s is None else window_s,
         min_calls=max(settings.window_min_calls, settings.window_min_per_flight * concurrency),
     )
     warmup_failures.update(warmup.failures)
-    return window
+    return measured
 
 
 def _noop_calls(echo: grpc.aio.Channel, daemon: grpc.aio.Channel) -> dict[str, RpcCall]:
@@ -107,7 +107,7 @@ async def throughput(
         runs: dict[str, list[RunStats]] = {name: [] for name in calls}
         for repeat in range(settings.repeats):
             for name in list(calls) if repeat % 2 == 0 else list(reversed(calls)):
-                runs[name].append(await _window(calls[name], level, settings, warmup_failures[name]))
+                runs[name].append(await window(calls[name], level, settings, warmup_failures[name]))
         for name, stats in runs.items():
             summary = throughput_summary(stats)
             summary["warmup_failures"] = dict(warmup_failures[name])
@@ -125,7 +125,7 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
     call = RpcCall(daemon, perform_request("sleep10", NOOP_TIMEOUT_MS))
     concurrency = settings.baseline_concurrency
     warmup_failures: Counter[str] = Counter()
-    runs = [await _window(call, concurrency, settings, warmup_failures) for _ in range(settings.repeats)]
+    runs = [await window(call, concurrency, settings, warmup_failures) for _ in range(settings.repeats)]
     summary = throughput_summary(runs)
     ideal = min(concurrency, settings.max_running) / 0.010
     return {
@@ -180,10 +180,10 @@ async def baselines(daemon: grpc.aio.Channel, settings: Settings, progress: Prog
             )
             for repeat in range(settings.repeats):
                 if repeat % 2 == 0:
-                    perform_runs.append(await _window(perform, concurrency, settings, perform_warmup_failures))
-                runs.append(await _window(system, concurrency, settings, warmup_failures, settings.baseline_window_s))
+                    perform_runs.append(await window(perform, concurrency, settings, perform_warmup_failures))
+                runs.append(await window(system, concurrency, settings, warmup_failures, settings.baseline_window_s))
                 if repeat % 2 == 1:
-                    perform_runs.append(await _window(perform, concurrency, settings, perform_warmup_failures))
+                    perform_runs.append(await window(perform, concurrency, settings, perform_warmup_failures))
         finally:
             await asyncio.wait_for(asyncio.to_thread(system.close), 60)
         summary = throughput_summary(runs)
@@ -262,7 +262,7 @@ async def leanness(daemon: procs.Service, channel: grpc.aio.Channel, settings: S
     """No-op tasks at `lean_concurrency` in flight on a fresh daemon; its footprint at each checkpoint."""
     call = RpcCall(channel, perform_request("noop", NOOP_TIMEOUT_MS))
     me = psutil.Process()
-    checkpoints = [{"tasks": 0, **await _settled_footprint(daemon.pid), "client_cpu_s": _cpu_s(me)}]
+    checkpoints = [{"tasks": 0, **await settled_footprint(daemon.pid), "client_cpu_s": cpu_s(me)}]
     done = 0
     runs: list[RunStats] = []
     deadline = time.monotonic() + settings.lean_max_s
@@ -271,8 +271,8 @@ async def leanness(daemon: procs.Service, channel: grpc.aio.Channel, settings: S
                                   max_seconds=max(0.0, deadline - time.monotonic()))
         runs.append(stats)
         done += stats.calls
-        client_cpu_s = _cpu_s(me)
-        checkpoints.append({"tasks": done, "throughput": stats.throughput, **await _settled_footprint(daemon.pid),
+        client_cpu_s = cpu_s(me)
+        checkpoints.append({"tasks": done, "throughput": stats.throughput, **await settled_footprint(daemon.pid),
                             "client_cpu_s": client_cpu_s})
         last = checkpoints[-1]
         progress.note(f"after {done:>6,} tasks: RSS {last['rss_mib']:.1f} MiB, {last['threads']:.0f} threads, "
@@ -286,17 +286,17 @@ async def leanness(daemon: procs.Service, channel: grpc.aio.Channel, settings: S
         "checkpoints": checkpoints,
         "tasks": done,
         "throughput": pooled.ok / pooled.elapsed_s if pooled.elapsed_s else None,
-        "cpu_ms_per_task": _cpu_per_task(checkpoints[1] if len(checkpoints) > 2 else checkpoints[0], checkpoints[-1]),
+        "cpu_ms_per_task": cpu_per_task(checkpoints[1] if len(checkpoints) > 2 else checkpoints[0], checkpoints[-1]),
         "failures": dict(pooled.failures),
     }
 
 
-def _cpu_s(process: psutil.Process) -> float:
+def cpu_s(process: psutil.Process) -> float:
     times = process.cpu_times()
     return float(times.user + times.system)
 
 
-def _cpu_per_task(first: dict[str, float], last: dict[str, float]) -> dict[str, float | None]:
+def cpu_per_task(first: dict[str, float], last: dict[str, float]) -> dict[str, float | None]:
     """CPU milliseconds per task between two checkpoints: daemon, fork server, task processes, the client."""
     tasks = last["tasks"] - first["tasks"]
     keys = {"daemon": "cpu_s", "forkserver": "forkserver_cpu_s", "task_process": "tasks_cpu_s",
@@ -310,7 +310,7 @@ def _cpu_per_task(first: dict[str, float], last: dict[str, float]) -> dict[str, 
     return figures
 
 
-async def _settled_footprint(pid: int) -> dict[str, float]:
+async def settled_footprint(pid: int) -> dict[str, float]:
     """The median of three footprints taken after the last tasks' processes have had time to be reaped."""
     await asyncio.sleep(0.3)
     samples = []

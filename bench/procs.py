@@ -140,8 +140,10 @@ def _toml(config: dict[str, Any]) -> str:
             return "true" if v else "false"
         return f'"{v}"' if isinstance(v, str) else str(v)
 
-    lines = [f"{key} = {value(v)}" for key, v in config.items() if key != "tasks"]
-    lines += ["", "[tasks]", *(f"{name} = {value(target)}" for name, target in config["tasks"].items())]
+    tables = {key: v for key, v in config.items() if isinstance(v, dict)}  # [tasks], and [sandbox] if set
+    lines = [f"{key} = {value(v)}" for key, v in config.items() if key not in tables]
+    for name, table in tables.items():
+        lines += ["", f"[{name}]", *(f"{key} = {value(v)}" for key, v in table.items())]
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ SYSTEMS = {
     "fresh_interpreter": "fresh interpreter per task",
     "process_pool": "ProcessPoolExecutor(max_tasks_per_child=1)",
 }
+SANDBOX_SIDES = ("sandboxed", "unsandboxed")  # bench.sandbox.SIDES: every part on, every part off
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ def perform_failures(results: dict[str, Any]) -> dict[str, int]:
         add("admission_scale", *(_get(scale, part, kind) for part in ("empty", "loaded", "empty_after")
                                  for kind in ("failures", "warmup_failures")))
         counts["admission_scale"] += _get(scale, "fill", "ended_early") or 0  # waiting calls answered early
+    if "sandbox" in results:
+        add("sandbox", *(_get(results, "sandbox", side, part, kind) for side in SANDBOX_SIDES
+                         for part in ("throughput", "one_at_a_time", "one_at_a_time_paused")
+                         for kind in ("failures", "warmup_failures")))
     return counts
 
 
@@ -155,6 +160,20 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         "max_running) <= 2.0 x its p50 with none waiting (before and after, pooled)",
         f"{_x(ratio)} ({_num(loaded, 2)} ms vs {_num(empty, 2)} ms)", None if ratio is None else ratio <= 2.0,
     ))
+    on, off = (_get(results, "sandbox", side, "throughput", "median") for side in SANDBOX_SIDES)
+    ratio = _get(results, "sandbox", "throughput_ratio")
+    targets.append(Target(
+        "no-op throughput at 32 in flight with every sandbox part on >= 0.6 x with every part off",
+        f"{_x(ratio)} ({_num(on, 0)}/s vs {_num(off, 0)}/s)", None if ratio is None else ratio >= 0.6,
+    ))
+    for part, key, how in (("one_at_a_time", "p50_ratio", "back to back"),
+                           ("one_at_a_time_paused", "p50_paused_ratio", "20 ms apart")):
+        on, off = (_get(results, "sandbox", side, part, "p50_ms") for side in SANDBOX_SIDES)
+        ratio = _get(results, "sandbox", key)
+        targets.append(Target(
+            f"no-op Perform p50 one at a time ({how}) with every sandbox part on <= 1.25 x with every part off",
+            f"{_x(ratio)} ({_num(on, 2)} ms vs {_num(off, 2)} ms)", None if ratio is None else ratio <= 1.25,
+        ))
     failures = perform_failures(results)
     total = sum(failures.values())
     detail = ", ".join(f"{phase} {count}" for phase, count in failures.items())
@@ -220,6 +239,8 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
         out += _leanness_section(results)
     if shown("admission_scale"):
         out += _admission_scale_section(results)
+    if shown("sandbox"):
+        out += _sandbox_section(results)
     out += _notes(results)
 
     out += ["", "Targets"]
@@ -361,6 +382,31 @@ def _admission_scale_section(results: dict[str, Any]) -> list[str]:
         out.append(f"  leaving: every waiting caller cancelled; the queue empty after "
                    f"{_num(leave.get('seconds'), 1)} s ({leave.get('left_waiting', '-')} left), daemon RSS then "
                    f"{_num(leave.get('daemon_rss_mib'), 0)} MiB")
+    return out
+
+
+def _sandbox_section(results: dict[str, Any]) -> list[str]:
+    s = results["settings"]
+    b = results.get("sandbox") or {}
+    n = b.get("concurrency", s["baseline_concurrency"])
+    columns = [(("throughput", "median"), 0), (("one_at_a_time", "p50_ms"), 2), (("one_at_a_time", "p90_ms"), 2),
+               (("one_at_a_time_paused", "p50_ms"), 2),
+               *((("cpu_ms_per_task", key), 2) for key in ("daemon", "forkserver", "task_process", "server_total"))]
+    rows = [[side, *(_num(_get(b, side, *path), digits) for path, digits in columns)] for side in SANDBOX_SIDES]
+    rows.append(["sandboxed / unsandboxed", *(_x(_ratio(*(_get(b, side, *path) for side in SANDBOX_SIDES)))
+                                              for path, _ in columns)])
+    out = ["", *_table(
+        [f"Sandbox: no-op Perform, medians of {b.get('rounds', s['sandbox_repeats'])} rounds", f"tasks/s at {n}",
+         "p50 ms", "p90 ms", "p50 apart", "CPU ms/task: daemon", "fork server", "task process", "server"],
+        rows,
+    )]
+    if b.get("daemon_config"):
+        tables = "; ".join(f"{side}: " + ", ".join(f"{part} {choice}" for part, choice in
+                                                   b["daemon_config"][side]["sandbox"].items())
+                           for side in SANDBOX_SIDES)
+        out.append(f"  ({tables}; two daemons differing only in [sandbox], alternating; p50 and p90 one call at a "
+                   f"time, {b['calls_one_at_a_time_per_round']} calls a round back to back; p50 apart: half as many, "
+                   f"{_get(b, 'sandboxed', 'one_at_a_time_paused', 'pause_ms') or 20:.0f} ms apart)")
     return out
 
 

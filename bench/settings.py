@@ -32,6 +32,7 @@ class Settings:
     lean_max_s: float  # the leanness phase stops here, at whatever count it reached
     scale_waiting: int  # admission at scale: the calls waiting, each under a fairness key of its own
     scale_latency_calls: int  # one at a time, with nothing waiting and with all of them waiting
+    sandbox_repeats: int  # rounds of the sandbox phase, sandboxed and unsandboxed daemon alternating in each
     max_running: int
     max_queued: int
     only: tuple[str, ...] = ()  # the phases to run (--only); empty: all
@@ -63,6 +64,7 @@ class Settings:
             lean_max_s=120.0 if quick else 420.0,
             scale_waiting=10_000 if quick else 100_000,
             scale_latency_calls=100 if quick else 300,
+            sandbox_repeats=2 if quick else 5,
             max_running=32,
             max_queued=1024,
             only=only,
