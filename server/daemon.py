@@ -262,23 +262,23 @@ class Daemon:
         await forkserver.close()
         self._forkservers.discard(forkserver)
         await asyncio.to_thread(cgroups.end_generation, forkserver.cgroup)
-        killed: set[int] = set()
+        ended: set[int] = set()
         while self.own_process and (orphans := children() - {f.pid for f in self._forkservers}):
-            for pid in orphans - killed:
+            for pid in orphans - ended:
                 kill_tree(pid)
-            killed |= orphans
+            ended |= orphans
             # A short wait, then a new look: what the dead leave may come to us meanwhile, and may be
             # what another orphan waits for (the init of a pid namespace, for its task process).
             await asyncio.to_thread(reap, orphans, 0.1)
-        if killed:
-            log.warning("killed %d processes left behind by a fork server that ended", len(killed))
+        if ended:
+            log.warning("killed %d processes left behind by a fork server that ended", len(ended))
         if self._uids is not None:
             # What a dead fork server's tasks left may still run under their uids (where no cgroup
             # ended them): a uid goes back only once no process of it is left on the machine.
             leftover = forkserver.leftover_uids()
-            killed = await asyncio.to_thread(uids.sweep, leftover)
-            if killed:
-                log.warning("killed %d processes left under task uids of a fork server that ended", killed)
+            swept = await asyncio.to_thread(uids.sweep, leftover)
+            if swept:
+                log.warning("killed %d processes left under task uids of a fork server that ended", swept)
             for uid in leftover:
                 self._uids.give_back(uid)
 
