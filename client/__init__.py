@@ -32,7 +32,7 @@ from task_runner.client.errors import (
     Unavailable,
 )
 from task_runner.client.events import Event, Finished, Gap, Heartbeat, Output, Progress, Queued, Started
-from task_runner.client.results import Sandbox, TaskInfo, TaskResult, Timings, Usage
+from task_runner.client.results import RequestFields, Sandbox, TaskInfo, TaskResult, Timings, Usage
 from task_runner.client.retry import NO_RETRY, RetryPolicy
 from task_runner.client.sync import Callback, Client, perform
 
@@ -56,6 +56,7 @@ __all__ = [
     "PermissionDenied",
     "Progress",
     "Queued",
+    "RequestFields",
     "RetryPolicy",
     "RpcError",
     "Sandbox",

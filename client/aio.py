@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, read_event
-from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
+from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
 from task_runner.client.sync import NO_ANSWER, Callback, OnProgress, _new_request_id, response_of
 from task_runner.v1.task_runner_pb2 import (
@@ -45,19 +45,14 @@ class AsyncClient:
         timeout_ms: int | None = None,
         options: Mapping[str, Any] | None = None,
         *,
-        request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
         retries: int = 0,
-        priority: int = 0,
-        fairness_key: str = "",
-        queue_timeout_ms: int | None = None,
-        grace_ms: int | None = None,
         on_progress: OnProgress | None = None,
+        **fields: Unpack[RequestFields],
     ) -> TaskResult:
         """Run a task and return its answer; the same contract as `Client.call`."""
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
-                                grace_ms)
-        steps = plan(request, self._retry, retries, request_id)
+        request = build_request(task, timeout_ms, options, **fields)
+        steps = plan(request, self._retry, retries, fields.get("request_id"))
         got: PerformResponse | TaskRunnerError | None = None
         try:
             while True:
@@ -84,16 +79,12 @@ class AsyncClient:
 
     def perform(
         self, task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, callback: Callback,
-        *, request_id: str | None = None, retries: int = 0, priority: int = 0, fairness_key: str = "",
-        queue_timeout_ms: int | None = None, grace_ms: int | None = None, on_progress: OnProgress | None = None,
+        *, retries: int = 0, on_progress: OnProgress | None = None, **fields: Unpack[RequestFields],
     ) -> asyncio.Task[None]:
         """Callback style: schedules the call and returns its asyncio.Task; the callback runs once, on the loop."""
         async def run() -> None:
             try:
-                answer = await self.call(task, timeout_ms, options, request_id=request_id, retries=retries,
-                                         priority=priority, fairness_key=fairness_key,
-                                         queue_timeout_ms=queue_timeout_ms, grace_ms=grace_ms,
-                                         on_progress=on_progress)
+                answer = await self.call(task, timeout_ms, options, retries=retries, on_progress=on_progress, **fields)
             except TaskRunnerError as exc:
                 err: TaskRunnerError | None = exc
                 outcome, result = None, None
@@ -108,12 +99,10 @@ class AsyncClient:
 
     async def stream(
         self, task: str, timeout_ms: int | None = None, options: Mapping[str, Any] | None = None, *,
-        request_id: str | None = None, rpc_timeout: float | _Default | None = DEFAULT, priority: int = 0,
-        fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
+        rpc_timeout: float | _Default | None = DEFAULT, **fields: Unpack[RequestFields],
     ) -> AsyncIterator[Event]:
         """Run a task and follow it; the same contract as `Client.stream`, as an async iterator."""
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
-                                grace_ms)
+        request = build_request(task, timeout_ms, options, **fields)
         if not request.request_id:
             request.request_id = _new_request_id()
         async for event in self._events(self._stub.PerformStream(

@@ -16,7 +16,7 @@ from typing import Any
 
 from task_runner.client.errors import RpcError, TaskFailed, TaskRunnerError
 from task_runner.client.follow import follow
-from task_runner.client.results import TaskResult
+from task_runner.client.results import RequestFields, TaskResult
 from task_runner.client.sync import Client
 
 PROG = "task-runner"
@@ -80,9 +80,8 @@ def _perform(args: argparse.Namespace) -> int:
         print("task-runner: --options must be a JSON object", file=sys.stderr)
         return 2
     with Client(args.target) as client:
-        kwargs: dict[str, Any] = {"request_id": args.request_id, "priority": args.priority,
-                                  "fairness_key": args.fairness_key, "queue_timeout_ms": args.queue_timeout,
-                                  "grace_ms": args.grace}
+        kwargs = RequestFields(request_id=args.request_id, priority=args.priority, fairness_key=args.fairness_key,
+                               queue_timeout_ms=args.queue_timeout, grace_ms=args.grace)
         if not args.follow:
             return _answer(lambda: client.call(args.task, args.timeout, options, **kwargs))
         timeout_ms = args.timeout

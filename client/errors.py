@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import grpc
@@ -134,11 +135,13 @@ class RpcError(TaskRunnerError):
     code: ClassVar[grpc.StatusCode | None] = None
 
     def __init__(self, message: str, *, status: grpc.StatusCode | None = None, reason: str = "",
-                 retry_delay_s: float | None = None, quota: tuple[str, ...] = ()) -> None:
+                 retry_delay_s: float | None = None, quota: tuple[str, ...] = (),
+                 metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.status = status or self.code
         self.reason = reason  # the daemon's google.rpc.ErrorInfo reason, e.g. "QUEUE_FULL"
+        self.metadata = dict(metadata or {})  # and its metadata, e.g. {"caller": ..., "task": ...}
         self.retry_delay_s = retry_delay_s  # its google.rpc.RetryInfo: try again after this, it says
         self.quota = quota  # its google.rpc.QuotaFailure: the limits hit, e.g. ("tasks.scrape.max_queued",)
 
@@ -186,6 +189,9 @@ class Unauthenticated(RpcError):
 
 
 class PermissionDenied(RpcError):
+    """The caller may not do this: e.g. run a task outside its list (`reason` "TASK_NOT_PERMITTED", `metadata`
+    naming the caller and the task)."""
+
     code = grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -208,7 +214,7 @@ def from_grpc_error(error: Any) -> RpcError:
     hints of its status details (google.rpc.ErrorInfo, RetryInfo and QuotaFailure), if it has any."""
     status = error.code()
     cls = _BY_STATUS.get(status, RpcError)
-    reason, retry_delay_s, quota = "", None, []
+    reason, retry_delay_s, quota, metadata = "", None, [], {}
     trailer = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
     for key, value in trailer or ():
         if key != STATUS_DETAILS_KEY:
@@ -217,10 +223,10 @@ def from_grpc_error(error: Any) -> RpcError:
             for detail in Status.FromString(value).details:
                 info, retry, failure = ErrorInfo(), RetryInfo(), QuotaFailure()
                 if detail.Unpack(info):  # False for a detail of another type
-                    reason = info.reason
+                    reason, metadata = info.reason, dict(info.metadata)
                 elif detail.Unpack(retry):
                     retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
                 elif detail.Unpack(failure):
                     quota += [violation.subject for violation in failure.violations]
     return cls(error.details() or status.name, status=status, reason=reason, retry_delay_s=retry_delay_s,
-               quota=tuple(quota))
+               quota=tuple(quota), metadata=metadata)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from task_runner.client.errors import InvalidRequest, TaskFailed, from_task_error
 from task_runner.v1.task_runner_pb2 import ListTasksResponse, PerformRequest, PerformResponse
@@ -101,23 +101,45 @@ class Sandbox:
                 f"syscalls {self.syscalls}" + (f", tmp {self.tmp_mb} MiB" if self.tmp_mb else ""))
 
 
-def build_request(
-    task: str, timeout_ms: int | None, options: Mapping[str, Any] | None, request_id: str | None,
-    priority: int = 0, fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
-) -> PerformRequest:
+class RequestFields(TypedDict, total=False):
+    """What a call asks of the daemon besides its task, timeout and options: the keyword arguments every
+    form of call takes (`call`, `perform`, `stream`; blocking and asyncio), each passed on as it is to
+    `build_request`. A new field of PerformRequest is added here and there, nowhere else.
+
+    Keys:
+        request_id: an idempotency key, kept across retries (one is made if None): a repeat within the
+            daemon's window gets the first call's answer; Watch and Cancel name the call by it.
+        priority: while every slot is busy, higher runs first (within the daemon's bounds).
+        fairness_key: a tenant or user of yours: keys take turns within a priority.
+        queue_timeout_ms: give up (DeadlineExceeded, the task never ran) if no slot is free after this
+            long; None: wait as long as the call does.
+        grace_ms: tell the task to stop this long before its deadline (None: the task's own).
+    """
+
+    request_id: str | None
+    priority: int
+    fairness_key: str
+    queue_timeout_ms: int | None
+    grace_ms: int | None
+
+
+def build_request(task: str, timeout_ms: int | None, options: Mapping[str, Any] | None,
+                  **fields: Unpack[RequestFields]) -> PerformRequest:
     """A PerformRequest; options must be JSON-like.
 
     Raises:
         InvalidRequest: for options that are not JSON-like or a timeout out of range, before any call.
     """
+    priority = fields.get("priority", 0)
+    queue_timeout_ms, grace_ms = fields.get("queue_timeout_ms"), fields.get("grace_ms")
     for name, value in (("timeout_ms", timeout_ms), ("queue_timeout_ms", queue_timeout_ms), ("grace_ms", grace_ms)):
         if value is not None and not 0 <= value < 2**32:
             raise InvalidRequest(f"{name} must be between 0 and 2^32-1, got {value}")
     if not -2**31 <= priority < 2**31:
         raise InvalidRequest(f"priority must be a 32-bit integer, got {priority}")
-    request = PerformRequest(task=task, timeout_ms=timeout_ms or 0, request_id=request_id or "",
-                             priority=priority, fairness_key=fairness_key, queue_timeout_ms=queue_timeout_ms or 0,
-                             grace_ms=grace_ms or 0)
+    request = PerformRequest(task=task, timeout_ms=timeout_ms or 0, request_id=fields.get("request_id") or "",
+                             priority=priority, fairness_key=fields.get("fairness_key", ""),
+                             queue_timeout_ms=queue_timeout_ms or 0, grace_ms=grace_ms or 0)
     try:
         to_struct(options or {}, request.options)
     except NotJsonLike as exc:

@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Unpack
 
 import grpc
 
 from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, Progress, read_event
-from task_runner.client.results import TaskInfo, TaskResult, build_request, read_tasks
+from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
 from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
 from task_runner.v1.task_runner_pb2 import (
     CancelRequest,
@@ -87,14 +87,10 @@ class Client:
         timeout_ms: int | None = None,
         options: Mapping[str, Any] | None = None,
         *,
-        request_id: str | None = None,
         rpc_timeout: float | _Default | None = DEFAULT,
         retries: int = 0,
-        priority: int = 0,
-        fairness_key: str = "",
-        queue_timeout_ms: int | None = None,
-        grace_ms: int | None = None,
         on_progress: OnProgress | None = None,
+        **fields: Unpack[RequestFields],
     ) -> TaskResult:
         """Run a task and return its answer.
 
@@ -102,18 +98,13 @@ class Client:
             task: a task name the daemon serves.
             timeout_ms: the task's time limit; None for the task's default.
             options: the task's input, JSON-like.
-            request_id: an idempotency key, kept across retries; one is generated if None.
             rpc_timeout: each attempt's deadline in seconds; by default the timeout plus a
                 minute's grace (none when timeout_ms is None); None for no deadline.
             retries: how many times to run the task again after a task failure (TaskFailed).
                 Transport failures are retried regardless, per the client's RetryPolicy.
-            priority: while every slot is busy, higher runs first (within the daemon's bounds).
-            fairness_key: a tenant or caller name: keys take turns within a priority.
-            queue_timeout_ms: give up (DeadlineExceeded, the task never ran) if no slot is free
-                after this long; None: wait as long as the call does.
-            grace_ms: tell the task to stop this long before its deadline (None: the task's own).
             on_progress: called with each Progress event the task reports, as it comes (the call
                 then runs as a PerformStream).
+            **fields: request_id, priority, fairness_key, queue_timeout_ms, grace_ms: see `RequestFields`.
 
         Returns:
             The answer; `outcome` False is a deterministic failure, not an exception.
@@ -122,9 +113,8 @@ class Client:
             TaskFailed: the task failed (TaskException, TaskTimeout, TaskCrashed, ...).
             RpcError: the request was refused or the daemon unreachable (TaskNotFound, ...).
         """
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
-                                grace_ms)
-        steps = plan(request, self._retry, retries, request_id)
+        request = build_request(task, timeout_ms, options, **fields)
+        steps = plan(request, self._retry, retries, fields.get("request_id"))
         got: PerformResponse | TaskRunnerError | None = None
         try:
             while True:
@@ -155,13 +145,9 @@ class Client:
         options: Mapping[str, Any] | None,
         callback: Callback,
         *,
-        request_id: str | None = None,
         retries: int = 0,
-        priority: int = 0,
-        fairness_key: str = "",
-        queue_timeout_ms: int | None = None,
-        grace_ms: int | None = None,
         on_progress: OnProgress | None = None,
+        **fields: Unpack[RequestFields],
     ) -> None:
         """The original library's style: returns at once; `callback(err, outcome, result)` runs exactly once.
 
@@ -172,18 +158,15 @@ class Client:
         """
         once = _Once(callback)
         try:
-            request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
-                                    grace_ms)
-            steps = plan(request, self._retry, retries, request_id)
+            request = build_request(task, timeout_ms, options, **fields)
+            steps = plan(request, self._retry, retries, fields.get("request_id"))
         except TaskRunnerError as exc:
             once(exc, None, None)
             return
         if on_progress is not None:
             def follow() -> None:
                 try:
-                    answer = self.call(task, timeout_ms, options, request_id=request.request_id, retries=retries,
-                                       priority=priority, fairness_key=fairness_key,
-                                       queue_timeout_ms=queue_timeout_ms, grace_ms=grace_ms, on_progress=on_progress)
+                    answer = self.call(task, timeout_ms, options, retries=retries, on_progress=on_progress, **fields)
                 except TaskRunnerError as exc:
                     once(exc, None, None)
                 else:
@@ -224,8 +207,7 @@ class Client:
 
     def stream(
         self, task: str, timeout_ms: int | None = None, options: Mapping[str, Any] | None = None, *,
-        request_id: str | None = None, rpc_timeout: float | _Default | None = DEFAULT, priority: int = 0,
-        fairness_key: str = "", queue_timeout_ms: int | None = None, grace_ms: int | None = None,
+        rpc_timeout: float | _Default | None = DEFAULT, **fields: Unpack[RequestFields],
     ) -> Iterator[Event]:
         """Run a task and follow it: its events as they come (Queued, Started, Progress, Output,
         Heartbeat, Gap), the last a Finished with its answer. Leaving the iteration early cancels the
@@ -235,8 +217,7 @@ class Client:
             TaskFailed: at the end, when the task failed (its events came before).
             RpcError: the request was refused or the daemon unreachable.
         """
-        request = build_request(task, timeout_ms, options, request_id, priority, fairness_key, queue_timeout_ms,
-                                grace_ms)
+        request = build_request(task, timeout_ms, options, **fields)
         if not request.request_id:
             request.request_id = _new_request_id()  # so that a Watch or Cancel elsewhere can name it
         yield from self._events(self._stub.PerformStream(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
