@@ -31,6 +31,7 @@ class Started(Event):
     """The task was handed to its process."""
 
     pid: int = 0
+    caller: str = ""  # the name the daemon knows the caller by ("" where it names no callers)
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ def read_event(event: PerformEvent) -> Event:
     if which == "queued":
         return Queued(*at, position=event.queued.position)
     if which == "started":
-        return Started(*at, pid=event.started.pid)
+        return Started(*at, pid=event.started.pid, caller=event.started.caller)
     if which == "progress":
         p = event.progress
         return Progress(*at, fraction=p.fraction if p.HasField("fraction") else None, stage=p.stage,

@@ -325,6 +325,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
     workdir = assignment.workdir
     channel = task_api._channel
     channel.fd, channel.deadline, channel.request_id = CHANNEL_FD, assignment.deadline, assignment.request_id
+    channel.caller = assignment.caller
     request = PerformRequest.FromString(serialized)
     answer = _Answer(result_max_bytes)
     try:

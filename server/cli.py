@@ -82,14 +82,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from task_runner.server.callers import Callers, CredentialsError
     from task_runner.server.config import ConfigError, load
 
     try:
         config = load(args.file)
-    except ConfigError as exc:
+        callers = Callers.of(config)  # their tokens read, and compared
+    except (ConfigError, CredentialsError) as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 2
-    print(f"{args.file}: OK ({len(config.catalogue)} tasks, listening on {', '.join(config.listen)})")
+    named = f", callers: {', '.join(callers.names)}" if config.callers else ""
+    print(f"{args.file}: OK ({len(config.catalogue)} tasks, listening on {', '.join(config.listen)}{named})")
     return 0
 
 

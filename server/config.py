@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import tomllib
 import types
 import typing
@@ -21,6 +22,7 @@ from task_runner.server.uids import parse_range
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_TIMEOUT_MS = 2**32 - 1  # what PerformRequest.timeout_ms can carry
 MIB = 1 << 20
+CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # it goes into log lines and metric labels
 _T = TypeVar("_T")
 
 
@@ -163,6 +165,26 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class CallerConfig:
+    """A named caller: how it proves who it is, what it may run and see, and its share of the queue."""
+
+    tasks: tuple[str, ...]  # the tasks it may run; "*": all
+    token_file: str | None = None  # a bearer token, from a file or an environment variable ...
+    token_env: str | None = None
+    tls_identity: str | None = None  # ... or its client certificate: a URI or DNS SAN, or "CN=name"
+    see_all: bool = False  # may Watch and Cancel other callers' calls
+    # Admission, for its calls together: as a task's own limits are for the task's.
+    max_running: int | None = None
+    max_queued: int | None = None
+    rate_per_s: float | None = None
+    burst: int | None = None  # None: 1
+
+    @property
+    def rules(self) -> TaskRules:
+        return TaskRules(self.max_running, self.max_queued, self.rate_per_s, self.burst or 1)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything the daemon needs, validated. Durations carry their unit in the name."""
 
@@ -174,6 +196,8 @@ class Config:
     unix_socket_group: str | None = None
     tls: TlsConfig = field(default_factory=TlsConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
+    # Named callers, each with its credentials and rights ([auth]'s token is the caller "default").
+    callers: Mapping[str, CallerConfig] = field(default_factory=dict)
     # How many tasks run at once, and how many more may wait for a slot.
     max_running: int = field(default_factory=lambda: max(4, 4 * (os.cpu_count() or 1)))
     max_queued: int = 1024
@@ -311,19 +335,20 @@ def _value(value: Any, hint: Any, key: str, where: str) -> Any:
         return _value(value, options[0], key, where) if len(options) == 1 else value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _dataclass(hint, value, key + ".", where)
-    if origin is Mapping:  # tasks: name = "module:function" or a [tasks.NAME] table
+    if origin is Mapping:  # tasks (name = "module:function" or a [tasks.NAME] table), callers
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key!r} must be a table")
-        tasks = {}
+        entry_type = typing.get_args(hint)[1]
+        tables = {}
         for name, entry in value.items():
-            table = {"target": entry} if isinstance(entry, str) else entry
-            task = _dataclass(TaskConfig, table, f"{key}.{name}.", where)
-            try:
-                parse_target(task.target)
-            except ValueError as exc:
-                raise ConfigError(f"{where}: {f'{key}.{name}.target'!r}: {exc}") from None
-            tasks[name] = task
-        return tasks
+            table = {"target": entry} if isinstance(entry, str) and entry_type is TaskConfig else entry
+            tables[name] = built = _dataclass(entry_type, table, f"{key}.{name}.", where)
+            if isinstance(built, TaskConfig):
+                try:
+                    parse_target(built.target)
+                except ValueError as exc:
+                    raise ConfigError(f"{where}: {f'{key}.{name}.target'!r}: {exc}") from None
+        return tables
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key!r} must be a list, got {type(value).__name__}")
@@ -395,16 +420,58 @@ def _validate(config: Config, where: str) -> None:
                 if not os.path.isabs(path):
                     raise ConfigError(f"{where}: '{scope}.{key}': {path!r} is not an absolute path")
     for name, task in config.tasks.items():
-        for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1), ("grace_ms", 0),
-                         ("heartbeat_timeout_ms", 1)):
+        _validate_share(task, f"tasks.{name}", where)
+        for key, low in (("grace_ms", 0), ("heartbeat_timeout_ms", 1)):
             value = getattr(task, key)
             if value is not None and value < low:
                 raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be at least {low}")
-        if task.rate_per_s is not None and not task.rate_per_s > 0:
-            raise ConfigError(f"{where}: 'tasks.{name}.rate_per_s' must be above 0")
-        if task.burst is not None and task.rate_per_s is None:
-            raise ConfigError(f"{where}: 'tasks.{name}.burst' needs 'tasks.{name}.rate_per_s'")
         for key in ("default_timeout_ms", "max_timeout_ms"):
             value = getattr(task, key)
             if value is not None and not 0 < value <= MAX_TIMEOUT_MS:
                 raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be between 1 and {MAX_TIMEOUT_MS}")
+    _validate_callers(config, where)
+
+
+def _validate_share(entry: TaskConfig | CallerConfig, scope: str, where: str) -> None:
+    """A task's or a caller's admission limits."""
+    for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1)):
+        value = getattr(entry, key)
+        if value is not None and value < low:
+            raise ConfigError(f"{where}: '{scope}.{key}' must be at least {low}")
+    if entry.rate_per_s is not None and not entry.rate_per_s > 0:
+        raise ConfigError(f"{where}: '{scope}.rate_per_s' must be above 0")
+    if entry.burst is not None and entry.rate_per_s is None:
+        raise ConfigError(f"{where}: '{scope}.burst' needs '{scope}.rate_per_s'")
+
+
+def _validate_callers(config: Config, where: str) -> None:
+    """Each caller's name, credentials and tasks; no two callers with the same certificate identity.
+    (Tokens are compared once read: task_runner.server.callers.)"""
+    identities: dict[str, str] = {}
+    for name, caller in config.callers.items():
+        scope = f"callers.{name}"
+        if not CALLER_NAME.fullmatch(name):
+            raise ConfigError(f"{where}: '{scope}': a caller's name is 1-64 letters, digits, '_', '.' or '-'")
+        if name == "default" and config.auth.enabled:
+            raise ConfigError(f"{where}: '{scope}': [auth]'s token is the caller \"default\"; name this one otherwise")
+        _validate_share(caller, scope, where)
+        if caller.token_file is not None and caller.token_env is not None:
+            raise ConfigError(f"{where}: '{scope}': token_file or token_env, not both")
+        if caller.token_file is None and caller.token_env is None and caller.tls_identity is None:
+            raise ConfigError(f"{where}: '{scope}' needs token_file, token_env or tls_identity: how it proves "
+                              "who it is")
+        if caller.tls_identity is not None:
+            if not config.tls.client_ca_file:
+                raise ConfigError(f"{where}: '{scope}.tls_identity' needs client certificates "
+                                  "('tls.client_ca_file')")
+            other = identities.setdefault(caller.tls_identity, name)
+            if other != name:
+                raise ConfigError(f"{where}: callers {other} and {name} have the same tls_identity "
+                                  f"{caller.tls_identity!r}")
+        if not caller.tasks:
+            raise ConfigError(f"{where}: '{scope}.tasks' is empty: list the tasks it may run, or [\"*\"] for all")
+        if "*" not in caller.tasks:
+            unknown = sorted(set(caller.tasks) - set(config.catalogue))
+            if unknown:
+                raise ConfigError(f"{where}: '{scope}.tasks': no task named {', '.join(unknown)} "
+                                  f"(tasks: {', '.join(list(config.catalogue)[:20])})")

@@ -30,13 +30,20 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from task_runner.server import cgroups, sandboxes, uids
+from task_runner.server.callers import Callers, CredentialsError
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
 from task_runner.server.forkclient import ForkServerClient
 from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
 from task_runner.server.metrics import Metrics
 from task_runner.server.notify import Notifier
-from task_runner.server.security import TokenAuth, check_exposure, load_token, open_to_tasks, server_credentials
+from task_runner.server.security import (
+    CallerAuth,
+    authenticated,
+    check_exposure,
+    open_to_tasks,
+    server_credentials,
+)
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
 from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
@@ -156,7 +163,7 @@ class Daemon:
         if self._owner is not None and (reachable := open_to_tasks(self.config)):
             log.warning("tasks can call this daemon on %s (no token or client certificate needed): configure "
                         "[auth], or listen on a unix socket closed to others", ", ".join(reachable))
-        if self.config.insecure and not (self.config.tls.enabled or self.config.auth.enabled):
+        if self.config.insecure and not (self.config.tls.enabled or authenticated(self.config)):
             log.warning("insecure = true: anyone who can reach %s can run tasks", ", ".join(self.config.listen))
         if self.own_process:
             # Not dumpable: processes of the same user cannot ptrace us or read our memory (the token,
@@ -166,7 +173,6 @@ class Daemon:
             prctl(PR_SET_CHILD_SUBREAPER, 1)
             give_back_large_blocks()
         credentials = server_credentials(self.config)
-        token = load_token(self.config)
         try:
             self._workdirs.start()
         except OSError as exc:
@@ -177,9 +183,13 @@ class Daemon:
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         self._executor = Executor(await self._start_generation(self.config), self.metrics)
         service = TaskRunnerService(self._executor, self.metrics)
+        executor = self._executor
+        # Where every call must say who it is (its token), the interceptor turns the others away before
+        # any handler; a daemon started with no credentials at all spares every call its cost.
+        guard = [CallerAuth(lambda: executor.generation.callers)] if authenticated(self.config) else None
         message_cap = self.config.result_max_bytes + 2 * self.config.output_tail_bytes + (1 << 20)
         server = grpc.aio.server(
-            interceptors=[TokenAuth(token)] if token else None,
+            interceptors=guard,
             options=[
                 ("grpc.max_receive_message_length", self.config.max_request_bytes),
                 ("grpc.max_send_message_length", message_cap),
@@ -230,8 +240,9 @@ class Daemon:
         tasks = {name: task.target for name, task in config.catalogue.items()}
         number = next(self._generation)
         try:
+            callers = Callers.of(config)
             profiles, failures = sandboxes.build(config)
-        except FileNotFoundError as exc:
+        except (CredentialsError, FileNotFoundError) as exc:
             raise StartError(str(exc)) from None
         cgroup = cgroups.new_generation(self._cgroup, number)
         forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids, profiles)
@@ -247,7 +258,7 @@ class Daemon:
         for name, info in forkserver.info.items():
             if info.import_error:
                 log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)
-        generation = Generation(number, config, forkserver)
+        generation = Generation(number, config, forkserver, callers)
         self._background(self._replace_if_it_dies(generation))
         return generation
 

@@ -26,6 +26,7 @@ from google.protobuf.struct_pb2 import Struct
 from task_runner.server import cgroups, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.answers import error_response
+from task_runner.server.callers import Caller, Callers
 from task_runner.server.config import MIB, Config, Task
 from task_runner.server.events import KEPT_BYTES, EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
@@ -76,6 +77,27 @@ class Wants(NamedTuple):
     grace_s: float | None = None  # its notice before the deadline; None: the task's own grace_ms
 
 
+@dataclass(slots=True, eq=False)
+class Call:
+    """A validated Perform or PerformStream request: all the executor takes of it (one field per thing a
+    request brings, so that a new one is added here and where it is read, nowhere between)."""
+
+    request: bytes  # serialized, sent to the task process as it came; taken by the execution it opens
+    task: Task  # the task it names, in the generation current when it came
+    caller: Caller
+    request_id: str  # the caller's, or "" (then it is neither looked up nor kept)
+    digest: bytes  # options_digest of its options (empty without a request_id)
+    timeout_ms: int  # the task's time to run, from hand-over
+    rpc_deadline: float  # loop time by which the answer must be on its way (inf: none)
+    received_at: float  # loop time it arrived
+    wants: Wants = field(default_factory=Wants)
+
+
+def _fields(execution: Execution) -> dict[str, str]:
+    """What every log line of a call carries (task_runner.server.logs)."""
+    return {"request_id": execution.request_id, "caller": execution.caller.name}
+
+
 def _shutting_down() -> Refusal:
     return Refusal(Reason.SHUTTING_DOWN, "the daemon is shutting down; call another", 0.0)
 
@@ -93,6 +115,7 @@ class Generation:
     number: int
     config: Config
     forkserver: ForkServerClient
+    callers: Callers  # who may call, with what rights
 
     @property
     def tasks(self) -> Mapping[str, Task]:
@@ -105,6 +128,7 @@ class Execution:
 
     request_id: str
     task: str
+    caller: Caller  # whose it is: its request_id is looked up among that caller's alone
     options_digest: bytes  # sha256 of the options, to tell a different request under the same request_id
     request: bytes  # the raw request, until it is handed to the task process
     received_at: float
@@ -123,6 +147,13 @@ class Execution:
             self.job.cancel()
 
 
+_Key = tuple[str, str]  # a caller's name and a request_id: a request_id is the caller's own
+
+
+def _key(execution: Execution) -> _Key:
+    return execution.caller.name, execution.request_id
+
+
 class _Kept(NamedTuple):
     """A finished execution's answer, as little as is needed to give it again."""
 
@@ -138,7 +169,7 @@ class _Kept(NamedTuple):
 
 
 class AnswerCache:
-    """Executions by caller-given request_id: running ones, and finished ones' answers for `window_s`.
+    """Executions by caller and caller-given request_id: running ones, and finished ones' answers for `window_s`.
 
     Bounded by entry count and by the bytes kept; the oldest finished go first. A CANCELLED
     answer is not kept: the caller went away, and a retry should run the task.
@@ -146,32 +177,42 @@ class AnswerCache:
 
     def __init__(self, window_s: float, max_entries: int, max_bytes: int) -> None:
         self.window_s, self.max_entries, self.max_bytes = window_s, max_entries, max_bytes
-        self._running: dict[str, Execution] = {}
-        self._finished: collections.OrderedDict[str, _Kept] = collections.OrderedDict()
+        self._running: dict[_Key, Execution] = {}
+        self._finished: collections.OrderedDict[_Key, _Kept] = collections.OrderedDict()
         self._bytes = 0
 
-    def get(self, request_id: str, now: float) -> Execution | _Kept | None:
+    def get(self, key: _Key, now: float) -> Execution | _Kept | None:
         while self._finished and next(iter(self._finished.values())).expires <= now:
             self._drop_oldest()
-        return self._running.get(request_id) or self._finished.get(request_id)
+        return self._running.get(key) or self._finished.get(key)
+
+    def find(self, request_id: str, now: float) -> Execution | _Kept | None:
+        """The execution of `request_id` of any caller (for a caller who may see all): a scan."""
+        self.get(("", ""), now)  # drop the expired
+        for entries in (self._running, self._finished):
+            found = next((entry for (_, rid), entry in entries.items() if rid == request_id), None)
+            if found is not None:
+                return found
+        return None
 
     def add(self, execution: Execution) -> None:
-        self._running[execution.request_id] = execution
+        self._running[_key(execution)] = execution
 
     def forget(self, execution: Execution) -> None:
         """A running execution no caller waits for any more: a retry must start afresh."""
-        if self._running.get(execution.request_id) is execution:
-            del self._running[execution.request_id]
+        if self._running.get(_key(execution)) is execution:
+            del self._running[_key(execution)]
 
     def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
-        if self._running.get(execution.request_id) is not execution:
+        key = _key(execution)
+        if self._running.get(key) is not execution:
             return  # forgotten, or never kept (no caller-given request_id)
-        del self._running[execution.request_id]
+        del self._running[key]
         if answer is None or self.window_s <= 0:
             return
         execution.events.trim(KEPT_BYTES)
         kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events)
-        self._finished[execution.request_id] = kept
+        self._finished[key] = kept
         self._bytes += kept.nbytes
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
             self._drop_oldest()
@@ -200,7 +241,7 @@ class Executor:
         self._max_queued_bytes = config.max_queued_bytes
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
-        self._live: dict[str, Execution] = {}  # every execution not yet answered, by request id (for Cancel)
+        self._live: dict[_Key, Execution] = {}  # every execution not yet answered, by caller and request id
         self._jobs: set[asyncio.Future[None]] = set()
         self._held_bytes = 0  # of requests not yet handed to a task process, and QUEUED_CALL_BYTES for each
         self.draining = False  # new calls are refused
@@ -213,7 +254,8 @@ class Executor:
         return old
 
     def _configure(self, generation: Generation) -> None:
-        self.admission.configure({task.name: task.admission for task in generation.tasks.values()})
+        self.admission.configure({task.name: task.admission for task in generation.tasks.values()},
+                                 {caller.name: caller.rules for caller in generation.callers.by_name.values()})
 
     def check_room(self, size: int) -> None:
         """Refuse a request of `size` bytes at once if waiting calls already hold all the room there is
@@ -228,60 +270,48 @@ class Executor:
                 QUEUE_RETRY_S, "max_queued_bytes",
             )
 
-    def _open(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
-              rpc_deadline: float, received_at: float, wants: Wants | None) -> Execution | _Kept:
-        """The execution of a validated request: the running or finished one of its request_id, or a new one.
+    def _open(self, call: Call) -> Execution | _Kept:
+        """The execution of a validated call: the running or finished one of its caller's request_id, or a
+        new one. The call's request bytes go to the execution.
 
         Raises:
             Refusal: the request_id was used for another request, or the daemon drains.
         """
-        found = self._cache.get(request_id, received_at) if request_id else None
+        request_id, task = call.request_id, call.task
+        found = self._cache.get((call.caller.name, request_id), call.received_at) if request_id else None
         if found is not None:
-            if found.task != task.name or found.options_digest != digest:
+            if found.task != task.name or found.options_digest != call.digest:
                 raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
             return found
         if self.draining:
             raise _shutting_down()
-        events = EventLog(received_at, self.metrics.events_dropped.inc)
-        execution = Execution(request_id or uuid.uuid4().hex, task.name, digest, request, received_at, events)
+        events = EventLog(call.received_at, self.metrics.events_dropped.inc)
+        request, call.request = call.request, b""
+        execution = Execution(request_id or uuid.uuid4().hex, task.name, call.caller, call.digest, request,
+                              call.received_at, events)
         self._held_bytes += len(request) + QUEUED_CALL_BYTES
         if request_id:
             self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
-        self._live[execution.request_id] = execution
-        job = self._execute(execution, task, timeout_ms, rpc_deadline, wants or Wants())
-        execution.job = asyncio.ensure_future(job)
+        self._live[_key(execution)] = execution
+        execution.job = asyncio.ensure_future(self._execute(execution, call))
         self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
         execution.job.add_done_callback(self._jobs.discard)
         return execution
 
-    async def perform(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
-                      rpc_deadline: float, received_at: float, wants: Wants | None = None) -> bytes:
-        """Run a validated request (or attach to its execution under `request_id`); its serialized answer.
-
-        Args:
-            request: the serialized PerformRequest, sent to the task process as it came.
-            task: the task it names, from the current generation.
-            request_id: the caller's, or "" (then it is neither looked up nor kept).
-            digest: options_digest of its options (empty without a request_id).
-            timeout_ms: the task's time to run, from hand-over.
-            rpc_deadline: loop time by which the answer must be on its way (inf: none).
-            received_at: loop time the call arrived.
-            wants: its priority, fairness key, queue timeout and grace.
+    async def perform(self, call: Call) -> bytes:
+        """Run a validated call (or attach to its caller's execution under its request_id); its serialized
+        answer.
 
         Raises:
             Refusal: the call is not run, or could not be.
         """
-        opened = self._open(request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
-        del request
+        opened = self._open(call)
         return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
 
-    async def perform_stream(self, request: bytes, task: Task, request_id: str, digest: bytes, timeout_ms: int,
-                             rpc_deadline: float, received_at: float, wants: Wants | None = None,
-                             ) -> AsyncIterator[bytes]:
+    async def perform_stream(self, call: Call) -> AsyncIterator[bytes]:
         """As `perform`, but the execution's serialized PerformEvents, the response last. The stream's
         caller is attached to the execution as a Perform's is: the last to leave cancels it."""
-        opened = self._open(request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
-        del request
+        opened = self._open(call)
         if isinstance(opened, _Kept):
             async for event in opened.events.follow():
                 yield event
@@ -294,15 +324,28 @@ class Executor:
         finally:
             self._detach(opened)
 
-    async def watch(self, request_id: str) -> AsyncIterator[bytes]:
-        """The serialized events of the execution of `request_id`, running or finished within the
-        idempotency window: what is buffered, then each as it comes, the response last. Watching
-        does not keep the execution alive.
+    def _find(self, request_id: str, caller: Caller, finished: bool) -> Execution | _Kept | None:
+        """The execution of `request_id` that `caller` may see: its own, or, if it may see all, anyone's
+        (its own first). With `finished`, those that finished within the idempotency window too."""
+        now = asyncio.get_running_loop().time()
+        key = (caller.name, request_id)
+        found: Execution | _Kept | None = self._live.get(key) or (self._cache.get(key, now) if finished else None)
+        if found is None and caller.see_all:
+            found = next((e for (_, rid), e in self._live.items() if rid == request_id), None)
+            if found is None and finished:
+                found = self._cache.find(request_id, now)
+        return found
+
+    async def watch(self, request_id: str, caller: Caller) -> AsyncIterator[bytes]:
+        """The serialized events of `caller`'s execution of `request_id` (anyone's, if it may see all),
+        running or finished within the idempotency window: what is buffered, then each as it comes, the
+        response last. Watching does not keep the execution alive.
 
         Raises:
-            Refusal: no such execution (or its refusal, once the events end without a response).
+            Refusal: no such execution (or its refusal, once the events end without a response); another
+                caller's is not found either, with the same message (no oracle of who uses which id).
         """
-        found = self._live.get(request_id) or self._cache.get(request_id, asyncio.get_running_loop().time())
+        found = self._find(request_id, caller, finished=True)
         if found is None:
             raise Refusal(Reason.NO_SUCH_EXECUTION,
                           f"no execution of request_id {request_id!r} runs or finished within the idempotency window")
@@ -315,15 +358,15 @@ class Executor:
                               f"the execution of request_id {request_id!r} ended before it ran: every caller left")
             found.answer.result()  # a refusal ends the stream with its status
 
-    def cancel(self, request_id: str, grace_s: float) -> bool:
-        """Stop the execution of `request_id`: told first, killed after `grace_s` (at once if 0); out of
-        the queue if it waits. Returns whether it was running.
+    def cancel(self, request_id: str, grace_s: float, caller: Caller) -> bool:
+        """Stop `caller`'s execution of `request_id` (anyone's, if it may see all): told first, killed after
+        `grace_s` (at once if 0); out of the queue if it waits. Returns whether it was running.
 
         Raises:
-            Refusal: no execution of `request_id` is running or waiting.
+            Refusal: no such execution is running or waiting (another caller's is not found either).
         """
-        execution = self._live.get(request_id)
-        if execution is None:
+        execution = self._find(request_id, caller, finished=False)
+        if not isinstance(execution, Execution):
             raise Refusal(Reason.NO_SUCH_EXECUTION, f"no execution of request_id {request_id!r} runs or waits")
         execution.cancelled = True
         if execution.run is None:
@@ -376,7 +419,7 @@ class Executor:
             execution.events.add(event)
         try:
             await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s,
-                                         queued)
+                                         queued, caller=execution.caller.name)
         except QueueFull as exc:
             self.metrics.admission_rejected.labels(exc.limit).inc()
             raise Refusal(Reason.QUEUE_FULL, str(exc), exc.retry_after_s, exc.limit) from None
@@ -403,17 +446,17 @@ class Executor:
         run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s,
                                   execution.events)
         self._runs[run] = generation
-        run.reaped.add_done_callback(lambda _: self._reaped(run, name, admitted_at))
+        run.reaped.add_done_callback(lambda _: self._reaped(run, name, execution.caller.name, admitted_at))
         return run, task
 
-    async def _execute(self, execution: Execution, task: Task, timeout_ms: int, rpc_deadline: float,
-                       wants: Wants) -> None:
+    async def _execute(self, execution: Execution, call: Call) -> None:
         """Admit, run and answer one execution, whatever happens to its callers; record it.
 
         The slot is held from admission until the task's process is reaped (or, if no process
         was started, until this ends).
         """
         loop = asyncio.get_running_loop()
+        task, wants = call.task, call.wants
         response: PerformResponse | None = None
         answer: bytes | None = None
         admitted_at = execution.received_at
@@ -428,14 +471,17 @@ class Executor:
             limits = task.process_limits()
             if run.process.cgroup:
                 limits = cgroups.limit(run.process.cgroup, limits)
-            deadline = min(loop.time() + timeout_ms / 1e3, rpc_deadline)
+            deadline = min(loop.time() + call.timeout_ms / 1e3, call.rpc_deadline)
             run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
             stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
             request = self._release_request(execution)
             started = PerformEvent()
             started.started.pid = run.process.pid
+            started.started.caller = execution.caller.name
+            self.metrics.started.labels(execution.task, execution.caller.name).inc()
             execution.events.add(started)
-            assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id)
+            assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id,
+                                         execution.caller.name)
             response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
                                                     stall_s)
             if run.options_invalid is not None:
@@ -453,18 +499,17 @@ class Executor:
             else:
                 execution.answer.cancel()  # every caller left before it ran
         except Exception:
-            log.exception("task %s: the daemon failed to run it", execution.task,
-                          extra={"request_id": execution.request_id})
+            log.exception("task %s: the daemon failed to run it", execution.task, extra=_fields(execution))
             execution.answer.set_exception(Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
         finally:
-            if self._live.get(execution.request_id) is execution:  # not a later one under the same id
-                del self._live[execution.request_id]
+            if self._live.get(_key(execution)) is execution:  # not a later one under the same id
+                del self._live[_key(execution)]
             execution.events.end()
             if execution.request:
                 self._release_request(execution)
             if execution.run is None:
                 if admitted:
-                    self.admission.release(execution.task)
+                    self.admission.release(execution.task, caller=execution.caller.name)
             elif response is None:
                 execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
             cancelled = response is not None and response.error.kind == TaskError.CANCELLED
@@ -481,10 +526,10 @@ class Executor:
         execution.answer.set_result(answer)
         return answer
 
-    def _reaped(self, run: Run, task: str, admitted_at: float) -> None:
+    def _reaped(self, run: Run, task: str, caller: str, admitted_at: float) -> None:
         """The task's process is gone: its slot is free."""
         del self._runs[run]
-        self.admission.release(task, asyncio.get_running_loop().time() - admitted_at)
+        self.admission.release(task, asyncio.get_running_loop().time() - admitted_at, caller=caller)
 
     def _record(self, execution: Execution, response: PerformResponse | None, admitted_at: float,
                 now: float) -> None:
@@ -497,7 +542,7 @@ class Executor:
             outcome, kind = str(response.outcome).lower(), ""
             verdict = f"outcome={outcome}"
         metrics = self.metrics
-        metrics.finished.labels(execution.task, outcome, kind).inc()
+        metrics.finished.labels(execution.task, outcome, kind, execution.caller.name).inc()
         metrics.queue_wait.observe(admitted_at - execution.received_at)
         if response is not None:
             metrics.start.observe(response.timings.start_ms / 1e3)
@@ -505,7 +550,7 @@ class Executor:
             if response.usage.tmp_full:
                 metrics.tmp_full.labels(execution.task).inc()
         log.info("task %s finished: %s in %.1f ms", execution.task, verdict, (now - execution.received_at) * 1e3,
-                 extra={"request_id": execution.request_id})
+                 extra=_fields(execution))
 
     async def wait_idle(self) -> None:
         """Return once nothing runs (no slot is held)."""

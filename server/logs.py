@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Any
 
+CALL_FIELDS = ("request_id", "caller")  # a call's, in every log line of it (`extra=`)
+
 
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
@@ -14,8 +16,8 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        request_id = getattr(record, "request_id", None)
-        return f"{line} request_id={request_id}" if request_id else line
+        fields = [f"{name}={value}" for name in CALL_FIELDS if (value := getattr(record, name, None))]
+        return " ".join((line, *fields))
 
 
 class JsonFormatter(logging.Formatter):
@@ -26,9 +28,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        request_id = getattr(record, "request_id", None)
-        if request_id:
-            entry["request_id"] = request_id
+        entry.update((name, value) for name in CALL_FIELDS if (value := getattr(record, name, None)))
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

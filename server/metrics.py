@@ -23,13 +23,17 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.finished = Counter("task_runner_tasks_finished", "Tasks finished, by task, outcome and error kind",
-                                ("task", "outcome", "error_kind"), registry=r)
-        self.rejected = Counter("task_runner_requests_rejected", "Requests refused before running, by gRPC status",
-                                ("status",), registry=r)
+        # `caller`: a configured caller's name ("default" where none is; "" for a call that named none).
+        self.started = Counter("task_runner_tasks_started", "Tasks handed to their process, by task and caller",
+                               ("task", "caller"), registry=r)
+        self.finished = Counter("task_runner_tasks_finished", "Tasks finished, by task, outcome, error kind and "
+                                "caller", ("task", "outcome", "error_kind", "caller"), registry=r)
+        self.rejected = Counter("task_runner_requests_rejected", "Requests refused before running, by gRPC status "
+                                "and caller", ("status", "caller"), registry=r)
         self.admission_rejected = Counter(
             "task_runner_admission_rejected", "Calls refused or ended by an admission limit, by the limit "
-            "(max_queued, max_queued_bytes, tasks.NAME.max_queued, queue_timeout_ms)", ("limit",), registry=r,
+            "(max_queued, max_queued_bytes, tasks.NAME.max_queued, callers.NAME.max_queued, queue_timeout_ms)",
+            ("limit",), registry=r,
         )
         self.events_dropped = Counter(
             "task_runner_events_dropped", "PerformEvents a PerformStream or Watch did not get (it fell behind)",

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
-import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,9 +10,11 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from task_runner.server.callers import Callers
 from task_runner.server.config import Config
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"  # load balancers probe without credentials
+UNAUTHENTICATED = "missing or wrong bearer token, or a client certificate that names no caller"
 
 
 class SecurityError(RuntimeError):
@@ -37,10 +37,16 @@ def is_loopback(address: str) -> bool:
         return False  # a name, or a wildcard such as 0.0.0.0 / [::]
 
 
+def authenticated(config: Config) -> bool:
+    """Whether every call must present a token or a client certificate that names its caller."""
+    return config.auth.enabled or bool(config.callers)
+
+
 def check_exposure(config: Config) -> None:
     """Refuse a non-loopback TCP listener without TLS or a token, unless the operator said `insecure`."""
     exposed = [a for a in config.listen if not is_loopback(a)]
-    if exposed and not (config.tls.enabled or config.auth.enabled or config.insecure):
+    tokens = config.auth.enabled or any(c.token_file or c.token_env for c in config.callers.values())
+    if exposed and not (config.tls.enabled or tokens or config.insecure):
         raise SecurityError(
             f"refusing to listen on {', '.join(exposed)} without TLS or a token: anyone who can reach it "
             "could run tasks. Configure [tls] or [auth], or set insecure = true (--insecure) to accept that.",
@@ -56,7 +62,7 @@ def open_to_tasks(config: Config) -> list[str]:
     TCP address that needs neither token nor client certificate, or a unix socket open to others,
     lets it in.
     """
-    if config.auth.enabled:
+    if authenticated(config):
         return []
     open_unix = int(config.unix_socket_mode, 8) & 0o007
     return [a for a in config.listen
@@ -79,34 +85,18 @@ def server_credentials(config: Config) -> grpc.ServerCredentials | None:
     )
 
 
-def load_token(config: Config) -> bytes | None:
-    """The bearer token, from its file or environment variable (which is then removed from the environment)."""
-    auth = config.auth
-    if auth.token_file:
-        try:
-            token = Path(auth.token_file).read_text().strip()
-        except OSError as exc:
-            raise SecurityError(f"cannot read the token file {auth.token_file}: {exc.strerror}") from exc
-    elif auth.token_env:
-        token = os.environ.pop(auth.token_env, "").strip()
-    else:
-        return None
-    if len(token) < 16:
-        raise SecurityError("the bearer token is missing or shorter than 16 characters")
-    return token.encode()
-
-
 if TYPE_CHECKING:  # generic in the type stubs only
     _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     _Interceptor = grpc.aio.ServerInterceptor
 
 
-class TokenAuth(_Interceptor):
-    """Requires `authorization: Bearer <token>` on every call but health checks; compared in constant time."""
+class CallerAuth(_Interceptor):
+    """Turns away, before any handler runs, a call whose bearer token names no caller, where a token is the
+    only way in (the servicer finds each call's caller again, certificates included). Health checks pass."""
 
-    def __init__(self, token: bytes) -> None:
-        self._expected = b"Bearer " + token
+    def __init__(self, current: Callable[[], Callers]) -> None:
+        self._current = current
         self._deny_unary = grpc.unary_unary_rpc_method_handler(self._deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(self._deny_streaming)
 
@@ -115,20 +105,16 @@ class TokenAuth(_Interceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any]:
-        if details.method.startswith(HEALTH_PREFIX):
-            return await continuation(details)
-        presented = b""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                presented = value.encode() if isinstance(value, str) else value
-        if hmac.compare_digest(presented, self._expected):
+        callers = self._current()
+        if (not callers.required or not callers.tokens_only or details.method.startswith(HEALTH_PREFIX)
+                or callers.identify(details.invocation_metadata, None) is not None):
             return await continuation(details)
         return self._deny_stream if "Reflection" in details.method else self._deny_unary
 
     @staticmethod
     async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
     @staticmethod
     async def _deny_streaming(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)

@@ -18,9 +18,11 @@ from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 
 from task_runner.server import sandboxes
+from task_runner.server.callers import Caller
 from task_runner.server.config import Task
-from task_runner.server.execution import Executor, Reason, Refusal, Wants, options_digest
+from task_runner.server.execution import Call, Executor, Reason, Refusal, Wants, options_digest
 from task_runner.server.metrics import Metrics
+from task_runner.server.security import UNAUTHENTICATED
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     CancelRequest,
@@ -66,9 +68,10 @@ class RequestError(Exception):
     """
 
     def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after_s: float | None = None,
-                 quota: str = "") -> None:
+                 quota: str = "", metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.code, self.reason, self.retry_after_s, self.quota = code, reason, retry_after_s, quota
+        self.metadata = metadata or {}  # ErrorInfo.metadata
 
     @classmethod
     def of(cls, refusal: Refusal) -> RequestError:
@@ -82,7 +85,7 @@ class RequestError(Exception):
         if not self.reason:
             return ()
         status = Status(code=self.code.value[0], message=str(self))
-        status.details.add().Pack(ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN))
+        status.details.add().Pack(ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
         if self.retry_after_s is not None:
             retry = RetryInfo()
             retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self.retry_after_s))
@@ -114,13 +117,17 @@ class TaskRunnerService:
         })
 
     async def list_tasks(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        caller = await self._caller(context)
         try:
             ListTasksRequest.FromString(request)
         except DecodeError:
-            await self._abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed ListTasksRequest"))
+            await self._abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed ListTasksRequest"),
+                              caller)
         generation = self._executor.generation
         response = ListTasksResponse()
         for task in generation.tasks.values():
+            if not caller.may_run(task.name):
+                continue
             info = generation.forkserver.info.get(task.name)
             rules = task.admission
             response.tasks.append(TaskInfo(
@@ -134,36 +141,51 @@ class TaskRunnerService:
         return response.SerializeToString()
 
     async def perform(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        caller = await self._caller(context)
         try:
-            return await self._executor.perform(*self._accept(request, context))
+            return await self._executor.perform(self._accept(request, context, caller))
         except (RequestError, Refusal) as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, caller)
             raise AssertionError("unreachable") from exc  # abort raises
 
     async def perform_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
                              ) -> AsyncIterator[bytes]:
+        caller = await self._caller(context)
         try:
-            async for event in self._executor.perform_stream(*self._accept(request, context)):
+            async for event in self._executor.perform_stream(self._accept(request, context, caller)):
                 yield event
         except (RequestError, Refusal) as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, caller)
 
     async def watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+        caller = await self._caller(context)
         try:
             request_id = self._parse(WatchRequest, request).request_id
-            async for event in self._executor.watch(request_id):
+            async for event in self._executor.watch(request_id, caller):
                 yield event
         except (RequestError, Refusal) as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, caller)
 
     async def cancel(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        caller = await self._caller(context)
         try:
             parsed = self._parse(CancelRequest, request)
-            was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3)
+            was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3, caller)
         except (RequestError, Refusal) as exc:
-            await self._abort(context, exc)
+            await self._abort(context, exc, caller)
             raise AssertionError("unreachable") from exc
         return CancelResponse(was_running=was_running).SerializeToString()
+
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+        """Who makes this call (task_runner.server.callers); a call that proves no one is refused here."""
+        callers = self._executor.generation.callers
+        if not callers.required:
+            return callers.identify(None, None) or Caller("")
+        caller = callers.identify(context.invocation_metadata(), context.auth_context())
+        if caller is None:
+            await self._abort(context, RequestError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), None)
+            raise AssertionError("unreachable")
+        return caller
 
     @staticmethod
     def _parse(message: Any, request: bytes) -> Any:
@@ -172,9 +194,8 @@ class TaskRunnerService:
         except DecodeError:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.__name__}") from None
 
-    def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
-                ) -> tuple[bytes, Task, str, bytes, int, float, float, Wants]:
-        """A Perform or PerformStream request, validated: the executor's arguments for it.
+    def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any], caller: Caller) -> Call:
+        """A Perform or PerformStream request of `caller`, validated: the executor's call.
 
         Raises:
             RequestError, Refusal: the request is refused.
@@ -183,7 +204,7 @@ class TaskRunnerService:
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
         self._executor.check_room(len(request))
-        parsed, task = self._validate(request)
+        parsed, task = self._validate(request, caller)
         request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
         wants = Wants(parsed.priority, parsed.fairness_key,
                       parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None,
@@ -191,9 +212,9 @@ class TaskRunnerService:
         # Only a request_id needs the options again (to tell a different request under it): a
         # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
         digest = options_digest(parsed.options) if request_id else b""
-        return request, task, request_id, digest, timeout_ms, rpc_deadline, received_at, wants
+        return Call(request, task, caller, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
 
-    def _validate(self, request: bytes) -> tuple[PerformRequest, Task]:
+    def _validate(self, request: bytes, caller: Caller) -> tuple[PerformRequest, Task]:
         try:
             parsed = PerformRequest.FromString(request)
         except DecodeError:
@@ -203,9 +224,15 @@ class TaskRunnerService:
         tasks = self._executor.generation.tasks
         task = tasks.get(parsed.task)
         if task is None:
-            names = ", ".join(list(tasks)[:20])
+            names = ", ".join([name for name in tasks if caller.may_run(name)][:20])
             raise RequestError(
                 grpc.StatusCode.NOT_FOUND, f"unknown task {parsed.task[:100]!r}; this daemon serves: {names}",
+            )
+        if not caller.may_run(task.name):
+            raise RequestError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller.name} may not run task {task.name!r} (callers.{caller.name}.tasks)",
+                "TASK_NOT_PERMITTED", metadata={"caller": caller.name, "task": task.name},
             )
         if parsed.timeout_ms > task.max_timeout_ms:
             raise RequestError(
@@ -235,8 +262,9 @@ class TaskRunnerService:
             )
         return parsed, task
 
-    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError | Refusal) -> None:
+    async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError | Refusal,
+                     caller: Caller | None) -> None:
         if isinstance(error, Refusal):
             error = RequestError.of(error)
-        self._metrics.rejected.labels(error.code.name).inc()
+        self._metrics.rejected.labels(error.code.name, caller.name if caller else "").inc()
         await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())

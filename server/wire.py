@@ -56,7 +56,7 @@ _NOTICE = struct.Struct("!cII")
 _READY = struct.Struct("!cIIIB")
 _SPARE = struct.Struct("!IB")
 _EXITED = struct.Struct("!cIiddqBB")
-_ASSIGNMENT = struct.Struct("!qqqqqdHH")
+_ASSIGNMENT = struct.Struct("!qqqqqdHHH")
 
 
 class Stop(enum.IntEnum):
@@ -87,23 +87,25 @@ class Assignment(NamedTuple):
     workdir: str
     deadline: float  # time.monotonic() when its tree is killed (CLOCK_MONOTONIC is the machine's)
     request_id: str
+    caller: str  # the name of the caller whose call it is
 
     def head(self, request_size: int) -> bytes:
         """The frame's start; the serialized request of `request_size` bytes follows it, sent as it is."""
-        directory, request_id = self.workdir.encode(), self.request_id.encode()
-        head = (_ASSIGNMENT.pack(*self.limits, self.deadline, len(directory), len(request_id))
-                + directory + request_id)
+        texts = [text.encode() for text in (self.workdir, self.request_id, self.caller)]
+        head = _ASSIGNMENT.pack(*self.limits, self.deadline, *map(len, texts)) + b"".join(texts)
         return FRAME.pack(len(head) + request_size) + head
 
     @classmethod
     def unpack(cls, frame: bytes) -> tuple[Assignment, bytes]:
         """The assignment in a frame (without its length), and the serialized request after it."""
-        *limits, deadline, directory, request_id = _ASSIGNMENT.unpack_from(frame)
-        start = _ASSIGNMENT.size
-        middle = start + directory
-        end = middle + request_id
-        assignment = cls(Limits(*limits), frame[start:middle].decode(), deadline, frame[middle:end].decode())
-        return assignment, frame[end:]
+        fields = _ASSIGNMENT.unpack_from(frame)
+        limits, deadline, lengths = fields[:5], fields[5], fields[6:]
+        texts, at = [], _ASSIGNMENT.size
+        for length in lengths:
+            texts.append(frame[at:at + length].decode())
+            at += length
+        workdir, request_id, caller = texts
+        return cls(Limits(*limits), workdir, deadline, request_id, caller), frame[at:]
 
 
 class Spare(NamedTuple):

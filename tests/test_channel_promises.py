@@ -86,7 +86,8 @@ def test_a_task_cannot_forge_the_runners_invalid_options_answer(
         assert again.SerializeToString() == answer.SerializeToString()  # the kept answer
         assert len(effects.read_text().split()) == 1  # it ran once
         finished = d.daemon.metrics.registry.get_sample_value(
-            "task_runner_tasks_finished_total", {"task": task, "outcome": "", "error_kind": "RESULT_INVALID"})
+            "task_runner_tasks_finished_total",
+            {"task": task, "outcome": "", "error_kind": "RESULT_INVALID", "caller": "default"})
         assert finished == 1
     assert any(f"task {task} finished: error=RESULT_INVALID" in r.getMessage() for r in caplog.records)
 
@@ -104,7 +105,8 @@ def test_options_a_struct_carries_but_json_cannot_are_still_invalid(tmp_path: Pa
             assert "['x'][1]: nan is not a finite number" in caught.value.details()  # type: ignore[attr-defined]
         assert not effects.exists()  # no task code ran
         assert d.daemon.metrics.registry.get_sample_value(
-            "task_runner_tasks_finished_total", {"task": "echo", "outcome": "", "error_kind": "KIND_UNSPECIFIED"},
+            "task_runner_tasks_finished_total",
+            {"task": "echo", "outcome": "", "error_kind": "KIND_UNSPECIFIED", "caller": "default"},
         ) is None
         assert perform(d.unix, request("echo", 5000, {"fine": 1})).outcome  # and valid options run as ever
 
@@ -114,7 +116,7 @@ def test_options_a_struct_carries_but_json_cannot_are_still_invalid(tmp_path: Pa
 def follower_bytes(d: InProcessDaemon, request_id: str) -> list[int]:
     """The bytes of events each follower of the execution of `request_id` holds, not yet sent."""
     def measure() -> list[int]:
-        events = d.daemon.executor._live[request_id].events
+        events = d.daemon.executor._live["default", request_id].events
         return [sum(len(data) for data in follower.queue if data is not None) for follower in events._followers]
     return on_loop(d, measure)
 

@@ -286,8 +286,9 @@ def test_metrics(secured: Daemon) -> None:
         client.call("echo", 5000)
     port = secured.metrics_port  # type: ignore[attr-defined]
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    assert 'task_runner_tasks_finished_total{error_kind="",outcome="true",task="echo"}' in text
-    assert 'task_runner_tasks_finished_total{error_kind="EXCEPTION",outcome="",task="raise_now"}' in text
+    assert 'task_runner_tasks_finished_total{caller="default",error_kind="",outcome="true",task="echo"}' in text
+    assert 'task_runner_tasks_finished_total{caller="default",error_kind="EXCEPTION",outcome="",task="raise_now"}' \
+        in text
     assert "task_runner_queue_wait_seconds_bucket" in text and "task_runner_tasks_running" in text
 
 

@@ -202,7 +202,8 @@ def test_a_task_that_heartbeats_then_goes_silent_is_stalled(embedded: InProcessD
         assert time.monotonic() - began < 5  # long before its 20 s deadline
         registry = embedded.daemon.metrics.registry
         assert registry.get_sample_value(
-            "task_runner_tasks_finished_total", {"task": "stalls", "outcome": "", "error_kind": "STALLED"}) == 1
+            "task_runner_tasks_finished_total",
+            {"task": "stalls", "outcome": "", "error_kind": "STALLED", "caller": "default"}) == 1
 
 
 def test_on_progress_sees_a_tasks_progress(embedded: InProcessDaemon) -> None:

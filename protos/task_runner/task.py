@@ -27,7 +27,7 @@ from typing import Any
 
 from task_runner.server.wire import FRAME, HEARTBEAT, PROGRESS
 
-__all__ = ["cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id"]
+__all__ = ["caller", "cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id"]
 SEND_INTERVAL_S = 0.05  # the most often progress and heartbeats go to the daemon
 
 
@@ -38,6 +38,7 @@ class _Channel:
         self.fd = -1
         self.deadline = math.inf
         self.request_id = ""
+        self.caller = ""
         self.cancelled = False
         self.write_lock = threading.Lock()  # one frame at a time: the answer must not cut into another
         self._pending: dict[bytes, bytes] = {}
@@ -139,3 +140,9 @@ def cancelled() -> bool:
 def request_id() -> str:
     """The call's request id (the caller's, or the one the daemon gave it); "" outside a task."""
     return _channel.request_id
+
+
+def caller() -> str:
+    """The name of the caller whose call this is ("default" where the daemon names no callers); "" outside
+    a task. Never its token."""
+    return _channel.caller

@@ -240,16 +240,22 @@ class PerformEvent(_message.Message):
         DESCRIPTOR: _descriptor.Descriptor
 
         PID_FIELD_NUMBER: _builtins.int
+        CALLER_FIELD_NUMBER: _builtins.int
         pid: _builtins.int
         """The task process (its pid on the daemon's machine)."""
+        caller: _builtins.str
+        """The name of the caller whose call it is ([callers.NAME]; "default" where
+        the daemon names no callers).
+        """
         def __init__(
             self,
             *,
             pid: _builtins.int = ...,
+            caller: _builtins.str = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["pid", b"pid"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "pid", b"pid"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -92,7 +92,8 @@ class TaskRunnerServicer:
         runs or finished within the idempotency window: it replays the events still
         buffered (a `gap` event first where earlier ones were dropped), then follows
         live until the `response`. Leaving a Watch does not cancel the execution.
-        An unknown request_id -> NOT_FOUND.
+        An unknown request_id, or another caller's (unless the caller may see all:
+        [callers.NAME] see_all) -> NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -104,14 +105,15 @@ class TaskRunnerServicer:
         turns true, SIGTERM to its process group) and killed after the grace unless
         it answers; without, it is killed at once. A queued call leaves the queue.
         Its callers are answered CANCELLED (or the task's own answer, if it gave one
-        within the grace). An unknown or finished request_id -> NOT_FOUND.
+        within the grace). An unknown or finished request_id, or another caller's
+        (unless see_all) -> NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListTasks(self, request, context):
-        """ListTasks returns the tasks this daemon serves.
+        """ListTasks returns the tasks this daemon serves to the caller: those it may run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

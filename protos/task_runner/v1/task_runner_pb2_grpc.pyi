@@ -96,7 +96,8 @@ class TaskRunnerStub:
     runs or finished within the idempotency window: it replays the events still
     buffered (a `gap` event first where earlier ones were dropped), then follows
     live until the `response`. Leaving a Watch does not cancel the execution.
-    An unknown request_id -> NOT_FOUND.
+    An unknown request_id, or another caller's (unless the caller may see all:
+    [callers.NAME] see_all) -> NOT_FOUND.
     """
     Cancel: _grpc.UnaryUnaryMultiCallable[_task_runner_pb2.CancelRequest, _task_runner_pb2.CancelResponse]
     """Cancel stops the execution of a request_id that the caller does not hold the
@@ -104,10 +105,11 @@ class TaskRunnerStub:
     turns true, SIGTERM to its process group) and killed after the grace unless
     it answers; without, it is killed at once. A queued call leaves the queue.
     Its callers are answered CANCELLED (or the task's own answer, if it gave one
-    within the grace). An unknown or finished request_id -> NOT_FOUND.
+    within the grace). An unknown or finished request_id, or another caller's
+    (unless see_all) -> NOT_FOUND.
     """
     ListTasks: _grpc.UnaryUnaryMultiCallable[_task_runner_pb2.ListTasksRequest, _task_runner_pb2.ListTasksResponse]
-    """ListTasks returns the tasks this daemon serves."""
+    """ListTasks returns the tasks this daemon serves to the caller: those it may run."""
 
 @_typing.type_check_only
 class TaskRunnerAsyncStub(TaskRunnerStub):
@@ -132,7 +134,8 @@ class TaskRunnerAsyncStub(TaskRunnerStub):
     runs or finished within the idempotency window: it replays the events still
     buffered (a `gap` event first where earlier ones were dropped), then follows
     live until the `response`. Leaving a Watch does not cancel the execution.
-    An unknown request_id -> NOT_FOUND.
+    An unknown request_id, or another caller's (unless the caller may see all:
+    [callers.NAME] see_all) -> NOT_FOUND.
     """
     Cancel: _aio.UnaryUnaryMultiCallable[_task_runner_pb2.CancelRequest, _task_runner_pb2.CancelResponse]  # type: ignore[assignment]
     """Cancel stops the execution of a request_id that the caller does not hold the
@@ -140,10 +143,11 @@ class TaskRunnerAsyncStub(TaskRunnerStub):
     turns true, SIGTERM to its process group) and killed after the grace unless
     it answers; without, it is killed at once. A queued call leaves the queue.
     Its callers are answered CANCELLED (or the task's own answer, if it gave one
-    within the grace). An unknown or finished request_id -> NOT_FOUND.
+    within the grace). An unknown or finished request_id, or another caller's
+    (unless see_all) -> NOT_FOUND.
     """
     ListTasks: _aio.UnaryUnaryMultiCallable[_task_runner_pb2.ListTasksRequest, _task_runner_pb2.ListTasksResponse]  # type: ignore[assignment]
-    """ListTasks returns the tasks this daemon serves."""
+    """ListTasks returns the tasks this daemon serves to the caller: those it may run."""
 
 class TaskRunnerServicer(metaclass=_abc_1.ABCMeta):
     """TaskRunner runs registered tasks in isolated processes."""
@@ -183,7 +187,8 @@ class TaskRunnerServicer(metaclass=_abc_1.ABCMeta):
         runs or finished within the idempotency window: it replays the events still
         buffered (a `gap` event first where earlier ones were dropped), then follows
         live until the `response`. Leaving a Watch does not cancel the execution.
-        An unknown request_id -> NOT_FOUND.
+        An unknown request_id, or another caller's (unless the caller may see all:
+        [callers.NAME] see_all) -> NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -197,7 +202,8 @@ class TaskRunnerServicer(metaclass=_abc_1.ABCMeta):
         turns true, SIGTERM to its process group) and killed after the grace unless
         it answers; without, it is killed at once. A queued call leaves the queue.
         Its callers are answered CANCELLED (or the task's own answer, if it gave one
-        within the grace). An unknown or finished request_id -> NOT_FOUND.
+        within the grace). An unknown or finished request_id, or another caller's
+        (unless see_all) -> NOT_FOUND.
         """
 
     @_abc_1.abstractmethod
@@ -206,6 +212,6 @@ class TaskRunnerServicer(metaclass=_abc_1.ABCMeta):
         request: _task_runner_pb2.ListTasksRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_task_runner_pb2.ListTasksResponse, _abc.Awaitable[_task_runner_pb2.ListTasksResponse]]:
-        """ListTasks returns the tasks this daemon serves."""
+        """ListTasks returns the tasks this daemon serves to the caller: those it may run."""
 
 def add_TaskRunnerServicer_to_server(servicer: TaskRunnerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
