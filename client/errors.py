@@ -108,6 +108,14 @@ class TaskLimitExceeded(TaskFailed):
     kind = "LIMIT_EXCEEDED"
 
 
+class TaskImportFailed(TaskFailed):
+    """The task's module could not be imported when the daemon loaded its tasks: it never ran, and a retry
+    fails alike until the task is fixed and the daemon reloaded (`retryable` is False; the traceback says why)."""
+
+    kind = "IMPORT_FAILED"
+    retryable = False
+
+
 _BY_KIND: dict[int, type[TaskFailed]] = {
     TaskError.EXCEPTION: TaskException,
     TaskError.TIMEOUT: TaskTimeout,
@@ -117,6 +125,7 @@ _BY_KIND: dict[int, type[TaskFailed]] = {
     TaskError.RESULT_TOO_LARGE: TaskResultTooLarge,
     TaskError.LIMIT_EXCEEDED: TaskLimitExceeded,
     TaskError.STALLED: TaskStalled,
+    TaskError.IMPORT_FAILED: TaskImportFailed,
 }
 
 

@@ -71,7 +71,7 @@ class Attempts:
         if refused and self._transport_attempt < self._policy.transport_attempts:
             self._transport_attempt += 1
             return max(next(self._backoffs), hint or 0.0)
-        if isinstance(error, TaskFailed) and self._task_attempt < self._task_retries:
+        if isinstance(error, TaskFailed) and error.retryable and self._task_attempt < self._task_retries:
             self._task_attempt += 1
             self._transport_attempt = 1
             return next(self._backoffs)

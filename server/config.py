@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import re
 import tomllib
@@ -113,6 +114,8 @@ class TaskConfig:
     # Once it has sent a heartbeat (or progress), killed as STALLED after this long without one.
     heartbeat_timeout_ms: int | None = None
     sandbox: SandboxConfig | None = None  # None: the global sandbox; else these keys override it
+    # Its output tails go into the log when it succeeds, too (a failure's stderr tail always does).
+    log_output: bool = False
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,7 @@ class Task:
     grace_ms: int = 0  # its notice before the deadline, unless a request says otherwise
     heartbeat_timeout_ms: int | None = None
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the global sandbox with its own keys on top
+    log_output: bool = False  # its output is logged when it succeeds too
 
     def process_limits(self) -> wire.Limits:
         """The limits its task process sets on itself (bytes for sizes)."""
@@ -182,6 +186,29 @@ class CallerConfig:
     @property
     def rules(self) -> TaskRules:
         return TaskRules(self.max_running, self.max_queued, self.rate_per_s, self.burst or 1)
+
+
+# The keys a reload (SIGHUP) cannot apply, read once at start: the listeners and their TLS, the
+# daemon-wide queue and message sizes, the task uids and the users, the working directories and
+# cgroups, the metrics listener, the idempotency cache and the logs. A change to one is logged on
+# reload, and the running value kept. Everything else (the tasks and their limits, sandboxes and
+# timeouts, the callers and [auth]'s token, the priority bounds, drain_grace_s, env_allow, the
+# daemon-wide limits of a task) applies to calls that arrive after the reload.
+RESTART_KEYS = (
+    "listen", "insecure", "unix_socket_mode", "unix_socket_user", "unix_socket_group", "tls", "max_running",
+    "max_queued", "priority_aging_s", "max_queued_bytes", "max_pending_rpcs", "max_request_bytes",
+    "result_max_bytes", "output_tail_bytes", "run_as_user", "run_as_group", "task_uids", "spare_processes",
+    "workdir_base", "cgroup", "metrics_listen", "idempotency_window_s", "idempotency_max_entries", "log_level",
+    "log_format", "access_log",
+)
+
+
+def _shown(value: Any) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return "{" + ", ".join(f"{k} = {_shown(v)}" for k, v in dataclasses.asdict(value).items() if v) + "}"
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_shown(v) for v in value) + "]"
+    return json.dumps(value) if isinstance(value, str) or value is None else str(value)
 
 
 @dataclass(frozen=True)
@@ -246,6 +273,8 @@ class Config:
     idempotency_max_entries: int = 10_000
     log_level: str = "INFO"
     log_format: str = "text"  # "text" or "json"
+    # One line per finished call on the logger "task_runner.access", at INFO whatever log_level says.
+    access_log: bool = True
 
     @functools.cached_property
     def catalogue(self) -> Mapping[str, Task]:
@@ -258,9 +287,22 @@ class Config:
         return types.MappingProxyType({
             name: Task(name, entry.target, *self.timeouts_ms(entry), self.limits.merged(entry.limits),
                        TaskRules(entry.max_running, entry.max_queued, entry.rate_per_s, entry.burst or 1),
-                       entry.grace_ms, entry.heartbeat_timeout_ms, self.sandbox.merged(entry.sandbox))
+                       entry.grace_ms, entry.heartbeat_timeout_ms, self.sandbox.merged(entry.sandbox),
+                       entry.log_output)
             for name, entry in sorted(found.items())
         })
+
+    def keeping(self, running: Config) -> tuple[Config, list[str]]:
+        """This config as a reload applies it to a daemon `running` another: with the keys only a restart
+        applies (RESTART_KEYS) kept as they are, and a line for each such key that changed."""
+        kept: dict[str, Any] = {}
+        said = []
+        for key in RESTART_KEYS:
+            old, new = getattr(running, key), getattr(self, key)
+            if old != new:
+                kept[key] = old
+                said.append(f"{key}: {_shown(old)} → {_shown(new)} needs a restart; kept {_shown(old)}")
+        return (dataclasses.replace(self, **kept) if kept else self), said
 
     def timeouts_ms(self, task: TaskConfig) -> tuple[int, int]:
         """The (default, maximum) timeout of a task."""

@@ -370,6 +370,9 @@ class Daemon:
             self.notifier.notify("RELOADING=1", "STATUS=reloading tasks")
             try:
                 config = self._reload_config() if self._reload_config else self.config
+                config, kept = config.keeping(self.config)
+                for line in kept:
+                    log.warning("reload: %s", line)
                 generation = await self._start_generation(config)
             except Exception as exc:
                 log.error("reload failed, still serving the old tasks: %s", exc)

@@ -23,7 +23,7 @@ from typing import NamedTuple
 
 from google.protobuf.struct_pb2 import Struct
 
-from task_runner.server import cgroups, wire
+from task_runner.server import cgroups, logs, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.answers import error_response
 from task_runner.server.callers import Caller, Callers
@@ -91,6 +91,48 @@ class Call:
     rpc_deadline: float  # loop time by which the answer must be on its way (inf: none)
     received_at: float  # loop time it arrived
     wants: Wants = field(default_factory=Wants)
+    ended: Ended | None = None  # set by the executor once it answered the call: how its execution ended
+    shared: bool = False  # ... and whether that execution was another call's (a repeat of its request_id)
+    execution_id: str = ""  # the request_id of the execution it opened (the daemon makes one where it had none)
+
+
+class Ended(NamedTuple):
+    """How an execution ended, for the access log: the task's outcome ("true", "false") or error kind
+    ("" for neither: it was refused or lost), and the time it waited for a slot and ran."""
+
+    outcome: str = ""
+    error: str = ""
+    queue_ms: float = 0.0
+    run_ms: float = 0.0
+
+
+NOT_ENDED = Ended()
+
+
+def _import_failed(task: str, import_error: str) -> PerformResponse:
+    """The daemon's answer for a task that failed to import: its exception's line, and the traceback."""
+    last = import_error.strip().splitlines()[-1] if import_error.strip() else "ImportError"
+    type_, _, message = last.partition(": ")
+    return wire.error_response(TaskError.IMPORT_FAILED, type_, f"task {task!r} could not be imported: "
+                               f"{message or type_}; fix it and reload the daemon", import_error)
+
+
+def _failure_line(error: TaskError) -> str:
+    how = f"exit code {error.exit_code}" if error.exit_code else f"signal {error.signal}" if error.signal else ""
+    what = f"{error.type}: {error.message}" if error.type else error.message
+    return ", ".join(part for part in (TaskError.Kind.Name(error.kind), what, how) if part)
+
+
+def _failure(task: str, response: PerformResponse) -> dict[str, object]:
+    """The fields of a failed task's log record (task_runner.server.logs.FAILURE_FIELDS), bounded."""
+    error = response.error
+    return {
+        "task": task, "kind": TaskError.Kind.Name(error.kind), "error_type": error.type,
+        "error_message": error.message[:1000], "exit_code": error.exit_code or None,
+        "signal": error.signal or None, "limit": error.limit,
+        "traceback": logs.tail_lines(error.traceback, logs.TRACEBACK_MAX),
+        "stderr": logs.tail_lines(response.stderr.tail.decode(errors="replace"), logs.STDERR_MAX),
+    }
 
 
 def _fields(execution: Execution) -> dict[str, str]:
@@ -138,6 +180,7 @@ class Execution:
     answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     attached: int = 0
     cancelled: bool = False  # a Cancel asked for it: the answer is CANCELLED even if it never ran
+    ended: Ended = NOT_ENDED  # how it ended, once it has
 
     def abandon(self) -> None:
         """Every caller left before the answer: kill the run, or leave the queue."""
@@ -162,6 +205,7 @@ class _Kept(NamedTuple):
     answer: bytes
     expires: float
     events: EventLog  # for a Watch after the end
+    ended: Ended
 
     @property
     def nbytes(self) -> int:
@@ -211,7 +255,8 @@ class AnswerCache:
         if answer is None or self.window_s <= 0:
             return
         execution.events.trim(KEPT_BYTES)
-        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events)
+        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events,
+                     execution.ended)
         self._finished[key] = kept
         self._bytes += kept.nbytes
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
@@ -282,6 +327,7 @@ class Executor:
         if found is not None:
             if found.task != task.name or found.options_digest != call.digest:
                 raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
+            call.shared = True
             return found
         if self.draining:
             raise _shutting_down()
@@ -290,6 +336,7 @@ class Executor:
         execution = Execution(request_id or uuid.uuid4().hex, task.name, call.caller, call.digest, request,
                               call.received_at, events)
         self._held_bytes += len(request) + QUEUED_CALL_BYTES
+        call.execution_id = execution.request_id
         if request_id:
             self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
         self._live[_key(execution)] = execution
@@ -306,23 +353,29 @@ class Executor:
             Refusal: the call is not run, or could not be.
         """
         opened = self._open(call)
-        return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
+        try:
+            return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
+        finally:
+            call.ended = opened.ended
 
     async def perform_stream(self, call: Call) -> AsyncIterator[bytes]:
         """As `perform`, but the execution's serialized PerformEvents, the response last. The stream's
         caller is attached to the execution as a Perform's is: the last to leave cancels it."""
         opened = self._open(call)
-        if isinstance(opened, _Kept):
-            async for event in opened.events.follow():
-                yield event
-            return
-        opened.attached += 1
         try:
-            async for event in opened.events.follow():
-                yield event
-            await opened.answer  # the events end with the response, or else the refusal is raised here
+            if isinstance(opened, _Kept):
+                async for event in opened.events.follow():
+                    yield event
+                return
+            opened.attached += 1
+            try:
+                async for event in opened.events.follow():
+                    yield event
+                await opened.answer  # the events end with the response, or else the refusal is raised here
+            finally:
+                self._detach(opened)
         finally:
-            self._detach(opened)
+            call.ended = opened.ended
 
     def _find(self, request_id: str, caller: Caller, finished: bool) -> Execution | _Kept | None:
         """The execution of `request_id` that `caller` may see: its own, or, if it may see all, anyone's
@@ -462,6 +515,11 @@ class Executor:
         admitted_at = execution.received_at
         admitted = refused = False
         try:
+            broken = self.generation.forkserver.info.get(task.name)
+            if broken is not None and broken.import_error:  # it cannot run: no slot, no process for it
+                response = _import_failed(task.name, broken.import_error)
+                answer = self._answer(execution, response)
+                return
             admitted_at = await self._admit(execution, task, wants)
             admitted = True
             run, task = await self._start(execution, task.name, admitted_at)
@@ -512,10 +570,16 @@ class Executor:
                     self.admission.release(execution.task, caller=execution.caller.name)
             elif response is None:
                 execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
-            cancelled = response is not None and response.error.kind == TaskError.CANCELLED
-            self._cache.finish(execution, None if cancelled else answer, loop.time())
             if admitted and not refused:
-                self._record(execution, response, admitted_at, loop.time())
+                self._record(execution, task, response, admitted_at, loop.time())
+            else:  # it never ran: how long it waited, and the daemon's own answer, if it gave one
+                kind = TaskError.Kind.Name(response.error.kind) if response is not None and answer else ""
+                waited = (admitted_at if admitted else loop.time()) - execution.received_at
+                execution.ended = Ended(error=kind, queue_ms=waited * 1e3)
+                if kind:
+                    self.metrics.finished.labels(execution.task, "", kind, execution.caller.name).inc()
+            cancelled = response is not None and response.error.kind == TaskError.CANCELLED
+            self._cache.finish(execution, None if cancelled else answer, loop.time())  # with how it ended
 
     @staticmethod
     def _answer(execution: Execution, response: PerformResponse) -> bytes:
@@ -531,7 +595,7 @@ class Executor:
         del self._runs[run]
         self.admission.release(task, asyncio.get_running_loop().time() - admitted_at, caller=caller)
 
-    def _record(self, execution: Execution, response: PerformResponse | None, admitted_at: float,
+    def _record(self, execution: Execution, task: Task, response: PerformResponse | None, admitted_at: float,
                 now: float) -> None:
         if response is None:
             verdict, outcome, kind = "lost", "", "INTERNAL"
@@ -541,16 +605,26 @@ class Executor:
         else:
             outcome, kind = str(response.outcome).lower(), ""
             verdict = f"outcome={outcome}"
+        queue_s = admitted_at - execution.received_at
+        execution.ended = Ended(outcome, kind, queue_s * 1e3, response.timings.run_ms if response else 0.0)
         metrics = self.metrics
         metrics.finished.labels(execution.task, outcome, kind, execution.caller.name).inc()
-        metrics.queue_wait.observe(admitted_at - execution.received_at)
+        metrics.queue_wait.observe(queue_s)
         if response is not None:
             metrics.start.observe(response.timings.start_ms / 1e3)
             metrics.run.labels(execution.task).observe(response.timings.run_ms / 1e3)
             if response.usage.tmp_full:
                 metrics.tmp_full.labels(execution.task).inc()
-        log.info("task %s finished: %s in %.1f ms", execution.task, verdict, (now - execution.received_at) * 1e3,
-                 extra=_fields(execution))
+        fields = _fields(execution)
+        if response is not None and kind and kind != "CANCELLED":
+            log.warning("task %s failed: %s", execution.task, _failure_line(response.error),
+                        extra={**fields, "details": _failure(execution.task, response)})
+        elif response is not None and task.log_output and not kind:
+            output = {name: logs.tail_lines(getattr(response, name).tail.decode(errors="replace"), logs.STDERR_MAX)
+                      for name in ("stdout", "stderr")}
+            log.info("task %s output", execution.task, extra={**fields, "details": output})
+        log.info("task %s finished: %s in %.1f ms (%.1f ms of it queued)", execution.task, verdict,
+                 (now - execution.received_at) * 1e3, queue_s * 1e3, extra=fields)
 
     async def wait_idle(self) -> None:
         """Return once nothing runs (no slot is held)."""

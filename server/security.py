@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import grpc.aio
 
+from task_runner.server.access import Entry, peer_of
 from task_runner.server.callers import Callers
 from task_runner.server.config import Config
 
@@ -97,8 +99,6 @@ class CallerAuth(_Interceptor):
 
     def __init__(self, current: Callable[[], Callers]) -> None:
         self._current = current
-        self._deny_unary = grpc.unary_unary_rpc_method_handler(self._deny)
-        self._deny_stream = grpc.stream_stream_rpc_method_handler(self._deny_streaming)
 
     async def intercept_service(
         self,
@@ -109,12 +109,16 @@ class CallerAuth(_Interceptor):
         if (not callers.required or not callers.tokens_only or details.method.startswith(HEALTH_PREFIX)
                 or callers.identify(details.invocation_metadata, None) is not None):
             return await continuation(details)
-        return self._deny_stream if "Reflection" in details.method else self._deny_unary
+        method = details.method.rsplit("/", 1)[-1]
 
-    @staticmethod
-    async def _deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+        async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            size = len(request) if isinstance(request, bytes) else 0
+            Entry(method, peer_of(context), "", size, time.monotonic(), status="UNAUTHENTICATED").write()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
 
-    @staticmethod
-    async def _deny_streaming(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED)
+        async def deny_streaming(requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            await deny(b"", context)
+
+        if "Reflection" in details.method:
+            return grpc.stream_stream_rpc_method_handler(deny_streaming)
+        return grpc.unary_unary_rpc_method_handler(deny)

@@ -8,8 +8,10 @@ failures are data in an OK response. What happens to an accepted call is the exe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import grpc
@@ -18,6 +20,7 @@ from google.rpc.error_details_pb2 import ErrorInfo, QuotaFailure, RetryInfo
 from google.rpc.status_pb2 import Status
 
 from task_runner.server import sandboxes
+from task_runner.server.access import Entry, peer_of
 from task_runner.server.callers import Caller
 from task_runner.server.config import Task
 from task_runner.server.execution import Call, Executor, Reason, Refusal, Wants, options_digest
@@ -117,74 +120,116 @@ class TaskRunnerService:
         })
 
     async def list_tasks(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        caller = await self._caller(context)
-        try:
-            ListTasksRequest.FromString(request)
-        except DecodeError:
-            await self._abort(context, RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed ListTasksRequest"),
-                              caller)
-        generation = self._executor.generation
-        response = ListTasksResponse()
-        for task in generation.tasks.values():
-            if not caller.may_run(task.name):
-                continue
-            info = generation.forkserver.info.get(task.name)
-            rules = task.admission
-            response.tasks.append(TaskInfo(
-                name=task.name, default_timeout_ms=task.default_timeout_ms, max_timeout_ms=task.max_timeout_ms,
-                description=info.description if info else "", import_error=info.import_error if info else "",
-                max_running=rules.max_running or 0, max_queued=rules.max_queued or 0,
-                rate_per_s=rules.rate_per_s or 0.0, burst=rules.burst if rules.rate_per_s else 0,
-                grace_ms=task.grace_ms, heartbeat_timeout_ms=task.heartbeat_timeout_ms or 0,
-                sandbox=sandboxes.message(generation.forkserver.sandbox_of(task.name)),
-            ))
-        return response.SerializeToString()
+        with self._access("ListTasks", request, context) as entry:
+            caller = await self._caller(context, entry)
+            try:
+                self._parse(ListTasksRequest, request)
+            except RequestError as exc:
+                await self._abort(context, exc, entry)
+            generation = self._executor.generation
+            response = ListTasksResponse()
+            for task in generation.tasks.values():
+                if not caller.may_run(task.name):
+                    continue
+                info = generation.forkserver.info.get(task.name)
+                rules = task.admission
+                response.tasks.append(TaskInfo(
+                    name=task.name, default_timeout_ms=task.default_timeout_ms, max_timeout_ms=task.max_timeout_ms,
+                    description=info.description if info else "", import_error=info.import_error if info else "",
+                    max_running=rules.max_running or 0, max_queued=rules.max_queued or 0,
+                    rate_per_s=rules.rate_per_s or 0.0, burst=rules.burst if rules.rate_per_s else 0,
+                    grace_ms=task.grace_ms, heartbeat_timeout_ms=task.heartbeat_timeout_ms or 0,
+                    sandbox=sandboxes.message(generation.forkserver.sandbox_of(task.name)),
+                ))
+            answer = response.SerializeToString()
+            entry.bytes_out = len(answer)
+            return answer
 
     async def perform(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        caller = await self._caller(context)
-        try:
-            return await self._executor.perform(self._accept(request, context, caller))
-        except (RequestError, Refusal) as exc:
-            await self._abort(context, exc, caller)
-            raise AssertionError("unreachable") from exc  # abort raises
+        with self._access("Perform", request, context) as entry:
+            caller = await self._caller(context, entry)
+            call = None
+            try:
+                call = self._accept(request, context, caller, entry)
+                answer = await self._executor.perform(call)
+            except (RequestError, Refusal) as exc:
+                await self._abort(context, exc, entry)
+                raise AssertionError("unreachable") from exc  # abort raises
+            finally:
+                _ended(entry, call)
+            entry.bytes_out = len(answer)
+            return answer
 
     async def perform_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
                              ) -> AsyncIterator[bytes]:
-        caller = await self._caller(context)
-        try:
-            async for event in self._executor.perform_stream(self._accept(request, context, caller)):
-                yield event
-        except (RequestError, Refusal) as exc:
-            await self._abort(context, exc, caller)
+        with self._access("PerformStream", request, context) as entry:
+            caller = await self._caller(context, entry)
+            call = None
+            try:
+                call = self._accept(request, context, caller, entry)
+                async for event in self._executor.perform_stream(call):
+                    entry.bytes_out += len(event)
+                    yield event
+            except (RequestError, Refusal) as exc:
+                await self._abort(context, exc, entry)
+            finally:
+                _ended(entry, call)
 
     async def watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
-        caller = await self._caller(context)
-        try:
-            request_id = self._parse(WatchRequest, request).request_id
-            async for event in self._executor.watch(request_id, caller):
-                yield event
-        except (RequestError, Refusal) as exc:
-            await self._abort(context, exc, caller)
+        with self._access("Watch", request, context) as entry:
+            caller = await self._caller(context, entry)
+            entry.shared = True
+            try:
+                entry.request_id = request_id = self._parse(WatchRequest, request).request_id
+                async for event in self._executor.watch(request_id, caller):
+                    entry.bytes_out += len(event)
+                    yield event
+            except (RequestError, Refusal) as exc:
+                await self._abort(context, exc, entry)
 
     async def cancel(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
-        caller = await self._caller(context)
-        try:
-            parsed = self._parse(CancelRequest, request)
-            was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3, caller)
-        except (RequestError, Refusal) as exc:
-            await self._abort(context, exc, caller)
-            raise AssertionError("unreachable") from exc
-        return CancelResponse(was_running=was_running).SerializeToString()
+        with self._access("Cancel", request, context) as entry:
+            caller = await self._caller(context, entry)
+            try:
+                parsed = self._parse(CancelRequest, request)
+                entry.request_id = parsed.request_id
+                was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3, caller)
+            except (RequestError, Refusal) as exc:
+                await self._abort(context, exc, entry)
+                raise AssertionError("unreachable") from exc
+            answer = CancelResponse(was_running=was_running).SerializeToString()
+            entry.bytes_out = len(answer)
+            return answer
 
-    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any]) -> Caller:
+    @staticmethod
+    @contextlib.contextmanager
+    def _access(method: str, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Iterator[Entry]:
+        """The call's access record, written as the call ends, however it ends."""
+        entry = Entry(method, peer_of(context), "", len(request), time.monotonic())
+        try:
+            yield entry
+        except (asyncio.CancelledError, GeneratorExit):
+            entry.status = "CANCELLED"  # the caller left (or the daemon stopped) before the answer
+            raise
+        except Exception:
+            if entry.status == "OK":  # not a refusal we made: an abort we made has set its status
+                entry.status = "UNKNOWN"
+            raise
+        finally:
+            entry.write()
+
+    async def _caller(self, context: grpc.aio.ServicerContext[Any, Any], entry: Entry) -> Caller:
         """Who makes this call (task_runner.server.callers); a call that proves no one is refused here."""
         callers = self._executor.generation.callers
         if not callers.required:
-            return callers.identify(None, None) or Caller("")
-        caller = callers.identify(context.invocation_metadata(), context.auth_context())
-        if caller is None:
-            await self._abort(context, RequestError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), None)
-            raise AssertionError("unreachable")
+            caller = callers.identify(None, None) or Caller("")
+        else:
+            found = callers.identify(context.invocation_metadata(), context.auth_context())
+            if found is None:
+                await self._abort(context, RequestError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), entry)
+                raise AssertionError("unreachable")
+            caller = found
+        entry.caller = caller.name
         return caller
 
     @staticmethod
@@ -194,7 +239,8 @@ class TaskRunnerService:
         except DecodeError:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.__name__}") from None
 
-    def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any], caller: Caller) -> Call:
+    def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any], caller: Caller,
+                entry: Entry) -> Call:
         """A Perform or PerformStream request of `caller`, validated: the executor's call.
 
         Raises:
@@ -204,7 +250,7 @@ class TaskRunnerService:
         remaining = context.time_remaining()
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
         self._executor.check_room(len(request))
-        parsed, task = self._validate(request, caller)
+        parsed, task = self._validate(request, caller, entry)
         request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
         wants = Wants(parsed.priority, parsed.fairness_key,
                       parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None,
@@ -214,9 +260,10 @@ class TaskRunnerService:
         digest = options_digest(parsed.options) if request_id else b""
         return Call(request, task, caller, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
 
-    def _validate(self, request: bytes, caller: Caller) -> tuple[PerformRequest, Task]:
+    def _validate(self, request: bytes, caller: Caller, entry: Entry) -> tuple[PerformRequest, Task]:
         try:
             parsed = PerformRequest.FromString(request)
+            entry.task, entry.request_id = parsed.task[:100], parsed.request_id[:MAX_REQUEST_ID]
         except DecodeError:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed PerformRequest") from None
         if not parsed.task:
@@ -263,8 +310,19 @@ class TaskRunnerService:
         return parsed, task
 
     async def _abort(self, context: grpc.aio.ServicerContext[Any, Any], error: RequestError | Refusal,
-                     caller: Caller | None) -> None:
+                     entry: Entry) -> None:
         if isinstance(error, Refusal):
             error = RequestError.of(error)
-        self._metrics.rejected.labels(error.code.name, caller.name if caller else "").inc()
+        entry.status = error.code.name
+        self._metrics.rejected.labels(error.code.name, entry.caller).inc()
         await context.abort(error.code, str(error), trailing_metadata=error.trailing_metadata())
+
+
+def _ended(entry: Entry, call: Call | None) -> None:
+    """What the executor says of the call's execution, into its access record."""
+    if call is None:
+        return
+    entry.request_id = call.request_id or call.execution_id
+    entry.shared = call.shared
+    if call.ended is not None:
+        entry.outcome, entry.error, entry.queue_ms, entry.run_ms = call.ended

@@ -11,6 +11,7 @@ from task_runner.client import (
     Client,
     TaskCrashed,
     TaskException,
+    TaskImportFailed,
     TaskResultInvalid,
     TaskResultTooLarge,
     TaskTimeout,
@@ -46,12 +47,13 @@ def test_bare_bool_return(client: Client) -> None:
     assert answer.outcome is True and answer.result == {}
 
 
-def test_error_at_import_names_file_and_line(client: Client) -> None:
-    with pytest.raises(TaskException) as caught:
+def test_error_at_import_names_file_and_line_and_is_not_worth_retrying(client: Client) -> None:
+    with pytest.raises(TaskImportFailed) as caught:
         client.call("broken_import", 5000)
     error = caught.value
-    assert error.type == "ImportError"
-    assert "fails at import" in error.message
+    assert error.type == "ImportError" and not error.retryable
+    assert "fails at import" in error.message and "reload" in error.message
+    assert error.answer is not None and error.answer.usage.wall_ms == 0  # no process was started for it
     broken = REPO / "tests" / "tasks" / "broken_import.py"
     assert f'File "{broken}", line {line_of(broken, "raise ImportError")}' in error.traceback
     assert "child.py" not in error.traceback  # the runner's own frames are left out

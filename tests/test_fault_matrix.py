@@ -22,7 +22,7 @@ from tests.test_contract import leftovers
 OK = "OK"
 CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
     # (id, task, options, timeout_ms, expected kind or OK, a fragment of the message or result)
-    ("exception-at-import", "broken_import", {}, 5000, "EXCEPTION", "fails at import"),
+    ("exception-at-import", "broken_import", {}, 5000, "IMPORT_FAILED", "fails at import"),
     ("exception-while-running", "raise_now", {}, 5000, "EXCEPTION", "raised while running"),
     ("exception-in-thread", "thread_error", {}, 5000, "EXCEPTION", "raised in a thread"),
     ("exception-in-asyncio-callback", "asyncio_callback_error", {}, 5000, "EXCEPTION", "asyncio callback"),
@@ -55,6 +55,8 @@ CASES: list[tuple[str, str, dict[str, Any], int, str, str]] = [
     ("ignores-sigxcpu-into-the-hard-cpu-limit", "cpu_hard_1s", {}, 20_000, "LIMIT_EXCEEDED", "cpu_time limit"),
     ("forges-a-timeout-answer", "forge_answer", {"kind": 2}, 5000, "RESULT_INVALID",
      "claimed the error kind TIMEOUT, which only the runner gives"),
+    ("forges-an-import-failure", "forge_answer", {"kind": 9}, 5000, "RESULT_INVALID",
+     "claimed the error kind IMPORT_FAILED"),
     ("forges-an-unspecified-kind", "forge_answer", {"kind": 0}, 5000, "RESULT_INVALID",
      "claimed the error kind KIND_UNSPECIFIED"),
     ("reads-the-daemons-secrets", "find_secrets", {"secrets": [{

@@ -603,3 +603,11 @@ def who_calls(options):
     while gate and not os.path.exists(gate) and time.monotonic() < end:
         time.sleep(0.002)
     return True, {"caller": task.caller(), "request_id": task.request_id()}
+
+
+def complain_then_raise(options):
+    """Write options["lines"] numbered lines to stderr, then raise with options["message_lines"] lines of message."""
+    for i in range(options.get("lines", 1)):
+        print(f"complaint {i:05d} " + "x" * 40, file=sys.stderr)
+    message = "\n".join(f"message line {i:05d}" for i in range(options.get("message_lines", 1)))
+    raise RuntimeError(message)

@@ -528,6 +528,12 @@ class TaskError(_message.Message):
         """The task sent a heartbeat (or progress), then none for longer than its
         heartbeat_timeout_ms: its whole process tree was killed, before its deadline.
         """
+        IMPORT_FAILED: TaskError._Kind.ValueType  # 9
+        """The task's module or function could not be imported when the daemon
+        loaded its tasks (ListTasks shows the error): the task never ran, and a
+        retry fails the same way until the task is fixed and the daemon reloaded.
+        Unlike the other kinds, not worth retrying.
+        """
 
     class Kind(_Kind, metaclass=_KindEnumTypeWrapper): ...
     KIND_UNSPECIFIED: TaskError.Kind.ValueType  # 0
@@ -562,6 +568,12 @@ class TaskError(_message.Message):
     STALLED: TaskError.Kind.ValueType  # 8
     """The task sent a heartbeat (or progress), then none for longer than its
     heartbeat_timeout_ms: its whole process tree was killed, before its deadline.
+    """
+    IMPORT_FAILED: TaskError.Kind.ValueType  # 9
+    """The task's module or function could not be imported when the daemon
+    loaded its tasks (ListTasks shows the error): the task never ran, and a
+    retry fails the same way until the task is fixed and the daemon reloaded.
+    Unlike the other kinds, not worth retrying.
     """
 
     KIND_FIELD_NUMBER: _builtins.int
