@@ -1,9 +1,10 @@
 """`task-runner perform --follow` and `task-runner watch`: a task's events as they come.
 
 On a terminal, a live progress bar (rich) shows the task's stage, how far it is, the time
-elapsed and the time left, with its output printed above the bar as it comes; otherwise
-(a pipe, a log file) each event is one plain line on stderr. The task's own output goes to
-stdout and stderr as it wrote it.
+elapsed, the time left before its deadline and, once it reports fractions, an estimate of the time
+to completion (from its pace so far), with its output printed above the bar as it comes; otherwise
+(a pipe, a log file) each event is one plain line on stderr, with the same times. The task's own
+output goes to stdout and stderr as it wrote it.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def follow(events: Iterable[Event], timeout_s: float | None, out: TextIO = sys.s
     """Show the events; the answer (None if the stream ended without one). TaskFailed propagates."""
     if err.isatty():
         return _live(events, timeout_s, out, err)
-    return _plain(events, out, err)
+    return _plain(events, timeout_s, out, err)
 
 
 def _write(output: Output, out: TextIO, err: TextIO) -> None:
@@ -33,9 +34,23 @@ def _write(output: Output, out: TextIO, err: TextIO) -> None:
     stream.flush()
 
 
-def _plain(events: Iterable[Event], out: TextIO, err: TextIO) -> TaskResult | None:
+def times(ran_s: float, timeout_s: float | None, fraction: float | None) -> str:
+    """"N s to the deadline" and, when a fraction was reported, "about M s to go" (at the pace so far)."""
+    parts = [f"{max(0.0, timeout_s - ran_s):.0f} s to the deadline"] if timeout_s is not None else []
+    if fraction is not None and 0 < fraction < 1 and ran_s > 0:
+        parts.append(f"about {ran_s * (1 - fraction) / fraction:.0f} s to go")
+    return ", ".join(parts)
+
+
+def _plain(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: TextIO) -> TaskResult | None:
+    began: float | None = None
     for event in events:
         line = _describe(event)
+        if isinstance(event, Started):
+            began = time.monotonic()
+        elif isinstance(event, Progress) and began is not None:
+            left = times(time.monotonic() - began, timeout_s, event.fraction)
+            line = f"{line} ({left})" if left else line
         if isinstance(event, Output):
             _write(event, out, err)
         elif isinstance(event, Finished):
@@ -72,10 +87,11 @@ def _live(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: Te
     began = time.monotonic()
     with Bar(*columns, console=console, transient=False) as bar:
         task = bar.add_task("waiting", total=None, left="")
+        fraction: float | None = None
         for event in events:
-            left = ""
-            if timeout_s is not None and isinstance(event, Progress | Heartbeat | Output):
-                left = f"{max(0.0, timeout_s - (time.monotonic() - began)):.0f} s left"
+            if isinstance(event, Progress) and event.fraction is not None:
+                fraction = event.fraction
+            left = times(time.monotonic() - began, timeout_s, fraction)
             if isinstance(event, Output):
                 bar.console.out(event.data.decode(errors="replace"), end="", highlight=False)
             elif isinstance(event, Progress):

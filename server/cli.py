@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=client_cli.PROG, description=client_cli.DESCRIPTION)
+    parser = client_cli.Parser(prog=client_cli.PROG, description=client_cli.DESCRIPTION)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", metavar="FILE", help="a TOML config file")
@@ -38,8 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.set_defaults(run=_check_config)
 
     client_cli.add_commands(commands)
-    args = parser.parse_args(argv)
-    return int(args.run(args))
+    return client_cli.run(parser, argv)
 
 
 def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -73,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 2
-    logs.configure(config.log_level, config.log_format)
+    logs.configure(config.log_level, config.log_format, config.access_log)
     try:
         return asyncio.run(daemon.run(config, reload_config=build))
     except (daemon.StartError, SecurityError) as exc:
@@ -82,16 +81,25 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from task_runner.server.callers import Callers, CredentialsError
+    """Exit codes: 0 serve would start with it and import every task; 2 it would not, or a task does not import
+    (each problem on a line of stderr); 64 usage."""
+    from task_runner.server import preflight
     from task_runner.server.config import ConfigError, load
 
     try:
         config = load(args.file)
-        callers = Callers.of(config)  # their tokens read, and compared
-    except (ConfigError, CredentialsError) as exc:
+    except ConfigError as exc:
         print(f"task-runner: {exc}", file=sys.stderr)
         return 2
-    named = f", callers: {', '.join(callers.names)}" if config.callers else ""
+    refused, broken = preflight.problems(config)
+    for problem in refused + broken:
+        print(f"task-runner: {args.file}: {problem}", file=sys.stderr)
+    if refused or broken:
+        verdict = "serve would not start" if refused else "serve would start, and answer their calls IMPORT_FAILED"
+        count = len(refused + broken)
+        print(f"task-runner: {args.file}: {count} problem{'s' if count > 1 else ''}: {verdict}", file=sys.stderr)
+        return 2
+    named = f", callers: {', '.join(config.callers)}" if config.callers else ""
     print(f"{args.file}: OK ({len(config.catalogue)} tasks, listening on {', '.join(config.listen)}{named})")
     return 0
 

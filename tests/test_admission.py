@@ -253,8 +253,8 @@ def test_the_cli_passes_priority_fairness_key_and_queue_timeout(tmp_path: Path, 
         assert perform("--priority", "2", "--fairness-key", "tenant-1")[0] == 0
         blocker = pool.submit(client.call, "log_start", 30_000, gate.options("block", wait=True))
         assert wait_until(lambda: "block" in gate.started(), 10)
-        code, out = perform("--queue-timeout", "100")
-        assert code == 2 and out["error"]["status"] == "DEADLINE_EXCEEDED" and out["error"]["reason"] == "QUEUE_TIMEOUT"
+        code, out = perform("--queue-timeout", "100", "--json")
+        assert code == 3 and out["error"]["status"] == "DEADLINE_EXCEEDED" and out["error"]["reason"] == "QUEUE_TIMEOUT"
         gate.open()
         assert blocker.result(timeout=30).outcome
 

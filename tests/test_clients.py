@@ -107,13 +107,13 @@ def test_cli_perform_exit_codes(daemon: Daemon) -> None:
     assert json.loads(ok.stdout)["result"] == {"options": {"a": 1}}
     rejected = run_cli("perform", "reject", target=daemon.tcp)
     assert rejected.returncode == 1 and json.loads(rejected.stdout)["outcome"] is False
-    failed = run_cli("perform", "raise_now", target=daemon.tcp)
+    failed = run_cli("perform", "raise_now", "--json", target=daemon.tcp)
     assert failed.returncode == 2
     assert json.loads(failed.stdout)["error"]["kind"] == "EXCEPTION"
-    unknown = run_cli("perform", "nope", target=daemon.tcp)
-    assert unknown.returncode == 2 and json.loads(unknown.stdout)["error"]["status"] == "NOT_FOUND"
+    unknown = run_cli("perform", "nope", "--json", target=daemon.tcp)
+    assert unknown.returncode == 3 and json.loads(unknown.stdout)["error"]["status"] == "NOT_FOUND"
     bad = run_cli("perform", "echo", "--options", "[1]", target=daemon.tcp)
-    assert bad.returncode == 2 and "JSON object" in bad.stderr
+    assert bad.returncode == 64 and "JSON object" in bad.stderr
 
 
 def test_cli_tasks(daemon: Daemon) -> None:

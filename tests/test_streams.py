@@ -287,7 +287,9 @@ def test_the_cli_follows_watches_and_cancels(embedded: InProcessDaemon, tmp_path
     lines = followed.stderr.splitlines()  # not a terminal: one plain line per event
     assert "err-line" in lines
     assert any(re.search(r"^\[ *[0-9.]+ s\] started \(pid \d+\)$", line) for line in lines), lines
-    assert any(line.endswith("progress 50% half") for line in lines) and any("heartbeat" in line for line in lines)
+    progress = next(line for line in lines if "progress 50% half" in line)
+    assert re.search(r"progress 50% half \(\d+ s to the deadline, about \d+ s to go\)$", progress), progress
+    assert any("heartbeat" in line for line in lines)
     watched = cli("watch", "cli-1")  # finished within the idempotency window: replayed
     assert watched.returncode == 0 and json.loads(watched.stdout.removeprefix("out-line\n"))["outcome"] is True
 
@@ -296,12 +298,12 @@ def test_the_cli_follows_watches_and_cancels(embedded: InProcessDaemon, tmp_path
         running = pool.submit(cli, "perform", "until_cancelled", "--options", json.dumps({"pidfile": str(pidfile)}),
                               "--request-id", "cli-2")
         assert wait_until(lambda: len(read_pids(pidfile)) == 2, 20)
-        cancelled = cli("cancel", "cli-2", "--grace", "5000")
+        cancelled = cli("cancel", "cli-2", "--grace", "5000", "--json")
         assert cancelled.returncode == 0 and json.loads(cancelled.stdout) == {"request_id": "cli-2",
                                                                               "was_running": True}
         done = running.result(timeout=60)
     assert done.returncode == 1 and json.loads(done.stdout)["result"]["cleaned"] is True  # outcome false
-    assert cli("cancel", "cli-2").returncode == 2  # over: NOT_FOUND
+    assert cli("cancel", "cli-2").returncode == 3  # over: NOT_FOUND
 
 
 def test_the_asyncio_client_streams_watches_cancels_and_sees_progress(

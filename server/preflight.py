@@ -1,0 +1,83 @@
+"""What `serve` would refuse of a configuration, found without starting: `task-runner check-config`.
+
+Each rule the daemon applies at start is run here, with no side effect (nothing is listened on,
+created or claimed), and every problem is reported, not only the first: the user and group tasks
+run as, the exposure of the listeners, the TLS files, the callers' tokens, the unix sockets'
+directories, each sandbox part the file asks for, and each task's target, imported in a child
+process as the fork server imports it (so that an import's side effects stay there, and the
+error is the one the tasks would have). What serve only warns of (a default sandbox part this
+machine cannot set up, a cgroup it cannot use) is not a problem. What depends on the moment —
+a TCP port in use, task uids claimed by other daemons — is not checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from task_runner.server import sandboxes
+from task_runner.server.callers import Callers, CredentialsError
+from task_runner.server.config import Config
+from task_runner.server.daemon import StartError, task_owner
+from task_runner.server.forkclient import clean_environment
+from task_runner.server.security import SecurityError, check_exposure, server_credentials
+
+IMPORT_TIMEOUT_S = 120.0
+
+# Run by a child interpreter: import each target as the fork server does; print {name: error}.
+_IMPORT_ALL = """
+import json, sys, traceback
+from task_runner.server.registry import load
+errors = {}
+for name, target in json.loads(sys.stdin.read()).items():
+    try:
+        load(target)
+    except BaseException as exc:
+        lines = traceback.format_exception_only(type(exc), exc)
+        errors[name] = lines[-1].strip() if lines else type(exc).__name__
+sys.stdout.write("\\n" + json.dumps(errors))
+"""
+
+
+def problems(config: Config) -> tuple[list[str], list[str]]:
+    """Everything `serve` would refuse of `config` at start, one line each (none: it would start); and the
+    tasks that cannot be imported (serve starts, and answers their calls IMPORT_FAILED)."""
+    found: list[str] = []
+    for rule in (task_owner, check_exposure, server_credentials, Callers.of):
+        try:
+            rule(config)
+        except (StartError, SecurityError, CredentialsError, OSError) as exc:
+            found.append(str(exc))
+    for address in config.listen:
+        if address.startswith("unix:") and not Path(address.removeprefix("unix:")).parent.is_dir():
+            found.append(f"cannot listen on {address}: its directory does not exist")
+    try:
+        _, failures = sandboxes.build(config)
+        found += sandboxes.check(config.catalogue, failures)
+    except FileNotFoundError as exc:
+        found.append(str(exc))
+    broken = []
+    for name, error in import_errors(config).items():
+        task = config.catalogue.get(name)
+        broken.append(f"task {name}: cannot import {task.target}: {error}" if task else error)
+    return found, broken
+
+
+def import_errors(config: Config) -> dict[str, str]:
+    """The import error of each task whose target cannot be imported, by name (a child process does it)."""
+    targets = {name: task.target for name, task in config.catalogue.items()}
+    if not targets:
+        return {}
+    try:
+        done = subprocess.run([sys.executable, "-c", _IMPORT_ALL], input=json.dumps(targets), capture_output=True,
+                              text=True, timeout=IMPORT_TIMEOUT_S, env=clean_environment(config.env_allow))
+    except subprocess.TimeoutExpired:
+        return {"*": f"importing the tasks took longer than {IMPORT_TIMEOUT_S:.0f} s"}
+    try:
+        errors: dict[str, str] = json.loads(done.stdout.rsplit("\n", 1)[-1])
+    except (json.JSONDecodeError, IndexError):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or [f"exit code {done.returncode}"]
+        return {"*": f"the child importing the tasks ended without a verdict: {tail[0]}"}
+    return errors
