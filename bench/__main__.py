@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import phases, procs, report, sandbox, scale
+from bench import observability, phases, procs, report, sandbox, scale
 from bench.drivers import open_channel
 from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The phases, in the order they run; those before leanness share one daemon (and the echo service).
 SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
-PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox")
+PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability")
 
 
 def phase_list(text: str) -> tuple[str, ...]:
@@ -153,6 +153,10 @@ class Run:
                            f"rounds of no-op Perform at {s.baseline_concurrency} in flight ({s.window_s:.1f} s) and "
                            f"{s.latency_calls // s.sandbox_repeats} calls one at a time, alternating")
             await self.attempt("sandbox", self.sandbox())
+        if self.wants("observability"):
+            progress.phase(f"observability: {s.sandbox_repeats} rounds of no-op Perform at {s.baseline_concurrency} "
+                           "in flight, untraced, with a traceparent, and on a daemon without its access log")
+            await self.attempt("observability", self.observability())
 
     async def shared(self) -> None:
         """The phases on the first daemon (and the echo service, for those that compare with it)."""
@@ -234,6 +238,16 @@ class Run:
         finally:
             for side, daemon in daemons.items():
                 await self.stop(daemon, f"{side}_daemon")
+
+    async def observability(self) -> dict[str, Any]:
+        daemons: dict[str, procs.Service] = {}
+        try:
+            for name, config in observability.daemon_configs(self.settings).items():
+                daemons[name] = await self.start("daemon", config)
+            return await observability.observability(daemons, self.settings, self.progress)
+        finally:
+            for name, daemon in daemons.items():
+                await self.stop(daemon, f"observability_{name}_daemon")
 
     def cleanup(self) -> None:
         """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""

@@ -182,16 +182,18 @@ class RpcCall:
     def __init__(
         self, channel: grpc.aio.Channel, request: bytes, *,
         expect_error: int = 0, expect_outcome: bool = True, timeout_s: float = 60.0,
+        metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._method = channel.unary_unary(PERFORM_METHOD, request_serializer=None, response_deserializer=None)
         self._request = request
+        self._metadata = metadata or None
         self._expect_error = expect_error
         self._expect_outcome = expect_outcome
         self._timeout_s = timeout_s
 
     async def __call__(self) -> Outcome:
         try:
-            raw = await self._method(self._request, timeout=self._timeout_s)
+            raw = await self._method(self._request, timeout=self._timeout_s, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             return f"rpc {exc.code().name}", None
         response = PerformResponse.FromString(raw)

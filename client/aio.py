@@ -9,7 +9,7 @@ from typing import Any, Unpack
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
+from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s, traced
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, read_event
 from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
@@ -54,6 +54,7 @@ class AsyncClient:
         request = build_request(task, timeout_ms, options, **fields)
         steps = plan(request, self._retry, retries, fields.get("request_id"))
         got: PerformResponse | TaskRunnerError | None = None
+        metadata = traced(self._metadata)  # with the caller's trace context, if it has one
         try:
             while True:
                 step = steps.send(got)
@@ -64,10 +65,10 @@ class AsyncClient:
                 timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
                 try:
                     if on_progress is None:
-                        got = await self._stub.Perform(step, timeout=timeout, metadata=self._metadata)
+                        got = await self._stub.Perform(step, timeout=timeout, metadata=metadata)
                     else:
                         got = await self._answer_of(
-                            self._stub.PerformStream(step, timeout=timeout, metadata=self._metadata), on_progress,
+                            self._stub.PerformStream(step, timeout=timeout, metadata=metadata), on_progress,
                         )
                 except grpc.aio.AioRpcError as exc:
                     got = from_grpc_error(exc)
@@ -106,7 +107,7 @@ class AsyncClient:
         if not request.request_id:
             request.request_id = _new_request_id()
         async for event in self._events(self._stub.PerformStream(
-                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=self._metadata)):
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=traced(self._metadata))):
             yield event
 
     async def watch(self, request_id: str, rpc_timeout: float | None = None) -> AsyncIterator[Event]:

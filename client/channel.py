@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,18 @@ class Security:
         if not token and token_file:
             token = Path(token_file).read_text().strip()
         return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def traced(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+    """A call's metadata with the current OpenTelemetry trace context (`traceparent`, `tracestate`), where
+    the program uses OpenTelemetry (it imported it); else `metadata` as it is, at no cost."""
+    if "opentelemetry.context" not in sys.modules:
+        return metadata
+    from opentelemetry import propagate
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return metadata + tuple((key, value) for key, value in carrier.items() if key in ("traceparent", "tracestate"))
 
 
 def connect(target: Target, security: Security | None, aio: bool) -> tuple[Any, tuple[tuple[str, str], ...]]:

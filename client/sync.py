@@ -10,7 +10,7 @@ from typing import Any, Unpack
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s
+from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s, traced
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, Progress, read_event
 from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
@@ -116,6 +116,7 @@ class Client:
         request = build_request(task, timeout_ms, options, **fields)
         steps = plan(request, self._retry, retries, fields.get("request_id"))
         got: PerformResponse | TaskRunnerError | None = None
+        metadata = traced(self._metadata)  # with the caller's trace context, if it has one
         try:
             while True:
                 step = steps.send(got)
@@ -126,9 +127,9 @@ class Client:
                 timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
                 try:
                     if on_progress is None:
-                        got = self._stub.Perform(step, timeout=timeout, metadata=self._metadata)
+                        got = self._stub.Perform(step, timeout=timeout, metadata=metadata)
                     else:
-                        got = answer_of(self._stub.PerformStream(step, timeout=timeout, metadata=self._metadata),
+                        got = answer_of(self._stub.PerformStream(step, timeout=timeout, metadata=metadata),
                                         on_progress)
                 except grpc.RpcError as exc:
                     got = from_grpc_error(exc)
@@ -174,6 +175,8 @@ class Client:
             threading.Thread(target=follow, name="task_runner.perform", daemon=True).start()
             return
 
+        metadata = traced(self._metadata)  # the caller's trace context, taken here: retries run on other threads
+
         def advance(got: PerformResponse | TaskRunnerError | None) -> None:
             try:
                 step = steps.send(got)
@@ -190,7 +193,7 @@ class Client:
                 return
             try:
                 future = self._stub.Perform.future(step, timeout=rpc_timeout_s(timeout_ms, DEFAULT),
-                                                   metadata=self._metadata)
+                                                   metadata=metadata)
             except Exception as exc:  # e.g. the channel was closed while we waited to retry
                 once(TaskRunnerError(f"the call could not be sent: {exc}"), None, None)
                 return
@@ -221,7 +224,7 @@ class Client:
         if not request.request_id:
             request.request_id = _new_request_id()  # so that a Watch or Cancel elsewhere can name it
         yield from self._events(self._stub.PerformStream(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
-                                                         metadata=self._metadata))
+                                                         metadata=traced(self._metadata)))
 
     def watch(self, request_id: str, rpc_timeout: float | None = None) -> Iterator[Event]:
         """Attach to the execution of `request_id` (running, or finished within the idempotency window):

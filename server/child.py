@@ -326,6 +326,12 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
     channel = task_api._channel
     channel.fd, channel.deadline, channel.request_id = CHANNEL_FD, assignment.deadline, assignment.request_id
     channel.caller = assignment.caller
+    channel.traceparent, channel.tracestate = assignment.traceparent, assignment.tracestate
+    for name, value in (("TRACEPARENT", assignment.traceparent), ("TRACESTATE", assignment.tracestate)):
+        if value:  # OpenTelemetry's environment carrier: an instrumented task continues the caller's trace
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
     request = PerformRequest.FromString(serialized)
     answer = _Answer(result_max_bytes)
     try:

@@ -182,6 +182,7 @@ class Daemon:
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         self._executor = Executor(await self._start_generation(self.config), self.metrics)
+        self._executor.tracer.start(self.own_process)  # after the fork server: its exporter may start threads
         service = TaskRunnerService(self._executor, self.metrics)
         executor = self._executor
         # Where every call must say who it is (its token), the interceptor turns the others away before

@@ -32,6 +32,7 @@ from task_runner.server.events import KEPT_BYTES, EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
+from task_runner.server.tracing import CallSpans, TraceContext, Tracer
 from task_runner.server.wire import Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse, TaskError
 
@@ -94,6 +95,7 @@ class Call:
     ended: Ended | None = None  # set by the executor once it answered the call: how its execution ended
     shared: bool = False  # ... and whether that execution was another call's (a repeat of its request_id)
     execution_id: str = ""  # the request_id of the execution it opened (the daemon makes one where it had none)
+    trace: TraceContext | None = None  # the caller's W3C trace context, if the call carried one
 
 
 class Ended(NamedTuple):
@@ -287,6 +289,7 @@ class Executor:
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
         self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
         self._live: dict[_Key, Execution] = {}  # every execution not yet answered, by caller and request id
+        self.tracer = Tracer()  # records spans once started, where OpenTelemetry is set up to
         self._jobs: set[asyncio.Future[None]] = set()
         self._held_bytes = 0  # of requests not yet handed to a task process, and QUEUED_CALL_BYTES for each
         self.draining = False  # new calls are refused
@@ -514,6 +517,10 @@ class Executor:
         answer: bytes | None = None
         admitted_at = execution.received_at
         admitted = refused = False
+        spans: CallSpans | None = None
+        if call.trace is not None:
+            spans = self.tracer.begin(call.trace, task.name, execution.request_id, execution.caller.name,
+                                      execution.received_at)
         try:
             broken = self.generation.forkserver.info.get(task.name)
             if broken is not None and broken.import_error:  # it cannot run: no slot, no process for it
@@ -522,6 +529,8 @@ class Executor:
                 return
             admitted_at = await self._admit(execution, task, wants)
             admitted = True
+            if spans is not None:
+                spans.admitted()
             run, task = await self._start(execution, task.name, admitted_at)
             if self.stopping:
                 run.stop(Stop.CANCELLED)
@@ -538,8 +547,10 @@ class Executor:
             started.started.caller = execution.caller.name
             self.metrics.started.labels(execution.task, execution.caller.name).inc()
             execution.events.add(started)
+            context = spans.run(task.name) if spans is not None else call.trace
             assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id,
-                                         execution.caller.name)
+                                         execution.caller.name, context.traceparent if context else "",
+                                         context.tracestate if context else "")
             response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
                                                     stall_s)
             if run.options_invalid is not None:
@@ -580,6 +591,8 @@ class Executor:
                     self.metrics.finished.labels(execution.task, "", kind, execution.caller.name).inc()
             cancelled = response is not None and response.error.kind == TaskError.CANCELLED
             self._cache.finish(execution, None if cancelled else answer, loop.time())  # with how it ended
+            if spans is not None:
+                spans.end(execution.ended.outcome, execution.ended.error)
 
     @staticmethod
     def _answer(execution: Execution, response: PerformResponse) -> bytes:

@@ -26,6 +26,7 @@ from task_runner.server.config import Task
 from task_runner.server.execution import Call, Executor, Reason, Refusal, Wants, options_digest
 from task_runner.server.metrics import Metrics
 from task_runner.server.security import UNAUTHENTICATED
+from task_runner.server.tracing import TraceContext
 from task_runner.v1.task_runner_pb2 import (
     DESCRIPTOR,
     CancelRequest,
@@ -180,7 +181,8 @@ class TaskRunnerService:
             caller = await self._caller(context, entry)
             entry.shared = True
             try:
-                entry.request_id = request_id = self._parse(WatchRequest, request).request_id
+                request_id = self._parse(WatchRequest, request).request_id
+                entry.request_id = _loggable(request_id)
                 async for event in self._executor.watch(request_id, caller):
                     entry.bytes_out += len(event)
                     yield event
@@ -192,7 +194,7 @@ class TaskRunnerService:
             caller = await self._caller(context, entry)
             try:
                 parsed = self._parse(CancelRequest, request)
-                entry.request_id = parsed.request_id
+                entry.request_id = _loggable(parsed.request_id)
                 was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3, caller)
             except (RequestError, Refusal) as exc:
                 await self._abort(context, exc, entry)
@@ -258,12 +260,13 @@ class TaskRunnerService:
         # Only a request_id needs the options again (to tell a different request under it): a
         # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
         digest = options_digest(parsed.options) if request_id else b""
-        return Call(request, task, caller, request_id, digest, timeout_ms, rpc_deadline, received_at, wants)
+        return Call(request, task, caller, request_id, digest, timeout_ms, rpc_deadline, received_at, wants,
+                    trace=TraceContext.of(context.invocation_metadata()))
 
     def _validate(self, request: bytes, caller: Caller, entry: Entry) -> tuple[PerformRequest, Task]:
         try:
             parsed = PerformRequest.FromString(request)
-            entry.task, entry.request_id = parsed.task[:100], parsed.request_id[:MAX_REQUEST_ID]
+            entry.task, entry.request_id = _loggable(parsed.task), _loggable(parsed.request_id)
         except DecodeError:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed PerformRequest") from None
         if not parsed.task:
@@ -326,3 +329,9 @@ def _ended(entry: Entry, call: Call | None) -> None:
     entry.shared = call.shared
     if call.ended is not None:
         entry.outcome, entry.error, entry.queue_ms, entry.run_ms = call.ended
+
+
+def _loggable(text: str) -> str:
+    """`text` for the access log if it is one printable line of a sane length; else "" (a caller's id or task
+    name that is refused as invalid must not write, nor forge, lines of the log)."""
+    return text if len(text) <= MAX_REQUEST_ID and text.isprintable() else ""

@@ -56,7 +56,7 @@ _NOTICE = struct.Struct("!cII")
 _READY = struct.Struct("!cIIIB")
 _SPARE = struct.Struct("!IB")
 _EXITED = struct.Struct("!cIiddqBB")
-_ASSIGNMENT = struct.Struct("!qqqqqdHHH")
+_ASSIGNMENT = struct.Struct("!qqqqqdHHHHH")
 
 
 class Stop(enum.IntEnum):
@@ -88,10 +88,13 @@ class Assignment(NamedTuple):
     deadline: float  # time.monotonic() when its tree is killed (CLOCK_MONOTONIC is the machine's)
     request_id: str
     caller: str  # the name of the caller whose call it is
+    traceparent: str = ""  # the W3C trace context the task continues ("": none)
+    tracestate: str = ""
 
     def head(self, request_size: int) -> bytes:
         """The frame's start; the serialized request of `request_size` bytes follows it, sent as it is."""
-        texts = [text.encode() for text in (self.workdir, self.request_id, self.caller)]
+        texts = [text.encode() for text in (self.workdir, self.request_id, self.caller, self.traceparent,
+                                            self.tracestate)]
         head = _ASSIGNMENT.pack(*self.limits, self.deadline, *map(len, texts)) + b"".join(texts)
         return FRAME.pack(len(head) + request_size) + head
 
@@ -104,8 +107,8 @@ class Assignment(NamedTuple):
         for length in lengths:
             texts.append(frame[at:at + length].decode())
             at += length
-        workdir, request_id, caller = texts
-        return cls(Limits(*limits), workdir, deadline, request_id, caller), frame[at:]
+        workdir, request_id, caller, traceparent, tracestate = texts
+        return cls(Limits(*limits), workdir, deadline, request_id, caller, traceparent, tracestate), frame[at:]
 
 
 class Spare(NamedTuple):

@@ -27,7 +27,7 @@ from typing import Any
 
 from task_runner.server.wire import FRAME, HEARTBEAT, PROGRESS
 
-__all__ = ["caller", "cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id"]
+__all__ = ["caller", "cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id", "trace_context"]
 SEND_INTERVAL_S = 0.05  # the most often progress and heartbeats go to the daemon
 
 
@@ -39,6 +39,8 @@ class _Channel:
         self.deadline = math.inf
         self.request_id = ""
         self.caller = ""
+        self.traceparent = ""
+        self.tracestate = ""
         self.cancelled = False
         self.write_lock = threading.Lock()  # one frame at a time: the answer must not cut into another
         self._pending: dict[bytes, bytes] = {}
@@ -146,3 +148,11 @@ def caller() -> str:
     """The name of the caller whose call this is ("default" where the daemon names no callers); "" outside
     a task. Never its token."""
     return _channel.caller
+
+
+def trace_context() -> dict[str, str]:
+    """The W3C trace context of the call, as a carrier for OpenTelemetry (`opentelemetry.propagate.extract(
+    task.trace_context())`): {"traceparent": ..., "tracestate": ...}, the keys the call has; {} for an untraced
+    call, or outside a task. The same is in the environment, as TRACEPARENT and TRACESTATE."""
+    carrier = {"traceparent": _channel.traceparent, "tracestate": _channel.tracestate}
+    return {key: value for key, value in carrier.items() if value}

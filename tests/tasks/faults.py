@@ -611,3 +611,11 @@ def complain_then_raise(options):
         print(f"complaint {i:05d} " + "x" * 40, file=sys.stderr)
     message = "\n".join(f"message line {i:05d}" for i in range(options.get("message_lines", 1)))
     raise RuntimeError(message)
+
+
+def trace_of(options):
+    """Answer with the trace context the task got: its environment's and task_runner.task's."""
+    from task_runner import task
+
+    return True, {"env": os.environ.get("TRACEPARENT"), "env_state": os.environ.get("TRACESTATE"),
+                  "context": task.trace_context()}
