@@ -84,9 +84,11 @@ def machine_facts() -> dict[str, Any]:
 
 
 def service_facts(service: procs.Service) -> dict[str, Any]:
-    lines = service.log_lines()
+    every = service.log_lines()
+    lines = [line for line in every if " task_runner.access: " not in line]  # the access log: a line per call
     return {"pid": service.pid, **service.facts, "exit_code": service.exit_code,
-            "companions_killed": service.companions_left, "log_lines": len(lines), "log_head": lines[:20]}
+            "companions_killed": service.companions_left, "log_lines": len(lines), "log_head": lines[:20],
+            "access_lines": len(every) - len(lines)}
 
 
 class Run:

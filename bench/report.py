@@ -416,7 +416,8 @@ def _notes(results: dict[str, Any]) -> list[str]:
         line = f"  {key}: exit code {service.get('exit_code')}, {service.get('log_lines', 0)} log lines"
         if key != "echo":
             cgroups = service.get("task_cgroups")
-            line += f" at WARNING or above; tasks in {'cgroups under ' + cgroups if cgroups else 'process groups'}"
+            line += f" at WARNING or above (and {service.get('access_lines', 0)} of the access log)"
+            line += f"; tasks in {'cgroups under ' + cgroups if cgroups else 'process groups'}"
             line += f"; fork server killed at stop: {service.get('companions_killed', 0)}"
         out.append(line)
         out += [f"      | {text[:150]}" for text in service.get("log_head", [])[:5]]
