@@ -9,11 +9,21 @@ from typing import Any, Unpack
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s, traced
+from task_runner.client.channel import (
+    DEFAULT,
+    Security,
+    Target,
+    _Default,
+    connect,
+    is_fleet,
+    routed,
+    rpc_timeout_s,
+    traced,
+)
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, read_event
 from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
-from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
+from task_runner.client.retry import DEFAULT_RETRY, FLEET_RETRY, RetryPolicy, plan
 from task_runner.client.sync import NO_ANSWER, Callback, OnProgress, _new_request_id, response_of
 from task_runner.v1.task_runner_pb2 import (
     CancelRequest,
@@ -36,7 +46,8 @@ class AsyncClient:
                  retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._channel: grpc.aio.Channel
         self._channel, self._metadata = connect(target, security, aio=True)
-        self._retry = retry
+        # A fleet's client does not rerun a call lost with its daemon on another (task_runner.client.retry).
+        self._retry = FLEET_RETRY if retry is DEFAULT_RETRY and is_fleet(target) else retry
         self._stub = TaskRunnerStub(self._channel)
 
     async def call(
@@ -63,12 +74,13 @@ class AsyncClient:
                     got = None
                     continue
                 timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
+                sent = routed(metadata, step.request_id)  # the same id: the same daemon, behind a balancer
                 try:
                     if on_progress is None:
-                        got = await self._stub.Perform(step, timeout=timeout, metadata=metadata)
+                        got = await self._stub.Perform(step, timeout=timeout, metadata=sent)
                     else:
                         got = await self._answer_of(
-                            self._stub.PerformStream(step, timeout=timeout, metadata=metadata), on_progress,
+                            self._stub.PerformStream(step, timeout=timeout, metadata=sent), on_progress,
                         )
                 except grpc.aio.AioRpcError as exc:
                     got = from_grpc_error(exc)
@@ -106,21 +118,23 @@ class AsyncClient:
         request = build_request(task, timeout_ms, options, **fields)
         if not request.request_id:
             request.request_id = _new_request_id()
+        metadata = routed(traced(self._metadata), request.request_id)
         async for event in self._events(self._stub.PerformStream(
-                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=traced(self._metadata))):
+                request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout), metadata=metadata)):
             yield event
 
     async def watch(self, request_id: str, rpc_timeout: float | None = None) -> AsyncIterator[Event]:
         """Attach to the execution of `request_id`; the same contract as `Client.watch`."""
         async for event in self._events(self._stub.Watch(WatchRequest(request_id=request_id), timeout=rpc_timeout,
-                                                         metadata=self._metadata)):
+                                                         metadata=routed(self._metadata, request_id))):
             yield event
 
     async def cancel(self, request_id: str, grace_ms: int = 0, rpc_timeout: float | None = 10.0) -> bool:
         """Stop the execution of `request_id`; the same contract as `Client.cancel`."""
         try:
             response: CancelResponse = await self._stub.Cancel(
-                CancelRequest(request_id=request_id, grace_ms=grace_ms), timeout=rpc_timeout, metadata=self._metadata,
+                CancelRequest(request_id=request_id, grace_ms=grace_ms), timeout=rpc_timeout,
+                metadata=routed(self._metadata, request_id),
             )
         except grpc.aio.AioRpcError as exc:
             raise from_grpc_error(exc) from exc

@@ -15,7 +15,15 @@ import grpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 TARGET_ENV: Final = "TASK_RUNNER_TARGET"
+REQUEST_ID_HEADER: Final = "task-runner-request-id"  # the daemon's own name for it (task_runner.server.service)
 SERVICE: Final = "task_runner.v1.TaskRunner"
+RING_HASH_ENV: Final = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
+# A fleet's service config: by request id over the daemons whose health says SERVING (a draining one
+# says NOT_SERVING, and gets no new call). The README gives it to other languages' callers.
+FLEET_SERVICE_CONFIG: Final = {
+    "loadBalancingConfig": [{"ring_hash_experimental": {"requestHashHeader": REQUEST_ID_HEADER}}],
+    "healthCheckConfig": {"serviceName": SERVICE},
+}
 # Time allowed beyond the task's own timeout for queueing and transport, when the caller sets none.
 DEFAULT_GRACE_S: Final = 60.0
 TOKEN_ENV: Final = "TASK_RUNNER_TOKEN"
@@ -58,6 +66,14 @@ class Security:
         if not token and token_file:
             token = Path(token_file).read_text().strip()
         return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+def routed(metadata: tuple[tuple[str, str], ...], request_id: str) -> tuple[tuple[str, str], ...]:
+    """A call's metadata with its request id in REQUEST_ID_HEADER, which a balancer over several daemons
+    hashes (gRPC's ring_hash, Envoy's hash_policy): a call, its retries, its Watch and its Cancel reach one daemon."""
+    if not request_id or not (request_id.isascii() and request_id.isprintable()):
+        return metadata  # no header can carry it: the daemon checks the id itself, and says what is wrong
+    return (*metadata, (REQUEST_ID_HEADER, request_id))
 
 
 def traced(metadata: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
@@ -116,12 +132,22 @@ def resolve_target(target: Target) -> tuple[str, list[tuple[str, Any]]]:
         ("grpc.max_receive_message_length", 256 << 20),
         ("grpc.max_send_message_length", 256 << 20),
     ]
-    if len(targets) == 1 and not targets[0].startswith("dns:"):
+    if not is_fleet(targets):
         return targets[0], options
-    # Several daemons (listed, or one DNS name with several addresses): balance per call over the healthy.
-    config = {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE}}
-    options += [("grpc.service_config", json.dumps(config)), ("grpc.lb_policy_name", "round_robin")]
+    # Several daemons (listed, or one DNS name with several addresses): each call goes to the daemon its
+    # request id hashes to among the healthy ones (gRFC A76: ring_hash keyed on a request header, which
+    # grpcio enables through this variable, read when a channel is made).
+    os.environ.setdefault(RING_HASH_ENV, "true")
+    options.append(("grpc.service_config", json.dumps(FLEET_SERVICE_CONFIG)))
     return (targets[0] if len(targets) == 1 else _multi_address(targets)), options
+
+
+def is_fleet(target: Target) -> bool:
+    """Whether `target` names several daemons (several addresses, or a dns: name that may resolve to several)."""
+    if target is None:
+        target = os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+    targets = [t.strip() for t in (target.split(",") if isinstance(target, str) else target) if t.strip()]
+    return len(targets) > 1 or (len(targets) == 1 and targets[0].startswith("dns:"))
 
 
 def _multi_address(targets: list[str]) -> str:

@@ -178,10 +178,21 @@ class Overloaded(RpcError):
 
 
 class Unavailable(RpcError):
-    """The daemon could not be reached, or is shutting down: safe to retry."""
+    """The daemon could not be reached, or is shutting down: safe to retry, unless `may_have_run`."""
 
     code = grpc.StatusCode.UNAVAILABLE
     retryable = True
+
+    @property
+    def may_have_run(self) -> bool:
+        """Whether the call may have reached a daemon before its connection was lost: not when the daemon refused
+        it itself (it says why: `reason`), nor when no connection could be made."""
+        return not self.reason and not any(sign in self.message for sign in _NEVER_SENT)
+
+
+# How gRPC says a call found no daemon to send it to (it was never sent).
+_NEVER_SENT = ("failed to connect to all addresses", "connections to all backends failing", "Connection refused",
+               "No such file or directory", "name resolution", "DNS resolution failed")
 
 
 class DeadlineExceeded(RpcError):

@@ -7,6 +7,12 @@ the call after all, it answers the retry from its idempotency cache instead of r
 the task again. Task failures are retried only when the caller asks (`retries=N`); each such
 retry is a new execution, under the request_id suffixed "#retry1", "#retry2", ... An answer
 with outcome false is never retried: it is deterministic.
+
+A client of several daemons (a fleet) does not retry a call whose connection was lost once it may
+have reached its daemon (`rerun_lost` False, `FLEET_RETRY`): that daemon may have been running it,
+and the retry would run it again on another, whose idempotency cache knows nothing of it. The
+caller gets UNAVAILABLE and decides. Calls that never reached a daemon, and a daemon's own
+refusals (draining), are retried as always.
 """
 
 from __future__ import annotations
@@ -27,11 +33,15 @@ class RetryPolicy:
 
     Args:
         transport_attempts: tries in all for one execution when the daemon is unreachable or full.
+        rerun_lost: retry a call whose connection was lost after it may have reached its daemon (the same
+            daemon, or a restarted one, answers it from its idempotency cache if it finished; behind a
+            balancer another daemon would run it again).
         initial_backoff_s, max_backoff_s, multiplier: the backoff before each retry is drawn
             uniformly from [0, min(max, initial * multiplier**n)] ("full jitter").
     """
 
     transport_attempts: int = 5
+    rerun_lost: bool = True  # retry an UNAVAILABLE that may have reached a daemon (Unavailable.may_have_run)
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 5.0
     multiplier: float = 2.0
@@ -45,6 +55,7 @@ class RetryPolicy:
 
 DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(transport_attempts=1)
+FLEET_RETRY = RetryPolicy(rerun_lost=False)  # a client of several daemons, by default
 
 
 class Attempts:
@@ -68,6 +79,8 @@ class Attempts:
         # status details), not when the request is too large; and never sooner than it says.
         hint = error.retry_delay_s if isinstance(error, Unavailable | Overloaded) else None
         refused = isinstance(error, Unavailable) or hint is not None
+        if isinstance(error, Unavailable) and error.may_have_run and not self._policy.rerun_lost:
+            refused = False
         if refused and self._transport_attempt < self._policy.transport_attempts:
             self._transport_attempt += 1
             return max(next(self._backoffs), hint or 0.0)

@@ -10,11 +10,21 @@ from typing import Any, Unpack
 
 import grpc
 
-from task_runner.client.channel import DEFAULT, Security, Target, _Default, connect, rpc_timeout_s, traced
+from task_runner.client.channel import (
+    DEFAULT,
+    Security,
+    Target,
+    _Default,
+    connect,
+    is_fleet,
+    routed,
+    rpc_timeout_s,
+    traced,
+)
 from task_runner.client.errors import TaskRunnerError, from_grpc_error
 from task_runner.client.events import Event, Progress, read_event
 from task_runner.client.results import RequestFields, TaskInfo, TaskResult, build_request, read_tasks
-from task_runner.client.retry import DEFAULT_RETRY, RetryPolicy, plan
+from task_runner.client.retry import DEFAULT_RETRY, FLEET_RETRY, RetryPolicy, plan
 from task_runner.v1.task_runner_pb2 import (
     CancelRequest,
     ListTasksRequest,
@@ -78,7 +88,8 @@ class Client:
                  retry: RetryPolicy = DEFAULT_RETRY) -> None:
         self._channel: grpc.Channel
         self._channel, self._metadata = connect(target, security, aio=False)
-        self._retry = retry
+        # A fleet's client does not rerun a call lost with its daemon on another (task_runner.client.retry).
+        self._retry = FLEET_RETRY if retry is DEFAULT_RETRY and is_fleet(target) else retry
         self._stub = TaskRunnerStub(self._channel)
 
     def call(
@@ -125,11 +136,12 @@ class Client:
                     got = None
                     continue
                 timeout = rpc_timeout_s(timeout_ms, rpc_timeout)
+                sent = routed(metadata, step.request_id)  # the same id: the same daemon, behind a balancer
                 try:
                     if on_progress is None:
-                        got = self._stub.Perform(step, timeout=timeout, metadata=metadata)
+                        got = self._stub.Perform(step, timeout=timeout, metadata=sent)
                     else:
-                        got = answer_of(self._stub.PerformStream(step, timeout=timeout, metadata=metadata),
+                        got = answer_of(self._stub.PerformStream(step, timeout=timeout, metadata=sent),
                                         on_progress)
                 except grpc.RpcError as exc:
                     got = from_grpc_error(exc)
@@ -193,7 +205,7 @@ class Client:
                 return
             try:
                 future = self._stub.Perform.future(step, timeout=rpc_timeout_s(timeout_ms, DEFAULT),
-                                                   metadata=metadata)
+                                                   metadata=routed(metadata, step.request_id))
             except Exception as exc:  # e.g. the channel was closed while we waited to retry
                 once(TaskRunnerError(f"the call could not be sent: {exc}"), None, None)
                 return
@@ -224,7 +236,7 @@ class Client:
         if not request.request_id:
             request.request_id = _new_request_id()  # so that a Watch or Cancel elsewhere can name it
         yield from self._events(self._stub.PerformStream(request, timeout=rpc_timeout_s(timeout_ms, rpc_timeout),
-                                                         metadata=traced(self._metadata)))
+                                                         metadata=routed(traced(self._metadata), request.request_id)))
 
     def watch(self, request_id: str, rpc_timeout: float | None = None) -> Iterator[Event]:
         """Attach to the execution of `request_id` (running, or finished within the idempotency window):
@@ -235,7 +247,7 @@ class Client:
             TaskNotFound: no execution of that request_id.
         """
         yield from self._events(self._stub.Watch(WatchRequest(request_id=request_id), timeout=rpc_timeout,
-                                                 metadata=self._metadata))
+                                                 metadata=routed(self._metadata, request_id)))
 
     def cancel(self, request_id: str, grace_ms: int = 0, rpc_timeout: float | None = 10.0) -> bool:
         """Stop the execution of `request_id`: told first and killed after `grace_ms` (at once if 0),
@@ -246,7 +258,7 @@ class Client:
         """
         try:
             response = self._stub.Cancel(CancelRequest(request_id=request_id, grace_ms=grace_ms),
-                                         timeout=rpc_timeout, metadata=self._metadata)
+                                         timeout=rpc_timeout, metadata=routed(self._metadata, request_id))
         except grpc.RpcError as exc:
             raise from_grpc_error(exc) from exc
         return bool(response.was_running)

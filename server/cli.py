@@ -27,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="register a task (repeatable)")
     serve.add_argument("--max-running", type=int, metavar="N", help="tasks that run at once")
     serve.add_argument("--max-queued", type=int, metavar="N", help="calls that may wait for a slot")
+    serve.add_argument("--metrics-listen", metavar="ADDR",
+                       help="host:port of the Prometheus metrics, or off (replaces the config's)")
     serve.add_argument("--log-format", choices=("text", "json"))
     serve.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     serve.add_argument("--insecure", action="store_const", const=True,
@@ -52,6 +54,7 @@ def _server_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "listen": args.listen, "tasks": tasks, "max_running": args.max_running,
         "max_queued": args.max_queued, "log_format": args.log_format, "log_level": args.log_level,
         "insecure": args.insecure,
+        "metrics_listen": "" if args.metrics_listen == "off" else args.metrics_listen,
     }
 
 

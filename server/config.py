@@ -312,7 +312,8 @@ class Config:
 
 
 def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
-    """Build the Config from a TOML file (optional) and CLI overrides (None values ignored).
+    """Build the Config from a TOML file (optional) and CLI overrides (None values ignored; "" ones restore the
+    key's default).
 
     Raises:
         ConfigError: for unknown keys, wrong types or bad values, naming the key and the file.
@@ -329,7 +330,9 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
             raise ConfigError(f"{where}: not valid TOML: {exc}") from exc
     extra_tasks = overrides.pop("tasks", None) or {}
     for key, value in overrides.items():
-        if value is not None:
+        if value == "":  # an empty override takes the key's default (e.g. --metrics-listen off)
+            data.pop(key, None)
+        elif value is not None:
             data[key] = value
     if extra_tasks:
         data["tasks"] = {**data.get("tasks", {}), **extra_tasks}

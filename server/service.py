@@ -40,6 +40,9 @@ from task_runner.v1.task_runner_pb2 import (
 
 SERVICE_NAME = DESCRIPTOR.services_by_name["TaskRunner"].full_name
 MAX_REQUEST_ID = 128
+# The metadata that carries a call's request id, for a load balancer to hash (gRPC's ring_hash, Envoy's
+# hash_policy): every call of a request id, its retries, Watch and Cancel, reaches the same daemon.
+REQUEST_ID_HEADER = "task-runner-request-id"
 MAX_FAIRNESS_KEY = 128
 RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so its answer still arrives
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
@@ -181,7 +184,7 @@ class TaskRunnerService:
             caller = await self._caller(context, entry)
             entry.shared = True
             try:
-                request_id = self._parse(WatchRequest, request).request_id
+                request_id = agreed_id(self._parse(WatchRequest, request).request_id, context.invocation_metadata())
                 entry.request_id = _loggable(request_id)
                 async for event in self._executor.watch(request_id, caller):
                     entry.bytes_out += len(event)
@@ -194,8 +197,9 @@ class TaskRunnerService:
             caller = await self._caller(context, entry)
             try:
                 parsed = self._parse(CancelRequest, request)
-                entry.request_id = _loggable(parsed.request_id)
-                was_running = self._executor.cancel(parsed.request_id, parsed.grace_ms / 1e3, caller)
+                request_id = agreed_id(parsed.request_id, context.invocation_metadata())
+                entry.request_id = _loggable(request_id)
+                was_running = self._executor.cancel(request_id, parsed.grace_ms / 1e3, caller)
             except (RequestError, Refusal) as exc:
                 await self._abort(context, exc, entry)
                 raise AssertionError("unreachable") from exc
@@ -253,7 +257,8 @@ class TaskRunnerService:
         rpc_deadline = received_at + remaining - RPC_DEADLINE_MARGIN_S if remaining is not None else float("inf")
         self._executor.check_room(len(request))
         parsed, task = self._validate(request, caller, entry)
-        request_id, timeout_ms = parsed.request_id, parsed.timeout_ms or task.default_timeout_ms
+        metadata = context.invocation_metadata()
+        request_id, timeout_ms = agreed_id(parsed.request_id, metadata), parsed.timeout_ms or task.default_timeout_ms
         wants = Wants(parsed.priority, parsed.fairness_key,
                       parsed.queue_timeout_ms / 1e3 if parsed.queue_timeout_ms else None,
                       parsed.grace_ms / 1e3 if parsed.grace_ms else None)
@@ -261,7 +266,7 @@ class TaskRunnerService:
         # digest of them, and the parsed copy goes now. The raw bytes are all a waiting call holds.
         digest = options_digest(parsed.options) if request_id else b""
         return Call(request, task, caller, request_id, digest, timeout_ms, rpc_deadline, received_at, wants,
-                    trace=TraceContext.of(context.invocation_metadata()))
+                    trace=TraceContext.of(metadata))
 
     def _validate(self, request: bytes, caller: Caller, entry: Entry) -> tuple[PerformRequest, Task]:
         try:
@@ -332,6 +337,28 @@ def _ended(entry: Entry, call: Call | None) -> None:
     entry.shared = call.shared
     if call.ended is not None:
         entry.outcome, entry.error, entry.queue_ms, entry.run_ms = call.ended
+
+
+def agreed_id(field: str, metadata: Any) -> str:
+    """A call's request id: its message's `request_id`, or the REQUEST_ID_HEADER metadata it carries so that a
+    load balancer can route by it (ring_hash), or both if they agree.
+
+    Raises:
+        RequestError: they differ, or the header is no valid request id (INVALID_ARGUMENT).
+    """
+    header = next((value for key, value in metadata or () if key == REQUEST_ID_HEADER), None)
+    if header is None:
+        return field
+    if isinstance(header, bytes):
+        header = header.decode(errors="replace")
+    if len(header) > MAX_REQUEST_ID or not header.isprintable() or not header:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the {REQUEST_ID_HEADER} metadata must be a request id: "
+                           f"printable text of 1 to {MAX_REQUEST_ID} bytes")
+    if field and field != header:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the {REQUEST_ID_HEADER} metadata ({header[:60]!r}) and the request_id field "
+                           f"({field[:60]!r}) differ: send one request id, or the same in both")
+    return str(header)
 
 
 def _loggable(text: str) -> str:

@@ -85,3 +85,38 @@ def test_watchdog_pings(tmp_path: Path) -> None:
         assert wait_until(lambda: "WATCHDOG=1" in daemon.read_notifications(timeout=0.5), 10)
     finally:
         assert daemon.stop() == 0
+
+
+TEMPLATE = REPO / "systemd" / "task-runner@.service"
+
+
+def rendered_instance(tmp_path: Path, port: int) -> Path:
+    """An instance of the template, with this installation's task-runner (the template beside it)."""
+    task_runner = Path(sys.executable).parent / "task-runner"
+    (tmp_path / TEMPLATE.name).write_text(TEMPLATE.read_text().replace("/opt/task-runner/bin/task-runner",
+                                                                       str(task_runner)))
+    return tmp_path / f"task-runner@{port}.service"
+
+
+def test_the_template_unit_verifies_and_is_as_hardened_as_the_unit(tmp_path: Path) -> None:
+    instance = rendered_instance(tmp_path, 50052)
+    done = subprocess.run([systemd_analyze(), "verify", str(instance)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout == "" and done.stderr == "", done.stdout + done.stderr
+    done = subprocess.run([systemd_analyze(), "security", "--offline=yes", str(instance)],
+                          capture_output=True, text=True, timeout=120)
+    score = float(re.search(r"Overall exposure level for \S+: ([\d.]+)", done.stdout).group(1))  # type: ignore[union-attr]
+    assert score <= MAX_EXPOSURE, done.stdout
+
+
+def test_the_template_differs_from_the_unit_only_in_what_an_instance_owns() -> None:
+    def settings(path: Path) -> dict[str, str]:
+        text = path.read_text().replace("\\\n", "")
+        return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and line[0] != "#")
+    unit, template = settings(UNIT), settings(TEMPLATE)
+    differ = {key for key in unit.keys() | template.keys() if unit.get(key) != template.get(key)}
+    assert differ == {"Description", "ExecStart", "RuntimeDirectory"}, differ
+    start = template["ExecStart"].split()
+    assert start[:4] == unit["ExecStart"].split()
+    assert "127.0.0.1:%i" in start and "unix:/run/task-runner/%i/task-runner.sock" in start
+    assert start[start.index("--metrics-listen") + 1] == "off"  # one config: no port clash between instances
+    assert template["RuntimeDirectory"] == "task-runner/%i"
