@@ -135,3 +135,27 @@ def test_a_killed_daemons_calls_fail_unavailable_and_the_next_go_elsewhere(fleet
                     assert f"method=Perform request_id={rid} " not in daemon.log_text()
         for rid in set(ids) - on_victim:
             calls[rid].result(timeout=60)
+
+
+def test_the_daemon_takes_the_request_id_from_the_header_and_refuses_a_disagreement(daemon: Daemon) -> None:
+    import grpc
+
+    from task_runner.v1 import task_runner_pb2 as pb
+    from task_runner.v1.task_runner_pb2_grpc import TaskRunnerStub
+
+    with grpc.insecure_channel(daemon.unix) as channel:
+        stub = TaskRunnerStub(channel)
+        answered = stub.Perform(pb.PerformRequest(task="echo", timeout_ms=5000),
+                                metadata=(("task-runner-request-id", "from-header"),), timeout=30)
+        assert answered.request_id == "from-header"
+        again = stub.Perform(pb.PerformRequest(task="echo", timeout_ms=5000, request_id="from-header"),
+                             metadata=(("task-runner-request-id", "from-header"),), timeout=30)
+        assert again.request_id == "from-header"  # both, agreeing
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Perform(pb.PerformRequest(task="echo", timeout_ms=5000, request_id="field"),
+                         metadata=(("task-runner-request-id", "header"),), timeout=30)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "task-runner-request-id" in (refused.value.details() or "")
+        watched = list(stub.Watch(pb.WatchRequest(), metadata=(("task-runner-request-id", "from-header"),),
+                                  timeout=30))
+        assert watched[-1].HasField("response")  # Watch and Cancel take it from the header too
