@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import observability, phases, procs, report, sandbox, scale
+from bench import fleet, observability, phases, procs, report, sandbox, scale
 from bench.drivers import open_channel
 from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The phases, in the order they run; those before leanness share one daemon (and the echo service).
 SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
-PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability")
+PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability", "fleet")
 
 
 def phase_list(text: str) -> tuple[str, ...]:
@@ -159,6 +159,10 @@ class Run:
             progress.phase(f"observability: {s.sandbox_repeats} rounds of no-op Perform at {s.baseline_concurrency} "
                            "in flight, untraced, with a traceparent, and on a daemon without its access log")
             await self.attempt("observability", self.observability())
+        if self.wants("fleet"):
+            progress.phase(f"fleet: one daemon against two (half the slots each) behind one ring_hash channel; "
+                           f"{s.sandbox_repeats} rounds of no-op Perform at {s.baseline_concurrency} in flight")
+            await self.attempt("fleet", self.fleet())
 
     async def shared(self) -> None:
         """The phases on the first daemon (and the echo service, for those that compare with it)."""
@@ -250,6 +254,18 @@ class Run:
         finally:
             for name, daemon in daemons.items():
                 await self.stop(daemon, f"observability_{name}_daemon")
+
+    async def fleet(self) -> dict[str, Any]:
+        started: list[procs.Service] = []
+        try:
+            one = await self.start("daemon", fleet.daemon_config(self.settings, 1))
+            started.append(one)
+            two = [await self.start("daemon", fleet.daemon_config(self.settings, 2)) for _ in range(2)]
+            started += two
+            return await fleet.fleet(one, two, self.settings, self.progress)
+        finally:
+            for index, daemon in enumerate(started):
+                await self.stop(daemon, f"fleet_daemon_{index}")
 
     def cleanup(self) -> None:
         """Stop every service (SIGTERM, then SIGKILL), then anything else we started that still runs."""
