@@ -19,7 +19,8 @@ from task_runner.client import AsyncClient, Client, Started, TaskCancelled, Task
 from task_runner.client.retry import NO_RETRY
 from tests.conftest import Daemon, start_daemon, wait_until
 
-PERFORMED = re.compile(r"method=Perform request_id=(\S+) .*shared=False")
+# The access log's line of a call that ran on its daemon and was answered there (a refusal is no run).
+PERFORMED = re.compile(r"method=Perform request_id=(\S+) .*status=OK .*shared=False")
 
 
 @pytest.fixture
@@ -78,6 +79,7 @@ def test_watch_and_cancel_from_another_client_reach_the_calls_daemon(fleet: list
     ids = [f"long-{i}" for i in range(9)]
     with Client(targets(fleet)) as client, Client(targets(fleet)) as other, ThreadPoolExecutor(len(ids)) as pool:
         calls = {rid: pool.submit(client.call, "sleep", 60_000, {"ms": 30_000}, request_id=rid) for rid in ids}
+        assert wait_until(lambda: all(running_on(fleet, rid) is not None for rid in ids), 20)  # they have arrived
         for rid in ids:
             events = other.watch(rid)  # never NOT_FOUND: it reaches the daemon that runs the call
             assert any(isinstance(event, Started) for event in events)
