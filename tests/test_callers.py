@@ -321,3 +321,14 @@ def test_callers_by_their_client_certificates(tmp_path: Path, pki: dict[str, Pat
             plain.call("who_calls", 5000)
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_callers_rate_holds_its_starts_to_its_bucket(tmp_path: Path, gate: Gate) -> None:  # noqa: F811
+    callers = {"reports": STANDARD["reports"], "billing": 'tasks = ["log_start"]\nrate_per_s = 10\nburst = 2\n'}
+    with callers_daemon(tmp_path, "max_running = 8\n", callers) as d, as_(d, "billing") as billing, \
+            ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(billing.call, "log_start", 30_000, gate.options("b")) for _ in range(8)]
+        assert all(call.result(timeout=60).outcome for call in calls)
+    starts = [at for label, what, at in gate.events() if what == "start" and label == "b"]
+    assert len(starts) == 8
+    assert starts[-1] - starts[0] >= (8 - 2) / 10 - 0.1  # held to 10 a second after its burst of 2
