@@ -175,6 +175,9 @@ class ForkServer:
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._hello = self._preload(spec["tasks"])
+        # Once the tasks are imported: what they and the interpreter load lazily stays in their sight.
+        code = sandbox.code_paths()
+        self._profiles = [profile._replace(code=code) if profile.filesystem else profile for profile in self._profiles]
 
     def _preload(self, tasks: dict[str, str]) -> dict[str, Any]:
         infos: dict[str, dict[str, str]] = {}

@@ -11,7 +11,9 @@ kernel kills whatever the task left. Then, in the process itself (`enter`):
   nosuid and nodev, serves as /tmp, /var/tmp and /dev/shm and is its working directory: it goes with
   the namespace, so nothing is left to remove. `writable` paths are cloned before and put back
   writable after; `hide` paths are covered by an empty read-only tmpfs (a directory) or /dev/null
-  (a file).
+  (a file). What the daemon runs from under /tmp, /var/tmp or /dev/shm (`code_paths`: its
+  interpreter, `sys.path`, the task modules' folders) is bound back read-only, nosuid and nodev, so
+  that a daemon installed there still serves its tasks (as bubblewrap's `--ro-bind`).
 - `network`: a network namespace with only its loopback, up: no route out, not the host's loopback,
   no other task's abstract unix sockets.
 - `processes`: besides the pid namespace, an IPC namespace (System V and POSIX IPC die with it) and
@@ -28,6 +30,7 @@ import os
 import signal
 import stat
 import struct
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -41,12 +44,13 @@ AT_FDCWD = -100
 AT_EMPTY_PATH, AT_RECURSIVE = 0x1000, 0x8000
 OPEN_TREE_CLONE = 0x1
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
-MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 # Syscalls added since Linux 5.2 have one number on every architecture.
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 PR_SET_NO_NEW_PRIVS = 38
 PARTS = ("filesystem", "network", "processes", "syscalls")
+PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # what a private filesystem replaces with its own tmpfs
 SETUP_FAILED = 71  # the exit code of a task process whose sandbox could not be set up: it never runs a task
 _MOUNT_ATTR = struct.Struct("QQQQ")  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -67,6 +71,7 @@ class Profile(NamedTuple):
     tmp_bytes: int = 256 << 20
     hide: tuple[str, ...] = ()
     writable: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()  # bound back read-only under the private /tmp (the fork server's `code_paths`)
 
     @property
     def parts(self) -> set[str]:
@@ -85,7 +90,7 @@ class Profile(NamedTuple):
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Profile:
         return cls(data["filesystem"], data["network"], data["processes"], bytes.fromhex(data["seccomp"]),
-                   data["tmp_bytes"], tuple(data["hide"]), tuple(data["writable"]))
+                   data["tmp_bytes"], tuple(data["hide"]), tuple(data["writable"]), tuple(data.get("code", ())))
 
     def without(self, parts: set[str]) -> Profile:
         """This profile without the parts this machine cannot set up."""
@@ -164,12 +169,15 @@ def enter(profile: Profile) -> None:
         _loopback_up()
     if profile.filesystem:
         # Cloned now, while the host's /tmp (which a writable path may be under) is still in sight.
-        clones = [(path, _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(),
-                                               OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE), f"open_tree {path}"))
-                  for path in profile.writable]
+        clones = [(path, _clone(path)) for path in profile.writable]
         _set_mount_attr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, MS_PRIVATE)
+        # Cloned after the read-only pass, so read-only themselves (a detached clone keeps its attributes).
+        code = [(path, _clone(path)) for path in profile.code]
+        for _, fd in code:
+            _set_mount_attr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
+                            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         _private_tmp(profile.tmp_bytes)
-        for path, fd in clones:
+        for path, fd in code + clones:
             os.makedirs(path, exist_ok=True)  # under the fresh /tmp, its mount point is made anew
             _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH),
                    f"move_mount {path}")
@@ -184,6 +192,40 @@ def enter(profile: Profile) -> None:
             _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     if profile.filesystem:
         os.chdir("/tmp")  # (the task's working directory is made there once it has its uid)
+
+
+def _clone(path: str) -> int:
+    """A detached copy of the mount tree at `path` (a descriptor for move_mount)."""
+    return _check(_libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC | AT_RECURSIVE),
+                  f"open_tree {path}")
+
+
+def code_paths() -> tuple[str, ...]:
+    """What this process runs from that a private filesystem's /tmp would hide: the interpreter, the
+    prefixes, `sys.path` and every loaded module's folder under PRIVATE_TMP, fewest folders that hold them all.
+
+    Called once by the fork server, after it imported the tasks (so their folders count, editable installs too).
+    """
+    found: set[str] = set()
+
+    def add(path: str) -> None:
+        real = os.path.realpath(path)
+        if any(real.startswith(top + "/") for top in PRIVATE_TMP) and os.path.exists(real):
+            found.add(real)
+
+    for path in (sys.executable, sys.prefix, sys.exec_prefix, sys.base_prefix, *sys.path):
+        if path:
+            add(path if os.path.isdir(path) else os.path.dirname(path))
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str):
+            add(os.path.dirname(file))
+    outermost = sorted(found)
+    kept: list[str] = []
+    for path in outermost:  # sorted: a folder comes before what it holds
+        if not any(path.startswith(parent + "/") for parent in kept):
+            kept.append(path)
+    return tuple(kept)
 
 
 def _private_tmp(size: int) -> None:

@@ -129,17 +129,5 @@ def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[st
                             f"{', '.join(asked)}")
         elif wanting:
             log.warning("sandbox: %s cannot be set up on this machine (%s): tasks run without it", setting, why)
-    private = [name for name, task in catalogue.items() if task.sandbox.sandboxed("filesystem")]
-    hidden = sorted({path for path in (sys.prefix, *sys.path) if path and _under_private_tmp(path)})
-    if private and hidden:
-        log.warning("sandbox: tasks with a private filesystem (%s) do not see %s: a task's /tmp, /var/tmp and "
-                    "/dev/shm are its own, so what the daemon was installed or run from there is hidden from them "
-                    "(lazy imports and subprocesses of the interpreter fail). Install elsewhere, or set "
-                    'filesystem = "host" for them.', ", ".join(private[:10]), ", ".join(hidden[:5]))
     return refusals
 
-
-def _under_private_tmp(path: str) -> bool:
-    """Whether a task's private filesystem replaces `path` with its own tmpfs."""
-    real = os.path.realpath(path)
-    return any(real == top or real.startswith(top + "/") for top in ("/tmp", "/var/tmp", "/dev/shm"))

@@ -13,6 +13,8 @@ import fcntl
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -273,3 +275,33 @@ def test_list_tasks_shows_each_tasks_sandbox_and_a_task_may_override_it(tmp_path
     assert closed["interfaces"] == ["lo"]
     host_interfaces = sorted(name for _, name in socket.if_nameindex())
     assert sorted(opened["interfaces"]) == host_interfaces
+
+
+def test_a_daemon_installed_under_tmp_still_serves_its_tasks(tmp_path: Path) -> None:
+    """Its interpreter, prefix and task modules live under /tmp, which a task's private /tmp would hide: they are
+    bound back read-only, so a late import and a subprocess of the interpreter work, and nothing there is
+    writable, even for a root task."""
+    install = Path(tempfile.mkdtemp(prefix="task-runner-install-", dir="/tmp"))  # as a clone in /tmp would be
+    try:
+        install.chmod(0o755)
+        venv = install / "venv"  # an interpreter under /tmp that finds this one's packages
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        site = next(venv.glob("lib/python3*/site-packages"))
+        (site / "outer.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+        modules = install / "modules"
+        modules.mkdir()
+        (modules / "late_module.py").write_text("VALUE = 42\n")
+        shutil.copy(Path(__file__).parent / "tasks" / "installed_under_tmp.py", modules / "under_tmp_tasks.py")
+        daemon = start_daemon(tmp_path / "d", f'cgroup = "off"\n[sandbox]\n{EVERY_PART}'
+                              '[tasks.load_late]\ntarget = "under_tmp_tasks:load_late"\n',
+                              env={"PYTHONPATH": f"{modules}:{Path(__file__).parent.parent}"},
+                              python=str(venv / "bin" / "python"))
+        try:
+            with Client(daemon.unix) as client:
+                answer = client.call("load_late", 30_000)
+            assert answer.result == {"late": 42, "interpreter": "ok", "prefix_seen": True,
+                                     "wrote_into_code": False}, answer
+        finally:
+            assert daemon.stop() == 0, daemon.log_text()
+    finally:
+        shutil.rmtree(install)
