@@ -88,6 +88,51 @@ class Daemon:
                 self.notify_sock.close()
 
 
+_STARTED: list[Daemon] = []  # every daemon a test started: none may outlive its test (see _no_daemon_left)
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_left() -> Iterator[None]:
+    """A test that fails before it stops its daemon leaves none running: it is stopped (killed if need be) here."""
+    before = len(_STARTED)
+    yield
+    for daemon in _STARTED[before:]:
+        if daemon.process.poll() is None:
+            daemon.stop(timeout=10)
+    del _STARTED[before:]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Session fixtures' daemons too, whatever ended the run."""
+    for daemon in _STARTED:
+        if daemon.process.poll() is None:
+            daemon.stop(timeout=10)
+
+
+def _unreadable_by_others(path: Path) -> str | None:
+    """The first folder on the way to `path` that another uid cannot enter or read, if any."""
+    for folder in (*reversed(path.parents), path):
+        mode = folder.stat().st_mode
+        if not mode & 0o001 or (folder == path and not mode & 0o004):
+            return f"{folder} (mode {mode & 0o777:04o})"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """As root the daemon runs tasks under other uids (nobody, uids of their own), which import from this install
+    and this checkout: say so at once, in one line, rather than fail deep inside the tests that do."""
+    if os.geteuid() != 0:
+        return
+    import task_runner
+
+    needed = (Path(sys.prefix), Path(task_runner.__file__).resolve().parent, REPO)
+    blocked = next((found for path in needed if (found := _unreadable_by_others(path.resolve()))), None)
+    if blocked:
+        pytest.exit(f"the tests need an install and a checkout other users can read (tasks run as other uids and "
+                    f"import from them), but {blocked} is closed to them: clone and create the venv elsewhere "
+                    f"(e.g. under /srv or /work), or chmod o+rx it", returncode=4)
+
+
 def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) -> Path:
     """A config with the test tasks. Tasks may write to the tests' temporary directories (their files are how
     tests watch them from outside), unless `extra` has a [sandbox] table of its own."""
@@ -99,7 +144,7 @@ def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) ->
 
 
 def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = ()) -> Daemon:
+                 args: tuple[str, ...] = (), python: str = sys.executable) -> Daemon:
     """Start `python -m task_runner.server` with the test tasks; return once it is ready."""
     directory.mkdir(parents=True, exist_ok=True)
     config = write_config(directory / "config.toml", config_extra)
@@ -111,11 +156,12 @@ def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | 
     full_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO), **(env or {})}
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "-m", "task_runner.server", "--config", str(config),
+            [python, "-m", "task_runner.server", "--config", str(config),
              "--listen", unix, "--listen", "127.0.0.1:0", *args],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
         )
     daemon = Daemon(process, unix, "", log, notify_sock=notify_sock)
+    _STARTED.append(daemon)
     deadline = time.monotonic() + 30
     while "READY=1" not in daemon.notifications:
         if process.poll() is not None or time.monotonic() > deadline:
