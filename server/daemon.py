@@ -160,9 +160,10 @@ class Daemon:
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
         self._owner = task_owner(self.config)
         check_exposure(self.config)
-        if self._owner is not None and (reachable := open_to_tasks(self.config)):
+        if reachable := open_to_tasks(self.config, same_user=self._owner is None):
             log.warning("tasks can call this daemon on %s (no token or client certificate needed): configure "
-                        "[auth], or listen on a unix socket closed to others", ", ".join(reachable))
+                        "[auth]%s", ", ".join(reachable), ", or listen on a unix socket closed to others"
+                        if self._owner is not None else ", or run_as_user (its tasks run as its own user)")
         if self.config.insecure and not (self.config.tls.enabled or authenticated(self.config)):
             log.warning("insecure = true: anyone who can reach %s can run tasks", ", ".join(self.config.listen))
         if self.own_process:

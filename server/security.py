@@ -55,18 +55,18 @@ def check_exposure(config: Config) -> None:
         )
 
 
-def open_to_tasks(config: Config) -> list[str]:
+def open_to_tasks(config: Config, same_user: bool = False) -> list[str]:
     """The listen addresses a task process could call its own daemon on.
 
     A task may not call its daemon (a task waiting on its own call holds a slot while it waits;
     all of them doing so would hold every slot). A task has neither the token nor a client key,
     and, running as another user, cannot open a unix socket that is closed to others; so only a
     TCP address that needs neither token nor client certificate, or a unix socket open to others,
-    lets it in.
+    lets it in. Tasks of the daemon's own user (`same_user`: no run_as_user) open every unix socket.
     """
     if authenticated(config):
         return []
-    open_unix = int(config.unix_socket_mode, 8) & 0o007
+    open_unix = same_user or int(config.unix_socket_mode, 8) & 0o007
     return [a for a in config.listen
             if (a.startswith("unix:") and open_unix) or (not a.startswith("unix:") and not config.tls.client_ca_file)]
 

@@ -468,6 +468,20 @@ def test_a_task_cannot_call_its_own_daemon(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.log_text()
 
 
+def test_a_daemon_whose_tasks_run_as_itself_says_they_can_call_it(tmp_path: Path) -> None:
+    """No token and no run_as_user (the quick start): its tasks reach its TCP port (and would open its unix socket,
+    were it not under the /tmp a private filesystem replaces)."""
+    daemon = start_daemon(tmp_path / "d", '[tasks.call_own_daemon]\ntarget = "tests.tasks.caller:call_own_daemon"\n')
+    try:
+        with daemon.client() as client:
+            ended = client.call("call_own_daemon", 30_000, {"targets": [daemon.tcp]}).result
+        assert ended == {daemon.tcp: "OK"}, ended
+        said = next(line for line in daemon.log_text().splitlines() if "tasks can call this daemon" in line)
+        assert daemon.unix in said and "127.0.0.1:0" in said and "run_as_user" in said, said
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="running tasks as other users needs root")
 def test_a_daemon_open_to_its_tasks_says_so(tmp_path: Path) -> None:
     daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\n')
