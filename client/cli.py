@@ -1,18 +1,14 @@
 """`task-runner perform`, `watch`, `cancel` and `tasks`: the client's commands (the daemon's, `serve` and
 `check-config`, are in task_runner.server.cli, which builds the whole `task-runner` command).
 
-Every command takes `--target`, `--json` and `--no-retry`. Its output goes to stdout: the answer as
-JSON (`perform`, `watch`), a line or a table (`cancel`, `tasks`; JSON with `--json`). An error is one
-line on stderr, or, with `--json`, a JSON object on stdout (`{"error": {...}}`, or the answer with its
-`error` for a task that failed). A closed stdout (`| head`) ends the command quietly.
+Every command takes `--target`, `--json` and `--no-retry`, before the command or after it. Its output goes to
+stdout: the answer as JSON (`perform`, `watch`), a line or a table (`cancel`, `tasks`; JSON with `--json`). An
+error is one line on stderr (a failed task's traceback and stderr tail follow it), or, with `--json`, a JSON
+object on stdout (`{"error": {...}}`, or the answer with its `error` and a null `outcome` for a task that
+failed). A closed stdout (`| head`) ends the command quietly. A valid $TRACEPARENT (and $TRACESTATE) goes with
+each call as its W3C trace context, so that a shell script inside a trace passes it on.
 
-Exit codes (EXIT_CODES):
-  0    outcome true (or, for cancel and tasks, done)
-  1    outcome false: the task's deterministic failure
-  2    the task failed (a task error: worth retrying, unless its kind is IMPORT_FAILED)
-  3    the call was refused, or the daemon could not be reached (the gRPC status says which)
-  64   usage: the command line is wrong (as sysexits' EX_USAGE)
-  141  stdout was closed before all was written (as a tool SIGPIPE ended)
+Exit codes: EXIT_CODES (sysexits.h's from 64); a failed call's by its gRPC status, in `exit_code`.
 """
 
 from __future__ import annotations
@@ -20,12 +16,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+import grpc
+
+from task_runner.client.channel import Security
 from task_runner.client.errors import RpcError, TaskFailed, TaskRunnerError
 from task_runner.client.follow import follow
 from task_runner.client.results import RequestFields, TaskResult
@@ -33,11 +34,44 @@ from task_runner.client.retry import DEFAULT_RETRY, NO_RETRY
 from task_runner.client.sync import Client
 
 PROG = "task-runner"
+DISTRIBUTION = "isolated-task-runner"
 DESCRIPTION = "Run Python tasks in isolated processes over gRPC."
-OK, OUTCOME_FALSE, TASK_FAILED, CALL_FAILED, USAGE, CLOSED_PIPE = 0, 1, 2, 3, 64, 141
-EXIT_CODES = {OK: "outcome true, or done", OUTCOME_FALSE: "outcome false", TASK_FAILED: "the task failed",
-              CALL_FAILED: "the call was refused or the daemon unreachable", USAGE: "usage error",
-              CLOSED_PIPE: "stdout was closed"}
+OK, OUTCOME_FALSE, TASK_FAILED = 0, 1, 2
+# sysexits.h's names, for what went wrong with the call itself
+USAGE, DATA_ERROR, NO_INPUT, UNAVAILABLE, SOFTWARE, TEMPORARY, NO_PERMISSION = 64, 65, 66, 69, 70, 75, 77
+CLOSED_PIPE = 141  # as a tool that SIGPIPE ended
+EXIT_CODES = {
+    OK: "outcome true (cancel, tasks: done)",
+    OUTCOME_FALSE: "outcome false: the task's deterministic failure",
+    TASK_FAILED: "the task failed: a task error (worth retrying, unless IMPORT_FAILED)",
+    USAGE: "usage: the command line is wrong (EX_USAGE)",
+    DATA_ERROR: "the request is invalid: INVALID_ARGUMENT, or too large (EX_DATAERR)",
+    NO_INPUT: "no such task or request id: NOT_FOUND (EX_NOINPUT)",
+    UNAVAILABLE: "refused for now, or no daemon: UNAVAILABLE, RESOURCE_EXHAUSTED; retry later (EX_UNAVAILABLE)",
+    SOFTWARE: "the call failed otherwise: INTERNAL, UNKNOWN, a stream without an answer (EX_SOFTWARE)",
+    TEMPORARY: "no answer in time: DEADLINE_EXCEEDED, e.g. --queue-timeout passed, the task never ran (EX_TEMPFAIL)",
+    NO_PERMISSION: "not permitted: PERMISSION_DENIED, UNAUTHENTICATED (EX_NOPERM)",
+    CLOSED_PIPE: "stdout was closed before all was written",
+}
+# A failed call's exit code by its gRPC status: the one place they are mapped (any other status: SOFTWARE).
+EXIT_BY_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: DATA_ERROR,
+    grpc.StatusCode.NOT_FOUND: NO_INPUT,
+    grpc.StatusCode.UNAVAILABLE: UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: TEMPORARY,
+    grpc.StatusCode.PERMISSION_DENIED: NO_PERMISSION,
+    grpc.StatusCode.UNAUTHENTICATED: NO_PERMISSION,
+}
+TRACEPARENT = re.compile(r"00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")  # W3C, version 00
+SUMMARY_CHARS, TRACEBACK_LINES, STDERR_LINES, LINE_CHARS = 1000, 40, 20, 500  # what a failure prints, at most
+
+
+def exit_code(exc: RpcError) -> int:
+    """The exit code of a failed call."""
+    if exc.status == grpc.StatusCode.RESOURCE_EXHAUSTED and not exc.reason:
+        return DATA_ERROR  # a request too large: no retry cures it (a full queue says QUEUE_FULL)
+    return EXIT_BY_STATUS.get(exc.status, SOFTWARE) if exc.status else SOFTWARE
 
 
 class Parser(argparse.ArgumentParser):
@@ -50,9 +84,42 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The client's commands alone: `python -m task_runner.client.cli perform|tasks ...`."""
-    parser = Parser(prog=PROG, description=DESCRIPTION)
-    add_commands(parser.add_subparsers(required=True, metavar="COMMAND"))
+    parser, commands = new_parser()
+    add_commands(commands)
     return run(parser, argv)
+
+
+def new_parser() -> tuple[Parser, argparse._SubParsersAction[Any]]:
+    """The `task-runner` parser, with --version, the client options and the exit codes in its help, and
+    its (empty) set of commands."""
+    epilog = "exit codes:\n" + "\n".join(f"  {code:<4} {meaning}" for code, meaning in EXIT_CODES.items())
+    parser = Parser(prog=PROG, description=DESCRIPTION, epilog=epilog,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_client_options(parser, before=True)
+    return parser, parser.add_subparsers(required=True, metavar="COMMAND")
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def _add_client_options(parser: argparse.ArgumentParser, before: bool) -> None:
+    """--target, --json and --no-retry: on the parser itself (`before` the command) with their defaults, and on
+    each client command without any, so that one given after the command overrides one given before it and one
+    not given there leaves it be (argparse copies every attribute of a command's namespace over the parser's)."""
+    def default(value: Any) -> Any:
+        return value if before else argparse.SUPPRESS
+
+    parser.add_argument("--target", metavar="ADDR", default=default(None),
+                        help="the daemon (default: $TASK_RUNNER_TARGET or 127.0.0.1:50051)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print JSON, errors included (on stdout)")
+    parser.add_argument("--no-retry", action="store_true", default=default(False),
+                        help="do not retry a call the daemon refused for now (UNAVAILABLE, RESOURCE_EXHAUSTED)")
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
@@ -72,11 +139,7 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
 def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     """Add `perform`, `watch`, `cancel` and `tasks` to a `task-runner` parser."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", metavar="ADDR",
-                        help="the daemon (default: $TASK_RUNNER_TARGET or 127.0.0.1:50051)")
-    common.add_argument("--json", action="store_true", help="print JSON, errors included (on stdout)")
-    common.add_argument("--no-retry", action="store_true",
-                        help="do not retry a call the daemon refused for now (UNAVAILABLE, RESOURCE_EXHAUSTED)")
+    _add_client_options(common, before=False)
 
     perform = commands.add_parser("perform", parents=[common], help="run a task on a daemon and print the answer")
     perform.add_argument("task")
@@ -110,8 +173,33 @@ def add_commands(commands: argparse._SubParsersAction[Any]) -> None:
     tasks.set_defaults(run=_tasks)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Traced(Security):
+    """The security the environment sets, and the caller's trace context: each call's metadata carries both."""
+
+    trace: tuple[tuple[str, str], ...] = ()
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return super().metadata() + self.trace
+
+
 def _client(args: argparse.Namespace) -> Client:
-    return Client(args.target, retry=NO_RETRY if args.no_retry else DEFAULT_RETRY)
+    return Client(args.target, _Traced(trace=_shell_trace()), retry=NO_RETRY if args.no_retry else DEFAULT_RETRY)
+
+
+def _shell_trace() -> tuple[tuple[str, str], ...]:
+    """The W3C trace context of the environment ($TRACEPARENT, $TRACESTATE: OpenTelemetry's convention for an
+    environment carrier, the daemon's own for its tasks), when $TRACEPARENT is well formed."""
+    parent = os.environ.get("TRACEPARENT", "").strip().lower()
+    if not parent:
+        return ()
+    if not TRACEPARENT.fullmatch(parent):
+        print(f"{PROG}: $TRACEPARENT is not a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>): not sent",
+              file=sys.stderr)
+        return ()
+    state = os.environ.get("TRACESTATE", "").strip()
+    carried = state and state.isascii() and state.isprintable()  # what gRPC metadata can carry
+    return (("traceparent", parent),) + ((("tracestate", state),) if carried else ())
 
 
 def _usage(message: str) -> int:
@@ -131,17 +219,13 @@ def _perform(args: argparse.Namespace) -> int:
                                queue_timeout_ms=args.queue_timeout, grace_ms=args.grace)
         if not args.follow:
             return _answer(args, lambda: client.call(args.task, args.timeout, options, **kwargs))
-        timeout_ms = args.timeout
-        if timeout_ms is None:  # for the time left: the task's default, as the daemon has it
-            with contextlib.suppress(RpcError):
-                timeout_ms = next((t.default_timeout_ms for t in client.tasks() if t.name == args.task), None)
         events = client.stream(args.task, args.timeout, options, **kwargs)
-        return _answer(args, lambda: follow(events, timeout_ms / 1e3 if timeout_ms else None))
+        return _answer(args, lambda: follow(events, args.timeout / 1e3 if args.timeout else None), followed=True)
 
 
 def _watch(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        return _answer(args, lambda: follow(client.watch(args.request_id), None))
+        return _answer(args, lambda: follow(client.watch(args.request_id)), followed=True)
 
 
 def _cancel(args: argparse.Namespace) -> int:
@@ -157,20 +241,21 @@ def _cancel(args: argparse.Namespace) -> int:
     return OK
 
 
-def _answer(args: argparse.Namespace, get: Callable[[], TaskResult | None]) -> int:
-    """Print the answer `get` returns as JSON (or the error it raises); the exit code."""
+def _answer(args: argparse.Namespace, get: Callable[[], TaskResult | None], followed: bool = False) -> int:
+    """Print the answer `get` returns as JSON (or the error it raises); the exit code. `followed`: the task's
+    output was shown as it came."""
     try:
         answer = get()
     except TaskFailed as exc:
         if args.json:
             out: dict[str, Any] = exc.answer.to_json() if exc.answer else {}
+            out["outcome"] = None  # a task that failed gave no verdict (false would say: deterministic)
             out["error"] = {"kind": exc.kind, "type": exc.type, "message": exc.message,
                             "traceback": exc.traceback, "exit_code": exc.exit_code, "signal": exc.signal,
                             "limit": exc.limit, "notice_given": exc.notice_given, "retryable": exc.retryable}
             print(json.dumps(out, indent=2))
         else:
-            what = f"{exc.type}: {exc.message}" if exc.type and exc.type not in exc.message else exc.message
-            print(f"{PROG}: the task failed: {exc.kind}: {what}".replace("\n", " "), file=sys.stderr)
+            _print_failure(exc, followed)
         return TASK_FAILED
     except RpcError as exc:
         return _call_failed(args, exc)
@@ -180,6 +265,30 @@ def _answer(args: argparse.Namespace, get: Callable[[], TaskResult | None]) -> i
         return _call_failed(args, RpcError("the stream ended without an answer"))
     print(json.dumps(answer.to_json(), indent=2))
     return OK if answer.outcome else OUTCOME_FALSE
+
+
+def _print_failure(exc: TaskFailed, followed: bool) -> None:
+    """A failed task on stderr: one summary line, then its traceback and the tail of its stderr (unless that
+    was shown as it came), each cut to its last lines, as a Celery or RQ worker shows a failed job."""
+    what = f"{exc.type}: {exc.message}" if exc.type and exc.type not in exc.message else exc.message
+    summary = f"{PROG}: the task failed: {exc.kind}: {what}".replace("\n", " ")
+    print(_cut(summary, SUMMARY_CHARS), file=sys.stderr)
+    if exc.traceback.strip():
+        print(_last_lines(exc.traceback, TRACEBACK_LINES, "of the traceback"), file=sys.stderr)
+    stderr = exc.answer.stderr.decode(errors="replace") if exc.answer and not followed else ""
+    if stderr.strip():
+        print(f"{PROG}: the task's stderr, its last lines:", file=sys.stderr)
+        print(_last_lines(stderr, STDERR_LINES, "of its stderr"), file=sys.stderr)
+
+
+def _last_lines(text: str, count: int, of: str) -> str:
+    lines = text.rstrip("\n").splitlines()
+    shown = [_cut(line, LINE_CHARS) for line in lines[-count:]]
+    return "\n".join(([f"[... {len(lines) - count} lines {of} not shown ...]"] if len(lines) > count else []) + shown)
+
+
+def _cut(line: str, chars: int) -> str:
+    return line if len(line) <= chars else f"{line[:chars]} [... {len(line) - chars} characters not shown]"
 
 
 def _call_failed(args: argparse.Namespace, exc: RpcError) -> int:
@@ -194,7 +303,7 @@ def _call_failed(args: argparse.Namespace, exc: RpcError) -> int:
         hints += [f"retry after {exc.retry_delay_s:.1f} s"] if exc.retry_delay_s is not None else []
         hint = f" ({'; '.join(hints)})" if hints else ""
         print(f"{PROG}: {exc}{hint}".replace("\n", " "), file=sys.stderr)
-    return CALL_FAILED
+    return exit_code(exc)
 
 
 def _tasks(args: argparse.Namespace) -> int:

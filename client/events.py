@@ -32,6 +32,7 @@ class Started(Event):
 
     pid: int = 0
     caller: str = ""  # the name the daemon knows the caller by ("" where it names no callers)
+    deadline_ms: float | None = None  # when its deadline falls, on the clock of time_ms (None: an older daemon)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def read_event(event: PerformEvent) -> Event:
     if which == "queued":
         return Queued(*at, position=event.queued.position)
     if which == "started":
-        return Started(*at, pid=event.started.pid, caller=event.started.caller)
+        s = event.started
+        return Started(*at, pid=s.pid, caller=s.caller, deadline_ms=s.deadline_ms or None)
     if which == "progress":
         p = event.progress
         return Progress(*at, fraction=p.fraction if p.HasField("fraction") else None, stage=p.stage,

@@ -5,12 +5,15 @@ elapsed, the time left before its deadline and, once it reports fractions, an es
 to completion (from its pace so far), with its output printed above the bar as it comes; otherwise
 (a pipe, a log file) each event is one plain line on stderr, with the same times. The task's own
 output goes to stdout and stderr as it wrote it.
+
+The times are read on the daemon's clock (each event's time_ms, the deadline its `started` event
+gives), so that `watch`, which may replay events long after they happened, says what `perform
+--follow` said when they did.
 """
 
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Iterable
 from typing import TextIO
 
@@ -18,12 +21,43 @@ from task_runner.client.events import Event, Finished, Gap, Heartbeat, Output, P
 from task_runner.client.results import TaskResult
 
 
-def follow(events: Iterable[Event], timeout_s: float | None, out: TextIO = sys.stdout,
+def follow(events: Iterable[Event], timeout_s: float | None = None, out: TextIO = sys.stdout,
            err: TextIO = sys.stderr) -> TaskResult | None:
-    """Show the events; the answer (None if the stream ended without one). TaskFailed propagates."""
+    """Show the events; the answer (None if the stream ended without one). TaskFailed propagates.
+
+    Args:
+        timeout_s: the task's timeout, for a daemon whose `started` event does not say its deadline.
+    """
+    pace = Pace(timeout_s)
     if err.isatty():
-        return _live(events, timeout_s, out, err)
-    return _plain(events, timeout_s, out, err)
+        return _live(events, pace, out, err)
+    return _plain(events, pace, out, err)
+
+
+class Pace:
+    """How far an execution is, from its events, on the daemon's clock."""
+
+    def __init__(self, timeout_s: float | None = None) -> None:
+        self._timeout_s = timeout_s
+        self._started_ms: float | None = None
+        self._deadline_ms: float | None = None
+        self._fraction: float | None = None
+
+    def see(self, event: Event) -> None:
+        """Take in an event, in the order they come."""
+        if isinstance(event, Started):
+            self._started_ms = event.time_ms
+            fallback = event.time_ms + self._timeout_s * 1e3 if self._timeout_s is not None else None
+            self._deadline_ms = event.deadline_ms if event.deadline_ms is not None else fallback
+        elif isinstance(event, Progress) and event.fraction is not None:
+            self._fraction = event.fraction
+
+    def left(self, event: Event) -> str:
+        """The times left as of `event` (see `times`); "" before the task started."""
+        if self._started_ms is None:
+            return ""
+        timeout_s = (self._deadline_ms - self._started_ms) / 1e3 if self._deadline_ms is not None else None
+        return times((event.time_ms - self._started_ms) / 1e3, timeout_s, self._fraction)
 
 
 def _write(output: Output, out: TextIO, err: TextIO) -> None:
@@ -42,14 +76,12 @@ def times(ran_s: float, timeout_s: float | None, fraction: float | None) -> str:
     return ", ".join(parts)
 
 
-def _plain(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: TextIO) -> TaskResult | None:
-    began: float | None = None
+def _plain(events: Iterable[Event], pace: Pace, out: TextIO, err: TextIO) -> TaskResult | None:
     for event in events:
+        pace.see(event)
         line = _describe(event)
-        if isinstance(event, Started):
-            began = time.monotonic()
-        elif isinstance(event, Progress) and began is not None:
-            left = times(time.monotonic() - began, timeout_s, event.fraction)
+        if isinstance(event, Progress):
+            left = pace.left(event)
             line = f"{line} ({left})" if left else line
         if isinstance(event, Output):
             _write(event, out, err)
@@ -76,7 +108,7 @@ def _describe(event: Event) -> str:
     return ""
 
 
-def _live(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: TextIO) -> TaskResult | None:
+def _live(events: Iterable[Event], pace: Pace, out: TextIO, err: TextIO) -> TaskResult | None:
     from rich.console import Console
     from rich.progress import BarColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn
     from rich.progress import Progress as Bar
@@ -84,14 +116,11 @@ def _live(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: Te
     console = Console(file=err)
     columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
                TextColumn("{task.fields[left]}")]
-    began = time.monotonic()
     with Bar(*columns, console=console, transient=False) as bar:
         task = bar.add_task("waiting", total=None, left="")
-        fraction: float | None = None
         for event in events:
-            if isinstance(event, Progress) and event.fraction is not None:
-                fraction = event.fraction
-            left = times(time.monotonic() - began, timeout_s, fraction)
+            pace.see(event)
+            left = pace.left(event)
             if isinstance(event, Output):
                 bar.console.out(event.data.decode(errors="replace"), end="", highlight=False)
             elif isinstance(event, Progress):
@@ -99,7 +128,6 @@ def _live(events: Iterable[Event], timeout_s: float | None, out: TextIO, err: Te
                     bar.update(task, total=1.0, completed=event.fraction)
                 bar.update(task, description=event.stage or "running", left=left)
             elif isinstance(event, Started):
-                began = time.monotonic()
                 bar.update(task, description="running")
             elif isinstance(event, Queued):
                 bar.update(task, description=f"queued ({event.position} before it)")

@@ -17,8 +17,7 @@ if TYPE_CHECKING:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = client_cli.Parser(prog=client_cli.PROG, description=client_cli.DESCRIPTION)
-    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    parser, commands = client_cli.new_parser()
     serve = commands.add_parser("serve", help="run the daemon")
     serve.add_argument("--config", metavar="FILE", help="a TOML config file")
     serve.add_argument("--listen", metavar="ADDR", action="append",

@@ -545,6 +545,7 @@ class Executor:
             started = PerformEvent()
             started.started.pid = run.process.pid
             started.started.caller = execution.caller.name
+            started.started.deadline_ms = (deadline - execution.received_at) * 1e3  # for a watcher's time left
             self.metrics.started.labels(execution.task, execution.caller.name).inc()
             execution.events.add(started)
             context = spans.run(task.name) if spans is not None else call.trace

@@ -254,7 +254,8 @@ def test_the_cli_passes_priority_fairness_key_and_queue_timeout(tmp_path: Path, 
         blocker = pool.submit(client.call, "log_start", 30_000, gate.options("block", wait=True))
         assert wait_until(lambda: "block" in gate.started(), 10)
         code, out = perform("--queue-timeout", "100", "--json")
-        assert code == 3 and out["error"]["status"] == "DEADLINE_EXCEEDED" and out["error"]["reason"] == "QUEUE_TIMEOUT"
+        assert code == 75 and out["error"]["status"] == "DEADLINE_EXCEEDED"  # EX_TEMPFAIL: it never ran
+        assert out["error"]["reason"] == "QUEUE_TIMEOUT"
         gate.open()
         assert blocker.result(timeout=30).outcome
 

@@ -111,7 +111,7 @@ def test_cli_perform_exit_codes(daemon: Daemon) -> None:
     assert failed.returncode == 2
     assert json.loads(failed.stdout)["error"]["kind"] == "EXCEPTION"
     unknown = run_cli("perform", "nope", "--json", target=daemon.tcp)
-    assert unknown.returncode == 3 and json.loads(unknown.stdout)["error"]["status"] == "NOT_FOUND"
+    assert unknown.returncode == 66 and json.loads(unknown.stdout)["error"]["status"] == "NOT_FOUND"
     bad = run_cli("perform", "echo", "--options", "[1]", target=daemon.tcp)
     assert bad.returncode == 64 and "JSON object" in bad.stderr
 

@@ -303,7 +303,7 @@ def test_the_cli_follows_watches_and_cancels(embedded: InProcessDaemon, tmp_path
                                                                               "was_running": True}
         done = running.result(timeout=60)
     assert done.returncode == 1 and json.loads(done.stdout)["result"]["cleaned"] is True  # outcome false
-    assert cli("cancel", "cli-2").returncode == 3  # over: NOT_FOUND
+    assert cli("cancel", "cli-2").returncode == 66  # over: NOT_FOUND
 
 
 def test_the_asyncio_client_streams_watches_cancels_and_sees_progress(

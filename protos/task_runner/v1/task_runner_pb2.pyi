@@ -241,21 +241,28 @@ class PerformEvent(_message.Message):
 
         PID_FIELD_NUMBER: _builtins.int
         CALLER_FIELD_NUMBER: _builtins.int
+        DEADLINE_MS_FIELD_NUMBER: _builtins.int
         pid: _builtins.int
         """The task process (its pid on the daemon's machine)."""
         caller: _builtins.str
         """The name of the caller whose call it is ([callers.NAME]; "default" where
         the daemon names no callers).
         """
+        deadline_ms: _builtins.float
+        """When the task's deadline falls, in milliseconds since the call arrived
+        (the clock of time_ms): its timeout from now, or the RPC's own deadline
+        if sooner. 0 from a daemon older than this field.
+        """
         def __init__(
             self,
             *,
             pid: _builtins.int = ...,
             caller: _builtins.str = ...,
+            deadline_ms: _builtins.float = ...,
         ) -> None: ...
         _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
         def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-        _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "pid", b"pid"]  # noqa: Y015
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["caller", b"caller", "deadline_ms", b"deadline_ms", "pid", b"pid"]  # noqa: Y015
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
