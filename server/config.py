@@ -23,6 +23,7 @@ from task_runner.server.uids import parse_range
 DEFAULT_LISTEN = "127.0.0.1:50051"
 MAX_TIMEOUT_MS = 2**32 - 1  # what PerformRequest.timeout_ms can carry
 MIB = 1 << 20
+DEFAULT_PROCESSES = 256  # processes and threads a task's tree may hold at once, unless [limits] says otherwise
 CALLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # it goes into log lines and metric labels
 _T = TypeVar("_T")
 
@@ -38,7 +39,10 @@ class Limits:
     memory_mb: int | None = None  # address space added (RLIMIT_AS), and cgroup memory.max when available
     cpu_s: int | None = None  # CPU seconds (RLIMIT_CPU)
     open_files: int | None = 1024  # RLIMIT_NOFILE
-    processes: int | None = None  # RLIMIT_NPROC (per user!), or cgroup pids.max when available
+    # cgroup pids.max when available, else RLIMIT_NPROC, which the kernel counts per user (threads too) and
+    # never applies to root: so the default binds a task with a cgroup or a uid of its own; one set in the
+    # file binds a shared uid too (all its processes together).
+    processes: int | None = DEFAULT_PROCESSES
     file_size_mb: int | None = None  # the largest file a task may write (RLIMIT_FSIZE)
 
     def merged(self, override: Limits | None) -> Limits:

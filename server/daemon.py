@@ -180,6 +180,12 @@ class Daemon:
             raise StartError(f"cannot prepare the tasks' working directories: {exc}") from exc
         self._cgroup = cgroups.prepare(self.config.cgroup)
         self._uids = self._claim_uids()
+        pids = self._cgroup is not None and "pids" in cgroups.controllers(self._cgroup)
+        if self._owner is None and os.geteuid() == 0 and not pids:
+            # RLIMIT_NPROC never binds root: only a cgroup's pids.max bounds a root task's processes.
+            log.warning("tasks run as root with no cgroup pids controller: [limits] processes (%s) is not enforced; "
+                        "set run_as_user, or give the daemon a cgroup v2 subtree with pids (cgroup = ...)",
+                        self.config.limits.processes)
         # The fork server must exist before any gRPC thread does: it forks, and it must hold
         # nothing of ours. It is spawned as a fresh interpreter, so it is clean either way.
         self._executor = Executor(await self._start_generation(self.config), self.metrics)

@@ -538,6 +538,10 @@ class Executor:
             limits = task.process_limits()
             if run.process.cgroup:
                 limits = cgroups.limit(run.process.cgroup, limits)
+            if limits.processes >= 0 and run.process.uid == wire.NO_UID and "processes" not in task.limits.explicit:
+                # The default limit is a task's own: under a shared uid RLIMIT_NPROC would count every process of
+                # that user (the daemon's, the other tasks'), so only a limit the file sets applies there.
+                limits = limits._replace(processes=wire.NO_LIMIT)
             deadline = min(loop.time() + call.timeout_ms / 1e3, call.rpc_deadline)
             run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
             stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None

@@ -468,6 +468,27 @@ def test_a_task_cannot_call_its_own_daemon(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.log_text()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="uids of their own need root")
+def test_a_fork_bomb_stops_at_the_default_processes_limit(tmp_path: Path) -> None:
+    """No [limits] processes in the file: a task under a uid of its own still gets no more than 256."""
+    daemon = start_daemon(tmp_path / "d", 'run_as_user = "nobody"\ncgroup = "off"\n')
+    try:
+        with daemon.client() as client:
+            got = client.call("fork_and_count", 60_000, {"most": 400}).result
+        assert got["refused"] == "EAGAIN" and 200 < got["forked"] < 256, got
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the case of a root daemon")
+def test_a_root_daemon_says_when_nothing_bounds_its_root_tasks_processes(tmp_path: Path) -> None:
+    daemon = start_daemon(tmp_path / "d", 'cgroup = "off"\n')
+    try:
+        assert "[limits] processes (256) is not enforced" in daemon.log_text(), daemon.log_text()
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
 def test_a_daemon_whose_tasks_run_as_itself_says_they_can_call_it(tmp_path: Path) -> None:
     """No token and no run_as_user (the quick start): its tasks reach its TCP port (and would open its unix socket,
     were it not under the /tmp a private filesystem replaces)."""

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime
+import errno
 import os
 import signal
 import subprocess
@@ -219,6 +220,21 @@ def fork_bomb(options):
             time.sleep(600)
             os._exit(0)
     time.sleep(600)
+
+
+def fork_and_count(options):
+    """Fork sleeping children until the kernel refuses one (at most options["most"]); how many it got."""
+    got = 0
+    for _ in range(options.get("most", 400)):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            return True, {"forked": got, "refused": errno.errorcode.get(exc.errno, str(exc.errno))}
+        if pid == 0:
+            time.sleep(600)
+            os._exit(0)
+        got += 1
+    return True, {"forked": got, "refused": None}
 
 
 def write_cwd(options):
