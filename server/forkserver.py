@@ -322,6 +322,14 @@ class ForkServer:
     def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int,
                              profile: sandbox.Profile) -> NoReturn:
         os.setsid()  # its own session and process group: one killpg reaches the whole group
+        # The first the kernel's OOM killer picks, in a container's or a unit's memory limit alike: a task that
+        # eats the memory dies, not the daemon (lowering it again takes CAP_SYS_RESOURCE).
+        with contextlib.suppress(OSError):
+            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
+            try:
+                os.write(fd, b"1000")
+            finally:
+                os.close(fd)
         try:
             sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
         except OSError as exc:

@@ -468,6 +468,11 @@ def test_a_task_cannot_call_its_own_daemon(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.log_text()
 
 
+def test_the_oom_killer_picks_a_task_before_its_daemon(client: Client) -> None:
+    """A task that eats the memory of its container or unit is the one the kernel kills, with all it started."""
+    assert client.call("oom_scores", 10_000).result == {"own": "1000", "child": "1000"}
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="uids of their own need root")
 def test_a_fork_bomb_stops_at_the_default_processes_limit(tmp_path: Path) -> None:
     """No [limits] processes in the file: a task under a uid of its own still gets no more than 256."""

@@ -281,6 +281,12 @@ def delete_cwd(options):
     return True, {}
 
 
+def oom_scores(options):
+    """The OOM killer's adjustment of this process and of a child of it."""
+    done = subprocess.run(["cat", "/proc/self/oom_score_adj"], capture_output=True, text=True, check=True)
+    return True, {"own": Path("/proc/self/oom_score_adj").read_text().strip(), "child": done.stdout.strip()}
+
+
 def whoami(options):
     cwd = os.getcwd()
     return True, {"uid": os.getuid(), "gid": os.getgid(), "groups": os.getgroups(), "cwd": cwd,
