@@ -13,9 +13,15 @@
 # mount, pid, IPC and network namespaces (CAP_SYS_ADMIN, CAP_NET_ADMIN) and mounts, which the
 # container runtime's default AppArmor profile forbids (hence apparmor=unconfined; its own seccomp
 # filter stays on). Without them, the daemon says at start which sandbox parts it cannot set up and
-# runs without them (a part the config asks for by name refuses the start). Per-task cgroups need a
-# writable cgroup v2 subtree (cgroupns, or a delegated one); without it tasks are bounded by
-# process groups and rlimits. deploy/kubernetes/deployment.yaml asks for exactly this.
+# runs without them (a part the config asks for by name refuses the start).
+#
+# Per-task cgroups need a writable cgroup v2 subtree, which a container that is not privileged does not
+# get: Docker and Kubernetes mount its /sys/fs/cgroup read-only, and Kubernetes cannot delegate a subtree
+# to a pod. So in a container tasks have no cgroup (cgroup = "auto" finds none writable, and the start's
+# "tasks run in cgroups under ..." line is missing): each task's tree is ended by its process group and
+# the subreaper, and bounded by the config's [limits] (rlimits: memory_mb per process, processes per task
+# uid), which deploy/kubernetes/configmap.yaml sets. docs/deployment.md ("Memory") says what that protects
+# and what it does not.
 
 # -- build: the package (and your tasks) into a virtual environment
 FROM python:3.11-slim-bookworm AS build
@@ -24,12 +30,15 @@ COPY pyproject.toml README.md ./
 COPY protos protos
 COPY server server
 COPY client client
+# Your tasks: a package of your own, installed beside the daemon, whose functions the config's [tasks]
+# names. The default, deploy/mytasks, is a placeholder of one task (the ConfigMap's "hello"): build with
+# yours, a folder inside the build context,
+#   docker build --build-arg TASKS=path/to/yours -t task-runner .
+# or build FROM this image and `RUN /opt/task-runner/bin/pip install --no-cache-dir ./yours`.
+ARG TASKS=deploy/mytasks
+COPY ${TASKS} tasks
 RUN python -m venv /opt/task-runner \
-    && /opt/task-runner/bin/pip install --no-cache-dir '.[server]'
-# Your tasks: install their package too, e.g.
-#   COPY mytasks /src/mytasks
-#   RUN /opt/task-runner/bin/pip install --no-cache-dir /src/mytasks
-# and register them in the config's [tasks] (or by the package's task_runner.tasks entry points).
+    && /opt/task-runner/bin/pip install --no-cache-dir '.[server]' ./tasks
 
 # -- run: the environment, libseccomp for the tasks' syscall filter, and the tasks' user
 FROM python:3.11-slim-bookworm

@@ -202,8 +202,8 @@ RESTART_KEYS = (
     "listen", "insecure", "unix_socket_mode", "unix_socket_user", "unix_socket_group", "tls", "max_running",
     "max_queued", "priority_aging_s", "max_queued_bytes", "max_pending_rpcs", "max_request_bytes",
     "result_max_bytes", "output_tail_bytes", "run_as_user", "run_as_group", "task_uids", "spare_processes",
-    "workdir_base", "cgroup", "metrics_listen", "idempotency_window_s", "idempotency_max_entries", "log_level",
-    "log_format", "access_log",
+    "workdir_base", "cgroup", "metrics_listen", "metrics_token_file", "idempotency_window_s",
+    "idempotency_max_entries", "log_level", "log_format", "access_log",
 )
 
 
@@ -269,8 +269,10 @@ class Config:
     # Load tasks that installed packages register under the `task_runner.tasks` entry points.
     entry_points: bool = True
     tasks: Mapping[str, TaskConfig] = field(default_factory=dict)
-    # Prometheus metrics over HTTP on this host:port; None: off.
+    # Prometheus metrics over HTTP on this host:port; None: off. A non-loopback one needs a bearer token
+    # (metrics_token_file) or insecure = true; with a token file, every scrape must present its token.
     metrics_listen: str | None = None
+    metrics_token_file: str | None = None
     drain_grace_s: float = 30.0
     # Answers for a request_id are kept this long (and at most this many) for retries to find.
     idempotency_window_s: float = 300.0
@@ -479,6 +481,7 @@ def _validate(config: Config, where: str) -> None:
             if value is not None and not 0 < value <= MAX_TIMEOUT_MS:
                 raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be between 1 and {MAX_TIMEOUT_MS}")
     _validate_callers(config, where)
+    _validate_metrics(config, where)
 
 
 def _validate_share(entry: TaskConfig | CallerConfig, scope: str, where: str) -> None:
@@ -524,3 +527,22 @@ def _validate_callers(config: Config, where: str) -> None:
             if unknown:
                 raise ConfigError(f"{where}: '{scope}.tasks': no task named {', '.join(unknown)} "
                                   f"(tasks: {', '.join(list(config.catalogue)[:20])})")
+
+
+def _validate_metrics(config: Config, where: str) -> None:
+    """The metrics listener: host:port, and on a non-loopback address a token (or the operator's `insecure`)."""
+    from task_runner.server.security import is_loopback  # (security imports this module)
+
+    address = config.metrics_listen
+    if address is None:
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: 'metrics_listen' must be host:port, like \"127.0.0.1:9464\"; got {address!r}")
+    if not is_loopback(address) and config.metrics_token_file is None and not config.insecure:
+        raise ConfigError(
+            f"{where}: 'metrics_listen' = {address!r} is not a loopback address, and no 'metrics_token_file' is "
+            "set: anyone who can reach it (a task with network = \"host\" too) could read the metrics. Set "
+            "metrics_token_file (a bearer token every scrape must send), listen on 127.0.0.1, or set insecure = "
+            "true to accept that.",
+        )

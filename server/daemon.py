@@ -35,7 +35,7 @@ from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
 from task_runner.server.forkclient import ForkServerClient
 from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
-from task_runner.server.metrics import Metrics
+from task_runner.server.metrics import Metrics, readable_by_tasks
 from task_runner.server.notify import Notifier
 from task_runner.server.security import (
     CallerAuth,
@@ -217,7 +217,15 @@ class Daemon:
         await server.start()
         self._secure_sockets()
         if self.config.metrics_listen:
-            self.metrics.serve(self.config.metrics_listen)
+            try:
+                self.metrics.listen(self.config)
+            except CredentialsError as exc:
+                raise StartError(str(exc)) from None
+            except OSError as exc:
+                raise ListenError(f"cannot serve metrics on {self.config.metrics_listen}: {exc.strerror}") from None
+            if self._owner is not None and (readers := readable_by_tasks(self.config)):
+                log.warning("tasks with network = \"host\" (%s) can read /metrics on %s: set metrics_token_file",
+                            ", ".join(readers[:10]), self.config.metrics_listen)
         await self._health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self._health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info("listening on %s; serving tasks: %s", ", ".join(self.addresses), ", ".join(self.config.catalogue))
@@ -457,8 +465,10 @@ class Daemon:
             self._reloading.cancel()  # a fork server still importing the tasks is ended below
             with contextlib.suppress(BaseException):
                 await self._reloading
+        metrics_closed = asyncio.ensure_future(asyncio.to_thread(self.metrics.close))  # while gRPC's grace runs
         if self._server is not None:
             await self._server.stop(grace=1.0)  # lets the last answers go out
+        await metrics_closed
         for forkserver in list(self._forkservers):
             await self._end(forkserver)
         self._workdirs.stop()
