@@ -97,10 +97,11 @@ def build(config: Config) -> tuple[Sandboxes, dict[str, str]]:
 def hidden_paths(config: Config) -> set[str]:
     """The daemon's own secrets, hidden from every task with a private filesystem.
 
-    The directory of each (the config, the token, the TLS key, the metrics token) is hidden whole, unless code is
+    The directory of each (the config, every token file, the TLS key) is hidden whole, unless code is
     imported from it (a `sys.path` entry or the interpreter is inside): then only the file.
     """
-    files = [config_file(config), config.auth.token_file, config.tls.key_file, config.metrics_token_file]
+    files = [config_file(config), config.auth.token_file, config.tls.key_file, config.metrics_token_file,
+             *(caller.token_file for caller in config.callers.values())]
     code = [os.path.realpath(path) for path in (*sys.path, sys.prefix, sys.base_prefix) if path]
     hidden: set[str] = set()
     for file in {os.path.realpath(name) for name in files if name}:

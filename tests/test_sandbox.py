@@ -181,26 +181,30 @@ def test_each_refused_syscall_gets_eperm(sandboxed: InProcessDaemon) -> None:
 
 
 def test_the_daemons_secrets_are_hidden_and_the_rest_is_read_only(shared: Path) -> None:
-    """The directories of the config and of the token, and `hide` paths, show empty; the host's files are
-    read-only; the task's own places (its /tmp, its /dev/shm, its writable path) are writable."""
+    """The directories of the config, of the token and of a caller's token, and `hide` paths, show empty; the
+    host's files are read-only; the task's own places (its /tmp, its /dev/shm, its writable path) are writable."""
     secrets = Path(tempfile.mkdtemp(prefix="task-runner-secrets-", dir="/run"))  # outside the private /tmp
     token_dir = Path(tempfile.mkdtemp(prefix="task-runner-token-", dir="/run"))
+    caller_dir = Path(tempfile.mkdtemp(prefix="task-runner-caller-", dir="/run"))
     try:
         (token_dir / "token").write_text("s3cret-token-of-the-test\n")
+        (caller_dir / "token").write_text("an-other-callers-s3cret\n")
         text = config(shared, f'[auth]\ntoken_file = "{token_dir / "token"}"\n',
-                      sandbox='hide = ["/etc/hostname", "/usr/share/doc"]\n')
+                      sandbox='hide = ["/etc/hostname", "/usr/share/doc"]\n',
+                      tables=f'[callers.ops]\ntoken_file = "{caller_dir / "token"}"\ntasks = ["*"]\n')
         daemon = start_daemon(secrets, text)  # its config.toml in `secrets`
         try:
             with Client(daemon.unix, security=Security(token="s3cret-token-of-the-test")) as client:
-                paths = [str(secrets), str(token_dir), "/etc/hostname", "/usr/share/doc", "/etc/passwd",
-                         str(shared), "/tmp", "/dev/shm"]
+                paths = [str(secrets), str(token_dir), str(caller_dir), "/etc/hostname", "/usr/share/doc",
+                         "/etc/passwd", str(shared), "/tmp", "/dev/shm"]
                 seen = client.call("see_files", 10_000, {"paths": paths}).result
         finally:
             assert daemon.stop() == 0, daemon.log_text()
     finally:
         shutil.rmtree(secrets)
         shutil.rmtree(token_dir)
-    for hidden in (str(secrets), str(token_dir), "/usr/share/doc"):
+        shutil.rmtree(caller_dir)
+    for hidden in (str(secrets), str(token_dir), str(caller_dir), "/usr/share/doc"):
         assert seen[hidden]["listing"] == [] and not seen[hidden]["writable"], (hidden, seen)
     assert os.listdir("/usr/share/doc")  # (it is not empty on the host)
     assert seen["/etc/hostname"].get("content", "") == "" and not seen["/etc/hostname"]["writable"]
