@@ -337,16 +337,24 @@ class ForkServer:
             os.write(err_w, f"the task's sandbox could not be set up: {exc}\n".encode())
             os._exit(sandbox.SETUP_FAILED)
         os.umask(0o077)  # what it creates is its own: other tasks may share its group
-        if self._owner is not None:
-            own_uid, gid = self._owner
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            os.setresuid(*(own_uid if uid == wire.NO_UID else uid,) * 3)
-            if uid != wire.NO_UID:
-                # Changing user made it undumpable, which would give its own /proc to root. With a uid
-                # of its own no other task can use that; sharing a uid, it stays undumpable, so that
-                # tasks of that uid cannot read each other's memory or take each other's descriptors.
-                prctl(PR_SET_DUMPABLE, 1)
+
+        def become() -> None:
+            if self._owner is not None:
+                own_uid, gid = self._owner
+                os.setgroups([])
+                os.setresgid(gid, gid, gid)
+                os.setresuid(*(own_uid if uid == wire.NO_UID else uid,) * 3)
+
+        try:
+            sandbox.shed_privileges(become)  # no capability in any set, whoever the task runs as
+        except OSError as exc:
+            os.write(err_w, f"the task process could not drop its privileges: {exc}\n".encode())
+            os._exit(sandbox.SETUP_FAILED)
+        if self._owner is not None and uid != wire.NO_UID:
+            # Changing user made it undumpable, which would give its own /proc to root. With a uid
+            # of its own no other task can use that; sharing a uid, it stays undumpable, so that
+            # tasks of that uid cannot read each other's memory or take each other's descriptors.
+            prctl(PR_SET_DUMPABLE, 1)
         if profile.private_tmp:  # its working directory and TMPDIR: fresh, its own, on its private /tmp
             os.mkdir(workdir := f"/tmp/task-{self._serial + 1}", 0o700)
             os.chdir(workdir)

@@ -15,10 +15,17 @@ fork server had cost a sandboxed task more CPU than its own fork. Protocol, on a
 the fork server sends one byte per init it wants; each answer is one byte, 0 with the init's pidfd
 attached, or 1 (it could not make one: out of processes). End of file ends it, and its inits die with
 it. Usage: `python -m task_runner.server.inits FD`.
+
+An init is made here, in the host's mount namespace, before its task process exists; once that process (pid 2
+of the namespace) has made its sandbox, it asks the init (JOIN_ME) to move into its mount, network and IPC
+namespaces, and the init answers (JOINED) once it has, then keeps no capability: no path through /proc/1
+(root, cwd, fd, mem, environ) leads outside the sandbox. It is not dumpable, so a task, even one of its uid,
+cannot read its memory or descriptors either.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import select
@@ -26,8 +33,10 @@ import signal
 import socket
 import sys
 
-CLONE_NEWPID = 0x2000_0000
-PR_SET_PDEATHSIG = 1
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x2_0000, 0x800_0000, 0x2000_0000, 0x4000_0000
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR  # as task_runner.server.sandbox
+_LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 MADE, FAILED = b"\0", b"\1"
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -39,8 +48,10 @@ def _check(result: int, what: str) -> None:
 
 
 def make(own: int, alive: int) -> int:
-    """Fork an init in a new pid namespace; its pid. `own`: our pid namespace; `alive`: a pidfd of us."""
+    """Fork an init in a new pid namespace; its pid, once it is ready to be asked to join its task's namespaces.
+    `own`: our pid namespace; `alive`: a pidfd of us."""
     _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    ready_r, ready_w = os.pipe()
     try:
         pid = os.fork()  # pid 1 of the new namespace
     finally:
@@ -48,23 +59,55 @@ def make(own: int, alive: int) -> int:
         if os.getpid() != 1:
             _check(_libc.setns(own, CLONE_NEWPID), "setns back to our pid namespace")
     if pid == 0:
-        _become_init(alive)
+        os.close(ready_r)
+        become_init(alive, ready_w)
+    os.close(ready_w)
+    try:
+        if not os.read(ready_r, 1):
+            raise OSError("an init ended before it was ready")
+    finally:
+        os.close(ready_r)
     return pid
 
 
-def _become_init(alive: int) -> None:  # never returns
+def become_init(alive: int | None, ready: int) -> None:  # never returns
+    """Be the sleeping pid 1 of a task's pid namespace; write a byte to `ready` once JOIN_ME is heard."""
     try:
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the maker (so with the fork server) it goes
-        if select.select([alive], [], [], 0)[0]:  # the maker died before prctl took effect
-            os._exit(0)
-        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
+        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+        if alive is not None:
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the maker (so with the fork server) it goes
+            if select.select([alive], [], [], 0)[0]:  # the maker died before prctl took effect
+                os._exit(0)
         # Orphans of the task's tree that end after the task are reaped by the kernel; SIGKILL from the
-        # fork server (outside the namespace) is the only signal that reaches it.
+        # fork server (outside the namespace) is the only signal that reaches it, and JOIN_ME once.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+        signal.signal(JOIN_ME, _join_task)
+        os.write(ready, b"\0")
+        os.closerange(0, os.sysconf("SC_OPEN_MAX"))
         while True:
             signal.pause()
     finally:
         os._exit(0)
+
+
+def _join_task(signum: int, frame: object) -> None:
+    """Move into pid 2's (the task process's) mount, network and IPC namespaces, then keep no capability."""
+    signal.signal(JOIN_ME, signal.SIG_IGN)  # once: the task that runs later cannot make it move again
+    answer = FAILED_TO_JOIN
+    try:
+        pidfd = os.pidfd_open(2)
+        try:
+            _check(_libc.setns(pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "setns into the task's namespaces")
+        finally:
+            os.close(pidfd)
+        os.chdir("/")
+        header = ctypes.create_string_buffer(_LINUX_CAPABILITY_VERSION_3.to_bytes(4, sys.byteorder) + bytes(4), 8)
+        _check(_libc.capset(header, ctypes.create_string_buffer(24)), "capset")
+        answer = JOINED
+    except OSError:
+        pass  # the task process gives up its sandbox (it never runs a task): nothing to say here
+    with contextlib.suppress(OSError):
+        os.kill(2, answer)
 
 
 def main() -> None:

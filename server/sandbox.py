@@ -26,6 +26,7 @@ not set up. Imported by the fork server, so by every task process: ctypes, os an
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 import stat
@@ -49,8 +50,16 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 PR_SET_NO_NEW_PRIVS = 38
+PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
+# Securebits, each with its lock: no root privilege by uid 0 (NOROOT), none kept or dropped by a uid change
+# (NO_SETUID_FIXUP: the sets are emptied by hand), KEEP_CAPS off, no ambient raise: a task cannot regain any.
+SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
+_LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 PARTS = ("filesystem", "network", "processes", "syscalls")
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # what a private filesystem replaces with its own tmpfs
+# The init of a task's pid namespace joins the task's mount namespace when asked (task_runner.server.inits).
+JOIN_ME, INIT_JOINED, INIT_FAILED = signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR  # as inits
+INIT_JOIN_TIMEOUT_S = 30.0  # it answers at once; a machine that is very busy may delay it (a spare waits)
 SETUP_FAILED = 71  # the exit code of a task process whose sandbox could not be set up: it never runs a task
 _MOUNT_ATTR = struct.Struct("QQQQ")  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -122,6 +131,33 @@ def no_new_privs() -> None:
     _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
 
 
+def _last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63  # dropping one the kernel does not have fails with EINVAL, which shed_privileges tolerates
+
+
+LAST_CAPABILITY = _last_capability()  # read once, by the fork server: a task process's /proc may be its own
+
+
+def shed_privileges(become: Callable[[], None]) -> None:
+    """Leave this process no capability in any set: the bounding and ambient sets emptied and the securebits
+    locked while it still may (as root), then `become` (its uid and groups), then the effective, permitted and
+    inheritable sets emptied. A root task is then root by uid alone: no capability, and none to regain by exec.
+    """
+    if os.geteuid() == 0:  # an ordinary user has none to drop, nor the right to touch the bounding set
+        for capability in range(LAST_CAPABILITY + 1):
+            if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+                _check(-1, f"prctl(PR_CAPBSET_DROP, {capability})")
+        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+        _check(_libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
+    become()
+    header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
+    _check(_libc.capset(header, bytes(24)), "capset")  # two struct __user_cap_data_struct, all zero
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
@@ -168,30 +204,98 @@ def enter(profile: Profile) -> None:
     if profile.network:
         _loopback_up()
     if profile.filesystem:
-        # Cloned now, while the host's /tmp (which a writable path may be under) is still in sight.
+        # Cloned now, while the host's /tmp (which a writable path may be under) is still in sight; a task may
+        # write there, but never through a set-user-ID file or a device node.
         clones = [(path, _clone(path)) for path in profile.writable]
+        for _, fd in clones:
+            _set_mount_attr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE, MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
         _set_mount_attr(AT_FDCWD, "/", AT_RECURSIVE, MOUNT_ATTR_RDONLY, MS_PRIVATE)
         # Cloned after the read-only pass, so read-only themselves (a detached clone keeps its attributes).
         code = [(path, _clone(path)) for path in profile.code]
         for _, fd in code:
             _set_mount_attr(fd, "", AT_EMPTY_PATH | AT_RECURSIVE,
                             MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV)
+        _minimal_dev()
         _private_tmp(profile.tmp_bytes)
         for path, fd in code + clones:
             os.makedirs(path, exist_ok=True)  # under the fresh /tmp, its mount point is made anew
-            _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH),
-                   f"move_mount {path}")
-            os.close(fd)
+            _move_mount(fd, path)
         for path in profile.hide:
             _hide(path)
+        if profile.network:  # its own interfaces alone under /sys/class/net, read-only like the rest
+            _mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
     else:
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
     if profile.processes:
-        _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        _fresh_proc()
         if os.path.isdir("/dev/mqueue"):
             _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        _init_joins()
     if profile.filesystem:
         os.chdir("/tmp")  # (the task's working directory is made there once it has its uid)
+
+
+# What a task gets of the host's devices (bound from the host's /dev): nothing that reaches hardware, the
+# kernel's log (kmsg) or its memory; a pty of its own from a fresh devpts instance.
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+# Of a fresh /proc, what Docker and bubblewrap keep read-only (the kernel's settings, sysrq, interrupts, buses)
+# and what they mask (the kernel's memory and keys, timers and scheduler internals).
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs")
+PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/acpi", "/proc/scsi")
+
+
+def _minimal_dev() -> None:
+    """A fresh, read-only /dev of DEVICES, pts, ptmx, shm and mqueue, and the /proc/self/fd links."""
+    clones = [(name, _clone(f"/dev/{name}")) for name in DEVICES if os.path.exists(f"/dev/{name}")]
+    _mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=64k,nr_inodes=64,mode=755")
+    for name, fd in clones:
+        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        _move_mount(fd, f"/dev/{name}")
+    for name in ("pts", "shm", "mqueue"):
+        os.mkdir(f"/dev/{name}", 0o755)
+    _mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", "/dev/ptmx")
+    os.symlink("/proc/self/fd", "/dev/fd")
+    for number, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{number}", f"/dev/{name}")
+    _mount(None, "/dev", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def _fresh_proc() -> None:
+    """A /proc of this pid namespace, its kernel settings read-only and its windows on the kernel masked."""
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in PROC_READ_ONLY:
+        if os.path.exists(path):
+            _mount(path, path, None, MS_BIND | MS_REC)
+            _mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    for path in PROC_MASKED:
+        _hide(path)
+
+
+def _init_joins() -> None:
+    """Have this pid namespace's init (task_runner.server.inits) move into our mount and network namespaces, so
+    that no path through /proc/1 leads outside the sandbox; wait until it says it has (or could not)."""
+    if os.getpid() != 2:
+        raise SandboxError(f"a sandboxed task process is pid 2 of its namespace, not {os.getpid()}")
+    signal.pthread_sigmask(signal.SIG_BLOCK, {INIT_JOINED, INIT_FAILED})
+    try:
+        os.kill(1, JOIN_ME)
+        got = signal.sigtimedwait({INIT_JOINED, INIT_FAILED}, INIT_JOIN_TIMEOUT_S)
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {INIT_JOINED, INIT_FAILED})
+    if got is None:
+        raise SandboxError(f"the init of the task's pid namespace did not answer within {INIT_JOIN_TIMEOUT_S:.0f} s")
+    if got.si_signo != INIT_JOINED:
+        raise SandboxError("the init of the task's pid namespace could not join its mount namespace")
+
+
+def _move_mount(fd: int, path: str) -> None:
+    """Attach a detached tree (from _clone) at `path`, and close its descriptor."""
+    try:
+        _check(_libc.syscall(SYS_MOVE_MOUNT, fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+               f"move_mount {path}")
+    finally:
+        os.close(fd)
 
 
 def _clone(path: str) -> int:
@@ -269,11 +373,16 @@ def _filtered(seccomp: bytes, load_filter: Callable[[bytes], None]) -> None:
 
 def _under_an_init(trial: Callable[[], object]) -> None:
     """Run `trial` as a sandboxed task process runs: forked into a new pid namespace by a pidfd of its init."""
+    from task_runner.server import inits
+
     unshare(CLONE_NEWPID)
+    ready_r, ready_w = os.pipe()
     init = os.fork()
     if init == 0:  # pid 1 of the new namespace, until killed
-        while True:
-            signal.pause()
+        inits.become_init(None, ready_w)
+    os.close(ready_w)
+    os.read(ready_r, 1)
+    os.close(ready_r)
     pidfd = os.pidfd_open(init)
     try:
         why = _try(trial, lambda: PidNamespaces().fork(pidfd))

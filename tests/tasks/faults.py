@@ -420,6 +420,7 @@ def leave_a_mess(options):
     (to options["victim"]) and directories of mode 000; then answer, or with options["hang"], record
     the pid and hang."""
     top = os.getcwd()
+    sealed = []
     for level in range(options["depth"]):
         os.mkdir("d")
         Path("d", "file").write_text("x")
@@ -427,7 +428,10 @@ def leave_a_mess(options):
             os.symlink(options["victim"], "d/link")
         os.chdir("d")
         if level % 700 == 0:
-            os.chmod(".", 0)  # sealed (a task running as root goes on writing in it)
+            sealed.append(os.open(".", os.O_RDONLY | os.O_DIRECTORY))
+    for fd in sealed:  # sealed once all below them is made (a task, root or not, has no capability to write in them)
+        os.fchmod(fd, 0)
+        os.close(fd)
     os.chdir(top)
     if options.get("hang"):
         _record(options, os.getpid())
