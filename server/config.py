@@ -352,6 +352,9 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
         raise ConfigError(problems)
     object.__setattr__(config, "_file", str(Path(path).resolve()) if path is not None else None)
     _validate(config, where, problems)
+    # Here, not at the top: sandboxes builds on this module. It knows what is hidden from tasks.
+    from task_runner.server.sandboxes import unwritable
+    problems += unwritable(config, where)
     if problems:
         raise ConfigError(problems)
     return config

@@ -139,6 +139,41 @@ def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[st
     return refusals
 
 
+def unwritable(config: Config, where: str) -> list[str]:
+    """The `writable` paths of `config` that a task would find hidden, so empty and read-only: at or under a
+    path hidden from it (the hides are mounted after the writable paths). One line each, naming the key."""
+    secrets = {"the config file": config_file(config), "[auth]'s token_file": config.auth.token_file,
+               "tls.key_file": config.tls.key_file}
+    daemons = {path: {what: os.path.realpath(file) for what, file in secrets.items()
+                      if file and _at_or_under(os.path.realpath(file), path)}
+               for path in hidden_paths(config)}
+    found: dict[str, None] = {}  # (ordered, and a key's path once: the tasks that share it share the line)
+    for name, task in config.catalogue.items():
+        if not task.sandbox.sandboxed("filesystem"):
+            continue
+        own = config.tasks[name].sandbox if name in config.tasks else None
+        scope = {key: f"tasks.{name}.sandbox.{key}" if own is not None and key in own.explicit else f"sandbox.{key}"
+                 for key in ("writable", "hide")}
+        hidden = {**{path: (f"it holds {', '.join(f'{what} {file}' for what, file in files.items())}: the daemon "
+                            "hides the directory of its config, token and TLS key from every task",
+                            f"move {' and '.join(files)} elsewhere")
+                     for path, files in daemons.items()},
+                  **{os.path.realpath(path): (f"'{scope['hide']}' hides it", f"take it out of '{scope['hide']}'")
+                     for path in task.sandbox.hide}}
+        for path in task.sandbox.writable:
+            real = os.path.realpath(path)
+            for secret, (why, fix) in hidden.items():
+                if _at_or_under(real, secret):
+                    under = "is" if real == secret else f"is under {secret}, which is"
+                    found[f"{where}: '{scope['writable']}': {path} {under} hidden from tasks ({why}), so they would "
+                          f"find it empty and read-only: {fix}, or make another path writable"] = None
+    return list(found)
+
+
+def _at_or_under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 def _under_private_tmp(path: str) -> bool:
     """Whether a task's private filesystem replaces `path` with its own tmpfs."""
     real = os.path.realpath(path)
