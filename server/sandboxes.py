@@ -43,10 +43,12 @@ class Sandboxes:
 
 
 def message(profile: Profile) -> Sandbox:
-    """A profile as ListTasks shows it."""
+    """A profile as ListTasks shows it: what a private filesystem hides and leaves writable, real paths."""
     choices = SandboxConfig.CHOICES
+    private = profile.filesystem  # (on the host's filesystem nothing is hidden, and nothing read-only for it)
     return Sandbox(**{part: choices[part][0 if part in profile.parts else 1] for part in PARTS},
-                   tmp_mb=profile.tmp_bytes // MIB if profile.filesystem else 0)
+                   tmp_mb=profile.tmp_bytes // MIB if private else 0,
+                   writable=profile.writable if private else (), hide=profile.hide if private else ())
 
 
 @functools.cache
