@@ -12,6 +12,7 @@ indented lines. In JSON form each is a key of the line's object.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -69,10 +70,15 @@ def _text(value: Any) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
 
 
+def timestamp(created: float) -> str:
+    """A record's time as ISO 8601 in UTC, to the millisecond: "2025-01-31T12:00:00.123Z"."""
+    return datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "time": timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -92,3 +98,4 @@ def configure(level: str, fmt: str, access_log: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger(ACCESS).setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
+
