@@ -95,10 +95,15 @@ class Sandbox:
     processes: str  # "private" | "host"
     syscalls: str  # "default" | "off"
     tmp_mb: int  # its private /tmp, /var/tmp and /dev/shm together (0 with filesystem = "host")
+    # What its private filesystem leaves it writable and hides (real paths; none with filesystem = "host").
+    writable: tuple[str, ...] = ()
+    hide: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         return (f"filesystem {self.filesystem}, network {self.network}, processes {self.processes}, "
-                f"syscalls {self.syscalls}" + (f", tmp {self.tmp_mb} MiB" if self.tmp_mb else ""))
+                f"syscalls {self.syscalls}" + (f", tmp {self.tmp_mb} MiB" if self.tmp_mb else "")
+                + "".join(f", {key} {' '.join(paths)}" for key, paths in (("writable", self.writable),
+                                                                          ("hidden", self.hide)) if paths))
 
 
 class RequestFields(TypedDict, total=False):
@@ -176,7 +181,8 @@ def read_tasks(response: ListTasksResponse) -> list[TaskInfo]:
         TaskInfo(t.name, t.description, t.default_timeout_ms, t.max_timeout_ms, t.import_error,
                  t.max_running, t.max_queued, t.rate_per_s, t.burst, t.grace_ms, t.heartbeat_timeout_ms,
                  Sandbox(t.sandbox.filesystem, t.sandbox.network, t.sandbox.processes, t.sandbox.syscalls,
-                         t.sandbox.tmp_mb) if t.HasField("sandbox") else None)
+                         t.sandbox.tmp_mb, tuple(t.sandbox.writable), tuple(t.sandbox.hide))
+                 if t.HasField("sandbox") else None)
         for t in response.tasks
     ]
 

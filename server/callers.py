@@ -59,11 +59,17 @@ def read_token(token_file: str | None, token_env: str | None, what: str) -> byte
             raise CredentialsError(f"cannot read the token file {token_file} of {what}: {exc.strerror}") from exc
     elif token_env:
         # Taken out of the environment (no task inherits it) and kept for the next reload to find.
-        token = _ENV_TOKENS.setdefault(token_env, os.environ.pop(token_env, "")).strip()
+        if token_env in os.environ:
+            _ENV_TOKENS.setdefault(token_env, os.environ.pop(token_env))
+        if token_env not in _ENV_TOKENS:
+            raise CredentialsError(f"the token of {what} is missing: its token_env names the environment variable "
+                                   f"{token_env}, which is not set")
+        token = _ENV_TOKENS[token_env].strip()
     else:
         return None
     if len(token) < MIN_TOKEN:
-        raise CredentialsError(f"the token of {what} is missing or shorter than {MIN_TOKEN} characters")
+        source = token_file or f"the variable {token_env}"
+        raise CredentialsError(f"the token of {what} ({source}) is missing or shorter than {MIN_TOKEN} characters")
     return token.encode()
 
 

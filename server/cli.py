@@ -90,8 +90,12 @@ def _check_config(args: argparse.Namespace) -> int:
 
     try:
         config = load(args.file)
-    except ConfigError as exc:
-        print(f"task-runner: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # what the file says wrongly: each on its line (they name the file)
+        for problem in exc.problems:
+            print(f"task-runner: {problem}", file=sys.stderr)
+        count = len(exc.problems)
+        print(f"task-runner: {args.file}: {count} problem{'s' if count > 1 else ''}: serve would not start",
+              file=sys.stderr)
         return 2
     refused, broken = preflight.problems(config)
     for problem in refused + broken:

@@ -29,7 +29,16 @@ _T = TypeVar("_T")
 
 
 class ConfigError(ValueError):
-    """A configuration the daemon refuses to start with; the message names the key and the file."""
+    """A configuration the daemon refuses to start with: every problem found (`problems`, one a line in its
+    message), each naming the key and the file."""
+
+    def __init__(self, problems: str | list[str]) -> None:
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class _Said(Exception):
+    """A value whose problems are listed already: its key is left out, and the rest is still checked."""
 
 
 @dataclass(frozen=True)
@@ -322,7 +331,8 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     key's default).
 
     Raises:
-        ConfigError: for unknown keys, wrong types or bad values, naming the key and the file.
+        ConfigError: for unknown keys, wrong types or bad values, each naming the key and the file: all of
+            them (but a file that is not TOML: its first syntax error).
     """
     where = str(path) if path else "the command line"
     data: dict[str, Any] = {}
@@ -342,8 +352,17 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
             data[key] = value
     if extra_tasks:
         data["tasks"] = {**data.get("tasks", {}), **extra_tasks}
-    config = _build(data, where)
+    problems: list[str] = []
+    config = _dataclass(Config, data, "", where, problems)
+    if config is None:
+        raise ConfigError(problems)
     object.__setattr__(config, "_file", str(Path(path).resolve()) if path is not None else None)
+    _validate(config, where, problems)
+    # Here, not at the top: sandboxes builds on this module. It knows what is hidden from tasks.
+    from task_runner.server.sandboxes import unwritable
+    problems += unwritable(config, where)
+    if problems:
+        raise ConfigError(problems)
     return config
 
 
@@ -353,39 +372,50 @@ def config_file(config: Config) -> str | None:
     return file
 
 
-def _build(data: dict[str, Any], where: str) -> Config:
-    config: Config = _dataclass(Config, data, "", where)
-    _validate(config, where)
-    return config
-
-
-def _dataclass(cls: type[_T], data: Any, prefix: str, where: str) -> _T:
-    """Build a config dataclass from a TOML table, refusing unknown keys and wrong types."""
+def _dataclass(cls: type[_T], data: Any, prefix: str, where: str, problems: list[str]) -> _T | None:
+    """Build a config dataclass from a TOML table; an unknown key or a wrong type is a problem, and left out.
+    None (its problems listed): it is not a table, or lacks a required key."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the file'!r} must be a table")
+        problems.append(f"{where}: {prefix.rstrip('.') or 'the file'!r} must be a table")
+        return None
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # cls is always a dataclass
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(known))})")
-        kwargs[key] = _value(value, hints[key], prefix + key, where)
+            problems.append(f"{where}: unknown key {prefix + key!r} (known: {', '.join(sorted(known))})")
+            continue
+        try:
+            kwargs[key] = _value(value, hints[key], prefix + key, where, problems)
+        except ConfigError as exc:
+            problems += exc.problems
+        except _Said:
+            pass
     try:
         built = cls(**kwargs)
     except TypeError as exc:  # a required key is missing
-        raise ConfigError(f"{where}: {prefix.rstrip('.')!r}: {exc}") from None
+        problems.append(f"{where}: {prefix.rstrip('.')!r}: {exc}")
+        return None
     object.__setattr__(built, "_explicit", frozenset(kwargs))  # which keys the file set (for merging)
     return built
 
 
-def _value(value: Any, hint: Any, key: str, where: str) -> Any:
-    """Check a TOML value against a field's type hint; lists become tuples, ints may be floats."""
+def _value(value: Any, hint: Any, key: str, where: str, problems: list[str]) -> Any:
+    """Check a TOML value against a field's type hint; lists become tuples, ints may be floats.
+
+    Raises:
+        ConfigError: it is of the wrong type.
+        _Said: a table in it is wrong, and `problems` says how.
+    """
     origin = typing.get_origin(hint)
     if origin in (types.UnionType, typing.Union):
         options = [option for option in typing.get_args(hint) if option is not type(None)]
-        return _value(value, options[0], key, where) if len(options) == 1 else value
+        return _value(value, options[0], key, where, problems) if len(options) == 1 else value
     if isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        return _dataclass(hint, value, key + ".", where)
+        built = _dataclass(hint, value, key + ".", where, problems)
+        if built is None:
+            raise _Said
+        return built
     if origin is Mapping:  # tasks (name = "module:function" or a [tasks.NAME] table), callers
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: {key!r} must be a table")
@@ -393,17 +423,20 @@ def _value(value: Any, hint: Any, key: str, where: str) -> Any:
         tables = {}
         for name, entry in value.items():
             table = {"target": entry} if isinstance(entry, str) and entry_type is TaskConfig else entry
-            tables[name] = built = _dataclass(entry_type, table, f"{key}.{name}.", where)
+            built = _dataclass(entry_type, table, f"{key}.{name}.", where, problems)
+            if built is None:
+                continue
+            tables[name] = built
             if isinstance(built, TaskConfig):
                 try:
                     parse_target(built.target)
-                except ValueError as exc:
-                    raise ConfigError(f"{where}: {f'{key}.{name}.target'!r}: {exc}") from None
+                except ValueError as exc:  # the task is kept: a caller naming it is no second problem
+                    problems.append(f"{where}: {f'{key}.{name}.target'!r}: {exc}")
         return tables
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: {key!r} must be a list, got {type(value).__name__}")
-        return tuple(_value(v, typing.get_args(hint)[0], key, where) for v in value)
+        return tuple(_value(v, typing.get_args(hint)[0], key, where, problems) for v in value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
@@ -411,125 +444,125 @@ def _value(value: Any, hint: Any, key: str, where: str) -> Any:
     return value
 
 
-def _validate(config: Config, where: str) -> None:
+def _validate(config: Config, where: str, problems: list[str]) -> None:
     positive = ("max_pending_rpcs", "max_running", "result_max_bytes", "max_request_bytes", "default_timeout_ms",
                 "max_timeout_ms")
     for key in positive:
         if getattr(config, key) <= 0:
-            raise ConfigError(f"{where}: {key!r} must be above 0")
+            problems.append(f"{where}: {key!r} must be above 0")
     for key in ("max_queued", "spare_processes", "output_tail_bytes"):
         if getattr(config, key) < 0:
-            raise ConfigError(f"{where}: {key!r} must not be negative")
+            problems.append(f"{where}: {key!r} must not be negative")
     if config.max_queued_bytes < config.max_request_bytes:
-        raise ConfigError(
+        problems.append(
             f"{where}: 'max_queued_bytes' must be at least 'max_request_bytes' ({config.max_request_bytes})",
         )
     if config.task_uids not in ("auto", "off"):
         try:
             parse_range(config.task_uids)
         except ValueError as exc:
-            raise ConfigError(f"{where}: 'task_uids': {exc}") from None
+            problems.append(f"{where}: 'task_uids': {exc}")
     if config.max_timeout_ms > MAX_TIMEOUT_MS:
-        raise ConfigError(f"{where}: 'max_timeout_ms' must be at most {MAX_TIMEOUT_MS}")
+        problems.append(f"{where}: 'max_timeout_ms' must be at most {MAX_TIMEOUT_MS}")
     if config.drain_grace_s < 0:
-        raise ConfigError(f"{where}: 'drain_grace_s' must not be negative")
+        problems.append(f"{where}: 'drain_grace_s' must not be negative")
     if not config.listen:
-        raise ConfigError(f"{where}: 'listen' needs at least one address")
+        problems.append(f"{where}: 'listen' needs at least one address")
     if config.log_format not in ("text", "json"):
-        raise ConfigError(f"{where}: 'log_format' must be \"text\" or \"json\"")
+        problems.append(f"{where}: 'log_format' must be \"text\" or \"json\"")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise ConfigError(f"{where}: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
+        problems.append(f"{where}: 'log_level' must be DEBUG, INFO, WARNING or ERROR")
     try:
         if not 0 <= int(config.unix_socket_mode, 8) <= 0o777:
             raise ValueError
     except ValueError:
-        raise ConfigError(f"{where}: 'unix_socket_mode' must be an octal mode like \"0660\"") from None
+        problems.append(f"{where}: 'unix_socket_mode' must be an octal mode like \"0660\"")
     if config.tls.enabled != (config.tls.key_file is not None):
-        raise ConfigError(f"{where}: 'tls.cert_file' and 'tls.key_file' go together")
+        problems.append(f"{where}: 'tls.cert_file' and 'tls.key_file' go together")
     if config.tls.client_ca_file and not config.tls.enabled:
-        raise ConfigError(f"{where}: 'tls.client_ca_file' needs 'tls.cert_file' and 'tls.key_file'")
+        problems.append(f"{where}: 'tls.client_ca_file' needs 'tls.cert_file' and 'tls.key_file'")
     scopes = [("limits", config.limits)] + [(f"tasks.{n}.limits", t.limits) for n, t in config.tasks.items()]
     for scope, limits in scopes:
         for f in dataclasses.fields(Limits):
             value = getattr(limits, f.name) if limits is not None else None
             if value is not None and value <= 0:
-                raise ConfigError(f"{where}: '{scope}.{f.name}' must be above 0")
+                problems.append(f"{where}: '{scope}.{f.name}' must be above 0")
     if not config.min_priority <= 0 <= config.max_priority:
-        raise ConfigError(f"{where}: 'min_priority' and 'max_priority' must hold 0, the default priority")
+        problems.append(f"{where}: 'min_priority' and 'max_priority' must hold 0, the default priority")
     if config.priority_aging_s <= 0:
-        raise ConfigError(f"{where}: 'priority_aging_s' must be above 0")
+        problems.append(f"{where}: 'priority_aging_s' must be above 0")
     sandboxes = [("sandbox", config.sandbox)] + [
         (f"tasks.{n}.sandbox", t.sandbox) for n, t in config.tasks.items() if t.sandbox is not None]
     for scope, sandbox in sandboxes:
         for key, choices in SandboxConfig.CHOICES.items():
             if getattr(sandbox, key) not in choices:
-                raise ConfigError(f"{where}: '{scope}.{key}' must be \"{choices[0]}\" or \"{choices[1]}\"")
+                problems.append(f"{where}: '{scope}.{key}' must be \"{choices[0]}\" or \"{choices[1]}\"")
         if sandbox.tmp_mb <= 0:
-            raise ConfigError(f"{where}: '{scope}.tmp_mb' must be above 0")
+            problems.append(f"{where}: '{scope}.tmp_mb' must be above 0")
         for key in ("hide", "writable"):
             for path in getattr(sandbox, key):
                 if not os.path.isabs(path):
-                    raise ConfigError(f"{where}: '{scope}.{key}': {path!r} is not an absolute path")
+                    problems.append(f"{where}: '{scope}.{key}': {path!r} is not an absolute path")
     for name, task in config.tasks.items():
-        _validate_share(task, f"tasks.{name}", where)
+        _validate_share(task, f"tasks.{name}", where, problems)
         for key, low in (("grace_ms", 0), ("heartbeat_timeout_ms", 1)):
             value = getattr(task, key)
             if value is not None and value < low:
-                raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be at least {low}")
+                problems.append(f"{where}: 'tasks.{name}.{key}' must be at least {low}")
         for key in ("default_timeout_ms", "max_timeout_ms"):
             value = getattr(task, key)
             if value is not None and not 0 < value <= MAX_TIMEOUT_MS:
-                raise ConfigError(f"{where}: 'tasks.{name}.{key}' must be between 1 and {MAX_TIMEOUT_MS}")
-    _validate_callers(config, where)
-    _validate_metrics(config, where)
+                problems.append(f"{where}: 'tasks.{name}.{key}' must be between 1 and {MAX_TIMEOUT_MS}")
+    _validate_callers(config, where, problems)
+    _validate_metrics(config, where, problems)
 
 
-def _validate_share(entry: TaskConfig | CallerConfig, scope: str, where: str) -> None:
+def _validate_share(entry: TaskConfig | CallerConfig, scope: str, where: str, problems: list[str]) -> None:
     """A task's or a caller's admission limits."""
     for key, low in (("max_running", 1), ("max_queued", 0), ("burst", 1)):
         value = getattr(entry, key)
         if value is not None and value < low:
-            raise ConfigError(f"{where}: '{scope}.{key}' must be at least {low}")
+            problems.append(f"{where}: '{scope}.{key}' must be at least {low}")
     if entry.rate_per_s is not None and not entry.rate_per_s > 0:
-        raise ConfigError(f"{where}: '{scope}.rate_per_s' must be above 0")
+        problems.append(f"{where}: '{scope}.rate_per_s' must be above 0")
     if entry.burst is not None and entry.rate_per_s is None:
-        raise ConfigError(f"{where}: '{scope}.burst' needs '{scope}.rate_per_s'")
+        problems.append(f"{where}: '{scope}.burst' needs '{scope}.rate_per_s'")
 
 
-def _validate_callers(config: Config, where: str) -> None:
+def _validate_callers(config: Config, where: str, problems: list[str]) -> None:
     """Each caller's name, credentials and tasks; no two callers with the same certificate identity.
     (Tokens are compared once read: task_runner.server.callers.)"""
     identities: dict[str, str] = {}
     for name, caller in config.callers.items():
         scope = f"callers.{name}"
         if not CALLER_NAME.fullmatch(name):
-            raise ConfigError(f"{where}: '{scope}': a caller's name is 1-64 letters, digits, '_', '.' or '-'")
+            problems.append(f"{where}: '{scope}': a caller's name is 1-64 letters, digits, '_', '.' or '-'")
         if name == "default" and config.auth.enabled:
-            raise ConfigError(f"{where}: '{scope}': [auth]'s token is the caller \"default\"; name this one otherwise")
-        _validate_share(caller, scope, where)
+            problems.append(f"{where}: '{scope}': [auth]'s token is the caller \"default\"; name this one otherwise")
+        _validate_share(caller, scope, where, problems)
         if caller.token_file is not None and caller.token_env is not None:
-            raise ConfigError(f"{where}: '{scope}': token_file or token_env, not both")
+            problems.append(f"{where}: '{scope}': token_file or token_env, not both")
         if caller.token_file is None and caller.token_env is None and caller.tls_identity is None:
-            raise ConfigError(f"{where}: '{scope}' needs token_file, token_env or tls_identity: how it proves "
-                              "who it is")
+            problems.append(f"{where}: '{scope}' needs token_file, token_env or tls_identity: how it proves "
+                            "who it is")
         if caller.tls_identity is not None:
             if not config.tls.client_ca_file:
-                raise ConfigError(f"{where}: '{scope}.tls_identity' needs client certificates "
-                                  "('tls.client_ca_file')")
+                problems.append(f"{where}: '{scope}.tls_identity' needs client certificates "
+                                "('tls.client_ca_file')")
             other = identities.setdefault(caller.tls_identity, name)
             if other != name:
-                raise ConfigError(f"{where}: callers {other} and {name} have the same tls_identity "
-                                  f"{caller.tls_identity!r}")
+                problems.append(f"{where}: callers {other} and {name} have the same tls_identity "
+                                f"{caller.tls_identity!r}")
         if not caller.tasks:
-            raise ConfigError(f"{where}: '{scope}.tasks' is empty: list the tasks it may run, or [\"*\"] for all")
+            problems.append(f"{where}: '{scope}.tasks' is empty: list the tasks it may run, or [\"*\"] for all")
         if "*" not in caller.tasks:
             unknown = sorted(set(caller.tasks) - set(config.catalogue))
             if unknown:
-                raise ConfigError(f"{where}: '{scope}.tasks': no task named {', '.join(unknown)} "
-                                  f"(tasks: {', '.join(list(config.catalogue)[:20])})")
+                problems.append(f"{where}: '{scope}.tasks': no task named {', '.join(unknown)} "
+                                f"(tasks: {', '.join(list(config.catalogue)[:20])})")
 
 
-def _validate_metrics(config: Config, where: str) -> None:
+def _validate_metrics(config: Config, where: str, problems: list[str]) -> None:
     """The metrics listener: host:port, and on a non-loopback address a token (or the operator's `insecure`)."""
     from task_runner.server.security import is_loopback  # (security imports this module)
 
@@ -538,9 +571,10 @@ def _validate_metrics(config: Config, where: str) -> None:
         return
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError(f"{where}: 'metrics_listen' must be host:port, like \"127.0.0.1:9464\"; got {address!r}")
+        problems.append(f"{where}: 'metrics_listen' must be host:port, like \"127.0.0.1:9464\"; got {address!r}")
+        return
     if not is_loopback(address) and config.metrics_token_file is None and not config.insecure:
-        raise ConfigError(
+        problems.append(
             f"{where}: 'metrics_listen' = {address!r} is not a loopback address, and no 'metrics_token_file' is "
             "set: anyone who can reach it (a task with network = \"host\" too) could read the metrics. Set "
             "metrics_token_file (a bearer token every scrape must send), listen on 127.0.0.1, or set insecure = "

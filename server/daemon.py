@@ -18,6 +18,7 @@ import itertools
 import logging
 import os
 import pwd
+import re
 import signal
 from collections.abc import Callable, Coroutine
 from types import TracebackType
@@ -29,7 +30,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from task_runner.server import cgroups, sandboxes, uids
+from task_runner.server import cgroups, logs, sandboxes, uids
 from task_runner.server.callers import Callers, CredentialsError
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
@@ -82,6 +83,9 @@ class StartError(RuntimeError):
 
 class ListenError(StartError):
     """An address the daemon cannot listen on."""
+
+
+_BIND_ERROR = re.compile(r"Error in bind for address '[^']*': ([^)]+)\)")  # in gRPC's line: the reason
 
 
 def task_owner(config: Config) -> tuple[int, int] | None:
@@ -332,18 +336,19 @@ class Daemon:
     @staticmethod
     def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> str:
         tcp = not address.startswith("unix")
-        try:
-            if tcp and credentials is not None:
-                port = server.add_secure_port(address, credentials)
-            else:
-                port = server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise ListenError(f"cannot listen on {address}: {exc}") from exc
-        if not tcp:
-            return address
-        if port == 0:
-            raise ListenError(f"cannot listen on {address}: the address is in use or not available")
-        return f"{address.rpartition(':')[0]}:{port}"
+        # gRPC's C core logs a failed bind in a raw line of its own: held back, and its reason said in ours.
+        with logs.held_stderr() as held:
+            try:
+                port: int | None = (server.add_secure_port(address, credentials) if tcp and credentials is not None
+                                    else server.add_insecure_port(address))
+            except RuntimeError:
+                port = None
+        if port is None or (tcp and port == 0):
+            log.debug("gRPC: %s", "".join(held).strip())
+            reason = next((found[1] for line in held if (found := _BIND_ERROR.search(line))), None)
+            raise ListenError(f"cannot listen on {address}: {reason or 'the address is in use or not available'}")
+        logs.release(held)
+        return f"{address.rpartition(':')[0]}:{port}" if tcp else address
 
     def _secure_sockets(self) -> None:
         """Give unix sockets the configured mode, owner and group."""

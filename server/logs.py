@@ -12,9 +12,14 @@ indented lines. In JSON form each is a key of the line's object.
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 CALL_FIELDS = ("request_id", "caller")  # a call's, in every log line of it (`extra=`)
@@ -69,10 +74,15 @@ def _text(value: Any) -> str:
     return json.dumps(text) if not text or any(c in text for c in ' "=\n') else text
 
 
+def timestamp(created: float) -> str:
+    """A record's time as ISO 8601 in UTC, to the millisecond: "2025-01-31T12:00:00.123Z"."""
+    return datetime.datetime.fromtimestamp(created, datetime.UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "time": timestamp(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -92,3 +102,35 @@ def configure(level: str, fmt: str, access_log: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger(ACCESS).setLevel(logging.INFO if access_log else logging.CRITICAL + 1)
+
+
+@contextlib.contextmanager
+def held_stderr() -> Iterator[list[str]]:
+    """Hold back what this process writes to stderr meanwhile, C code's included (fd 2): its lines are
+    in the list yielded once the block ends, for the caller to pass on (`release`) or to drop. gRPC's
+    C core logs a failed bind in its own raw form (`E0101 ... add_port.cc:83] Failed to add port ...`),
+    which would come before the daemon's own message."""
+    held: list[str] = []
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to hold
+        yield held
+        return
+    with tempfile.TemporaryFile() as file:  # (not a pipe: nothing reads it meanwhile)
+        os.dup2(file.fileno(), 2)
+        try:
+            yield held
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            file.seek(0)
+            held += file.read().decode(errors="replace").splitlines(keepends=True)
+
+
+def release(held: list[str]) -> None:
+    """Write what `held_stderr` held back to stderr after all."""
+    if held:
+        sys.stderr.write("".join(held))
+        sys.stderr.flush()

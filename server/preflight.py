@@ -4,10 +4,10 @@ Each rule the daemon applies at start is run here, with no side effect (nothing 
 created or claimed), and every problem is reported, not only the first: the user and group tasks
 run as, the exposure of the listeners, the TLS files, the callers' tokens, the unix sockets'
 directories, each sandbox part the file asks for, and each task's target, imported in a child
-process as the fork server imports it (so that an import's side effects stay there, and the
-error is the one the tasks would have). What serve only warns of (a default sandbox part this
-machine cannot set up, a cgroup it cannot use) is not a problem. What depends on the moment —
-a TCP port in use, task uids claimed by other daemons — is not checked.
+process as the fork server imports it, on the same sys.path (so that an import's side effects stay
+there, and the error is the one the tasks would have). What serve only warns of (a default sandbox
+part this machine cannot set up, a cgroup it cannot use) is not a problem. What depends on the
+moment — a TCP port in use, task uids claimed by other daemons — is not checked.
 """
 
 from __future__ import annotations
@@ -26,9 +26,13 @@ from task_runner.server.security import SecurityError, check_exposure, server_cr
 
 IMPORT_TIMEOUT_S = 120.0
 
-# Run by a child interpreter: import each target as the fork server does; print {name: error}.
+# Run by a child interpreter: import each target as the fork server does, on the daemon's sys.path, given
+# as its arguments (`-c` alone would put the current directory first, where serve does not look); print
+# {name: error}.
 _IMPORT_ALL = """
-import json, sys, traceback
+import sys
+sys.path[:] = sys.argv[1:]
+import json, traceback
 from task_runner.server.registry import load
 errors = {}
 for name, target in json.loads(sys.stdin.read()).items():
@@ -61,8 +65,22 @@ def problems(config: Config) -> tuple[list[str], list[str]]:
     broken = []
     for name, error in import_errors(config).items():
         task = config.catalogue.get(name)
-        broken.append(f"task {name}: cannot import {task.target}: {error}" if task else error)
+        broken.append(f"task {name}: cannot import {task.target}: {error}{_beside_you(task.target, error)}" if task
+                      else error)
     return found, broken
+
+
+def _beside_you(target: str, error: str) -> str:
+    """Why a target's module is not found though it is in the current directory, if it is: serve (the
+    `task-runner` script) does not search there, unlike `python -c` and `python -m`."""
+    top = target.partition(":")[0].partition(".")[0]
+    here = Path.cwd()
+    searched = {Path(path or ".").resolve() for path in sys.path}
+    if not error.startswith("ModuleNotFoundError") or here in searched \
+            or not ((here / f"{top}.py").is_file() or (here / top).is_dir()):
+        return ""
+    found = f"{top}.py" if (here / f"{top}.py").is_file() else f"{top}/"
+    return f" ({found} is in the current directory, which serve does not search: set PYTHONPATH=. or install it)"
 
 
 def import_errors(config: Config) -> dict[str, str]:
@@ -71,8 +89,9 @@ def import_errors(config: Config) -> dict[str, str]:
     if not targets:
         return {}
     try:
-        done = subprocess.run([sys.executable, "-c", _IMPORT_ALL], input=json.dumps(targets), capture_output=True,
-                              text=True, timeout=IMPORT_TIMEOUT_S, env=clean_environment(config.env_allow))
+        done = subprocess.run([sys.executable, "-c", _IMPORT_ALL, *sys.path], input=json.dumps(targets),
+                              capture_output=True, text=True, timeout=IMPORT_TIMEOUT_S,
+                              env=clean_environment(config.env_allow))
     except subprocess.TimeoutExpired:
         return {"*": f"importing the tasks took longer than {IMPORT_TIMEOUT_S:.0f} s"}
     try:

@@ -43,10 +43,12 @@ class Sandboxes:
 
 
 def message(profile: Profile) -> Sandbox:
-    """A profile as ListTasks shows it."""
+    """A profile as ListTasks shows it: what a private filesystem hides and leaves writable, real paths."""
     choices = SandboxConfig.CHOICES
+    private = profile.filesystem  # (on the host's filesystem nothing is hidden, and nothing read-only for it)
     return Sandbox(**{part: choices[part][0 if part in profile.parts else 1] for part in PARTS},
-                   tmp_mb=profile.tmp_bytes // MIB if profile.filesystem else 0)
+                   tmp_mb=profile.tmp_bytes // MIB if private else 0,
+                   writable=profile.writable if private else (), hide=profile.hide if private else ())
 
 
 @functools.cache
@@ -131,4 +133,40 @@ def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[st
         elif wanting:
             log.warning("sandbox: %s cannot be set up on this machine (%s): tasks run without it", setting, why)
     return refusals
+
+
+def unwritable(config: Config, where: str) -> list[str]:
+    """The `writable` paths of `config` that a task would find hidden, so empty and read-only: at or under a
+    path hidden from it (the hides are mounted after the writable paths). One line each, naming the key."""
+    secrets = {"the config file": config_file(config), "[auth]'s token_file": config.auth.token_file,
+               "tls.key_file": config.tls.key_file, "metrics_token_file": config.metrics_token_file,
+               **{f"callers.{name}.token_file": caller.token_file for name, caller in config.callers.items()}}
+    daemons = {path: {what: os.path.realpath(file) for what, file in secrets.items()
+                      if file and _at_or_under(os.path.realpath(file), path)}
+               for path in hidden_paths(config)}
+    found: dict[str, None] = {}  # (ordered, and a key's path once: the tasks that share it share the line)
+    for name, task in config.catalogue.items():
+        if not task.sandbox.sandboxed("filesystem"):
+            continue
+        own = config.tasks[name].sandbox if name in config.tasks else None
+        scope = {key: f"tasks.{name}.sandbox.{key}" if own is not None and key in own.explicit else f"sandbox.{key}"
+                 for key in ("writable", "hide")}
+        hidden = {**{path: (f"it holds {', '.join(f'{what} {file}' for what, file in files.items())}: the daemon "
+                            "hides the directory of its config, tokens and TLS key from every task",
+                            f"move {' and '.join(files)} elsewhere")
+                     for path, files in daemons.items()},
+                  **{os.path.realpath(path): (f"'{scope['hide']}' hides it", f"take it out of '{scope['hide']}'")
+                     for path in task.sandbox.hide}}
+        for path in task.sandbox.writable:
+            real = os.path.realpath(path)
+            for secret, (why, fix) in hidden.items():
+                if _at_or_under(real, secret):
+                    under = "is" if real == secret else f"is under {secret}, which is"
+                    found[f"{where}: '{scope['writable']}': {path} {under} hidden from tasks ({why}), so they would "
+                          f"find it empty and read-only: {fix}, or make another path writable"] = None
+    return list(found)
+
+
+def _at_or_under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
 

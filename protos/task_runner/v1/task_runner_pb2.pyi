@@ -877,6 +877,8 @@ class Sandbox(_message.Message):
     PROCESSES_FIELD_NUMBER: _builtins.int
     SYSCALLS_FIELD_NUMBER: _builtins.int
     TMP_MB_FIELD_NUMBER: _builtins.int
+    WRITABLE_FIELD_NUMBER: _builtins.int
+    HIDE_FIELD_NUMBER: _builtins.int
     filesystem: _builtins.str
     """"private" or "host" """
     network: _builtins.str
@@ -889,6 +891,15 @@ class Sandbox(_message.Message):
     """The size of its private /tmp, /var/tmp and /dev/shm together (private
     filesystem only; else 0).
     """
+    @_builtins.property
+    def writable(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The paths it may write besides its own (its `writable`), and those it
+        cannot see (the daemon's config, token and TLS key directories, and its
+        `hide`): real paths, as its private filesystem mounts them (else none).
+        """
+
+    @_builtins.property
+    def hide(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
         self,
         *,
@@ -897,10 +908,12 @@ class Sandbox(_message.Message):
         processes: _builtins.str = ...,
         syscalls: _builtins.str = ...,
         tmp_mb: _builtins.int = ...,
+        writable: _abc.Iterable[_builtins.str] | None = ...,
+        hide: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["filesystem", b"filesystem", "network", b"network", "processes", b"processes", "syscalls", b"syscalls", "tmp_mb", b"tmp_mb"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filesystem", b"filesystem", "hide", b"hide", "network", b"network", "processes", b"processes", "syscalls", b"syscalls", "tmp_mb", b"tmp_mb", "writable", b"writable"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
