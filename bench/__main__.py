@@ -21,14 +21,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, observability, phases, procs, report, sandbox, scale
+from bench import big_requests, fleet, observability, phases, procs, report, sandbox, scale
 from bench.drivers import open_channel
 from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The phases, in the order they run; those before leanness share one daemon (and the echo service).
 SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
-PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability", "fleet")
+PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability", "fleet", "big_requests")
 
 
 def phase_list(text: str) -> tuple[str, ...]:
@@ -163,6 +163,13 @@ class Run:
             progress.phase(f"fleet: one daemon against two (half the slots each) behind one ring_hash channel; "
                            f"{s.sandbox_repeats} rounds of no-op Perform at {s.baseline_concurrency} in flight")
             await self.attempt("fleet", self.fleet())
+        if self.wants("big_requests"):
+            progress.phase(f"big requests: a fresh daemon (max_queued_bytes 256 MiB); its RSS with "
+                           f"{big_requests.QUEUED_CALLS} calls of 4 MiB waiting behind a held slot, then a no-op's "
+                           f"latency alone and beside {big_requests.BIG_CALLS} 4 MiB calls of many small values, "
+                           f"{s.sandbox_repeats} rounds")
+            await self.attempt("big_requests", big_requests.run_phase(
+                self.workdir / f"big-{len(self.services)}", s, progress, self.services))
 
     async def shared(self) -> None:
         """The phases on the first daemon (and the echo service, for those that compare with it)."""

@@ -22,12 +22,14 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from google.protobuf.message import DecodeError
+
 import task_runner.task as task_api
 from task_runner.server import registry, wire
 from task_runner.server.registry import Form, Loaded, load
 from task_runner.server.wire import error_response as _error
 from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
-from task_runner.values import NotJsonLike, from_struct, to_struct
+from task_runner.values import NotJsonLike, from_struct, struct_digest, to_struct
 
 if TYPE_CHECKING:
     import asyncio
@@ -332,7 +334,12 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
             os.environ[name] = value
         else:
             os.environ.pop(name, None)
-    request = PerformRequest.FromString(serialized)
+    try:
+        request = PerformRequest.FromString(serialized)
+    except DecodeError:  # the daemon read all of it but the options (task_runner.server.service): it is they
+        with contextlib.suppress(OSError):
+            channel.write(wire.OPTIONS_INVALID, b"malformed PerformRequest")
+        os._exit(0)
     answer = _Answer(result_max_bytes)
     try:
         options = from_struct(request.options)
@@ -342,8 +349,10 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
         os._exit(0)
     # The runner's verdict goes first, before any task code runs: only as the first frame is it the
     # runner's, so a task cannot forge it (nor the daemon's INVALID_ARGUMENT) by writing on fd 3 itself.
+    # With it, the digest of the options' values, which only this process computes (it has them parsed): the
+    # daemon tells by it a retry under the same request_id whose options came as other bytes.
     with contextlib.suppress(OSError):
-        channel.write(wire.TASK_STARTS, b"")
+        channel.write(wire.TASK_STARTS, struct_digest(request.options))
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
         if workdir:

@@ -17,11 +17,11 @@ import enum
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.message import DecodeError
 
 from task_runner.server import cgroups, logs, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
@@ -34,7 +34,8 @@ from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
 from task_runner.server.tracing import CallSpans, TraceContext, Tracer
 from task_runner.server.wire import Stop
-from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse, TaskError
+from task_runner.v1.task_runner_pb2 import PerformEvent, PerformRequest, PerformResponse, TaskError
+from task_runner.values import struct_digest
 
 log = logging.getLogger("task_runner.server")
 QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
@@ -87,7 +88,7 @@ class Call:
     task: Task  # the task it names, in the generation current when it came
     caller: Caller
     request_id: str  # the caller's, or "" (then it is neither looked up nor kept)
-    digest: bytes  # options_digest of its options (empty without a request_id)
+    digest: bytes  # options_digest of its options as they came (empty without a request_id)
     timeout_ms: int  # the task's time to run, from hand-over
     rpc_deadline: float  # loop time by which the answer must be on its way (inf: none)
     received_at: float  # loop time it arrived
@@ -146,9 +147,23 @@ def _shutting_down() -> Refusal:
     return Refusal(Reason.SHUTTING_DOWN, "the daemon is shutting down; call another", 0.0)
 
 
-def options_digest(options: Struct) -> bytes:
-    """The same for the same options however a caller serialized them (map order varies)."""
-    return hashlib.sha256(options.SerializeToString(deterministic=True)).digest()
+def options_digest(serialized: Iterable[bytes]) -> bytes:
+    """A digest of options as serialized (each part of the field as it came): the same bytes, the same
+    options. Taking it costs a pass of sha256, not a parse: the daemon never builds a request's options."""
+    digest = hashlib.sha256()
+    for part in serialized:
+        digest.update(part)
+    return digest.digest()
+
+
+def values_digest(request: bytes) -> bytes:
+    """The digest of a serialized request's options that is the same however they were serialized
+    (task_runner.values.struct_digest), or b"" if they are malformed. It parses them: only a request
+    under a known request_id whose options came as other bytes needs it (see `_same_options`)."""
+    try:
+        return struct_digest(PerformRequest.FromString(request).options)
+    except DecodeError:
+        return b""
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,7 +188,7 @@ class Execution:
     request_id: str
     task: str
     caller: Caller  # whose it is: its request_id is looked up among that caller's alone
-    options_digest: bytes  # sha256 of the options, to tell a different request under the same request_id
+    options_digest: bytes  # of its options as they came, to tell a different request under the same request_id
     request: bytes  # the raw request, until it is handed to the task process
     received_at: float
     events: EventLog
@@ -204,6 +219,7 @@ class _Kept(NamedTuple):
 
     task: str
     options_digest: bytes  # as in Execution
+    values_digest: bytes  # its options' values_digest, as its task process gave it (b"": none came)
     answer: bytes
     expires: float
     events: EventLog  # for a Watch after the end
@@ -211,7 +227,7 @@ class _Kept(NamedTuple):
 
     @property
     def nbytes(self) -> int:
-        return len(self.answer) + len(self.options_digest) + self.events.nbytes
+        return len(self.answer) + len(self.options_digest) + len(self.values_digest) + self.events.nbytes
 
 
 class AnswerCache:
@@ -257,8 +273,9 @@ class AnswerCache:
         if answer is None or self.window_s <= 0:
             return
         execution.events.trim(KEPT_BYTES)
-        kept = _Kept(execution.task, execution.options_digest, answer, now + self.window_s, execution.events,
-                     execution.ended)
+        values = execution.run.values_digest if execution.run is not None else b""
+        kept = _Kept(execution.task, execution.options_digest, values, answer, now + self.window_s,
+                     execution.events, execution.ended)
         self._finished[key] = kept
         self._bytes += kept.nbytes
         while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
@@ -267,6 +284,24 @@ class AnswerCache:
     def _drop_oldest(self) -> None:
         _, kept = self._finished.popitem(last=False)
         self._bytes -= kept.nbytes
+
+
+def _same_options(found: Execution | _Kept, call: Call) -> bool:
+    """Whether `call`, under the request_id of the execution `found`, brings its options: the same bytes,
+    or other bytes of the same values (a retry from another process or language orders a map its way).
+
+    Other bytes are parsed here, on the loop: only such a retry pays it. An execution whose task process
+    has not said its options' digest (`Executor._values_known` waits for it) is taken for a different request.
+    """
+    if found.options_digest == call.digest:
+        return True
+    if isinstance(found, _Kept):
+        theirs = found.values_digest
+    elif found.request:  # still waiting: its bytes are here
+        theirs = values_digest(found.request)
+    else:
+        theirs = found.run.values_digest if found.run is not None else b""
+    return bool(theirs) and theirs == values_digest(call.request)
 
 
 class Executor:
@@ -328,7 +363,7 @@ class Executor:
         request_id, task = call.request_id, call.task
         found = self._cache.get((call.caller.name, request_id), call.received_at) if request_id else None
         if found is not None:
-            if found.task != task.name or found.options_digest != call.digest:
+            if found.task != task.name or not _same_options(found, call):
                 raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
             call.shared = True
             return found
@@ -348,6 +383,18 @@ class Executor:
         execution.job.add_done_callback(self._jobs.discard)
         return execution
 
+    async def _values_known(self, call: Call) -> None:
+        """Return once the execution of `call`'s request_id, if one runs and `call` brings its options as
+        other bytes, has the digest of their values (`_same_options`): its task process gives it in its
+        first frame, a moment after the hand-over (the time it takes to parse them)."""
+        if not call.request_id:
+            return
+        found = self._cache.get((call.caller.name, call.request_id), call.received_at)
+        if isinstance(found, Execution) and found.options_digest != call.digest and not found.request:
+            run = found.run
+            if run is not None and not run.first_frame.done():
+                await asyncio.wait((run.first_frame, run.reaped), return_when=asyncio.FIRST_COMPLETED)
+
     async def perform(self, call: Call) -> bytes:
         """Run a validated call (or attach to its caller's execution under its request_id); its serialized
         answer.
@@ -355,6 +402,7 @@ class Executor:
         Raises:
             Refusal: the call is not run, or could not be.
         """
+        await self._values_known(call)
         opened = self._open(call)
         try:
             return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
@@ -364,6 +412,7 @@ class Executor:
     async def perform_stream(self, call: Call) -> AsyncIterator[bytes]:
         """As `perform`, but the execution's serialized PerformEvents, the response last. The stream's
         caller is attached to the execution as a Perform's is: the last to leave cancels it."""
+        await self._values_known(call)
         opened = self._open(call)
         try:
             if isinstance(opened, _Kept):

@@ -77,6 +77,8 @@ class Run:
         self._answer: bytes | None = None
         self._invalid: str | None = None  # why the channel's frames make no valid answer (RESULT_INVALID)
         self.options_invalid: str | None = None  # the runner's verdict on the options, if they were invalid
+        self.values_digest = b""  # its options' digest, as the runner's first frame gave it (execution.values_digest)
+        self.first_frame: asyncio.Future[None] = self._loop.create_future()  # done once it came (or none will)
         self._pump = _pump(self._loop)
         self._reading = False  # the channel's reader is registered
         self._channel_done = False  # nothing more is taken from the channel (an end, its end of file, a kill)
@@ -242,6 +244,7 @@ class Run:
             if not started:  # the runner's own, written before any task code ran: the only one it may be
                 if kind == _TASK_STARTS:
                     started = True
+                    self.values_digest = bytes(buffer[start:end])
                 elif kind == _OPTIONS_INVALID:
                     self.options_invalid = buffer[start:end].decode(errors="replace")
                     break
@@ -264,6 +267,8 @@ class Run:
                 self._invalid = "the task process sent a frame of no known kind on its channel"
                 break
         self._started = started
+        if (started or self.options_invalid is not None or self._invalid is not None) and not self.first_frame.done():
+            self.first_frame.set_result(None)
         if beats:
             self._on_beats(buffer, progress, heartbeat, beats)
         if too_large:

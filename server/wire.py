@@ -44,7 +44,8 @@ NO_UID = 0xFFFF_FFFF
 # The kinds of frame a task process sends on its channel, each a kind byte then its payload.
 PROGRESS, HEARTBEAT, ANSWER = b"P", b"H", b"A"  # PerformEvent.Progress, .Heartbeat, the PerformResponse
 # The runner's own first frame, written before any task code runs: the options were read and the task
-# starts (no payload), or they were invalid (the message, UTF-8). Only as the first frame are they the runner's.
+# starts (the digest of their values, task_runner.values.struct_digest), or they were invalid (the message,
+# UTF-8). Only as the first frame are they the runner's.
 TASK_STARTS, OPTIONS_INVALID = b"S", b"I"
 
 CHUNK = 32 << 10  # the most a first message carries per packet (a SEQPACKET message must fit the socket's buffer)

@@ -7,6 +7,7 @@ beyond +-2^53 and non-finite floats; `from_struct` gives whole numbers within +-
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -105,6 +106,12 @@ def _check_value(value: Value, path: str, depth: int) -> None:
     elif kind == "list_value":
         for index, item in enumerate(value.list_value.values):
             _check_value(item, f"{path}[{index}]", depth + 1)
+
+
+def struct_digest(struct: Struct) -> bytes:
+    """A digest of a Struct's values: the same however they were serialized (a serializer orders a map
+    as it likes; Python's, differently in each process)."""
+    return hashlib.sha256(struct.SerializeToString(deterministic=True)).digest()
 
 
 def from_struct(struct: Struct) -> dict[str, Any]:
