@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import start_daemon, wait_for_spares
+from tests.conftest import start_daemon, wait_for_spares, wait_until
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the case of a root daemon")
 
@@ -30,7 +30,13 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             with daemon.client() as client:
                 result = client.call("what_root_can_do", 20_000).result
             assert wait_for_spares(daemon)
-            result["spares"] = _namespaces_of_spares(daemon.process.pid)
+            host = os.readlink("/proc/self/ns/mnt")
+
+            def joined() -> bool:  # a spare still setting up has not made its namespace, or its init not joined
+                result["spares"] = _namespaces_of_spares(daemon.process.pid)
+                return bool(result["spares"]) and all(init == own != host for init, own in result["spares"])
+
+            wait_until(joined, 20)  # (the test below says what was seen if they never do)
             result["shared"] = str(shared)
             yield result
         finally:
