@@ -52,10 +52,11 @@ def message(profile: Profile) -> Sandbox:
 
 
 @functools.cache
-def _seccomp_program() -> bytes | str:
-    """The filter, built once per daemon; or why it cannot be."""
+def _seccomp_programs() -> tuple[bytes, bytes] | str:
+    """The filter, built once per daemon, for tasks with the network and without (refusing vsock too); or
+    why it cannot be."""
     try:
-        return seccomp.program()
+        return seccomp.program(), seccomp.program(no_vsock=True)
     except seccomp.SeccompUnavailable as exc:
         return str(exc)
 
@@ -68,13 +69,13 @@ def build(config: Config) -> tuple[Sandboxes, dict[str, str]]:
     """
     hidden = hidden_paths(config)
     failures: dict[str, str] = {}
-    program = b""
+    programs = (b"", b"")  # by network = "none"
     if any(task.sandbox.sandboxed("syscalls") for task in config.catalogue.values()):
-        built = _seccomp_program()
+        built = _seccomp_programs()
         if isinstance(built, str):
             failures["syscalls"] = built
         else:
-            program = built
+            programs = built
     index: dict[Profile, int] = {}
     of_task: dict[str, int] = {}
     for name, task in config.catalogue.items():
@@ -85,7 +86,8 @@ def build(config: Config) -> tuple[Sandboxes, dict[str, str]]:
         profile = Profile(
             filesystem=sandbox.sandboxed("filesystem"), network=sandbox.sandboxed("network"),
             processes=sandbox.sandboxed("processes"),
-            seccomp=program if sandbox.sandboxed("syscalls") else b"", tmp_bytes=sandbox.tmp_mb * MIB,
+            seccomp=programs[sandbox.sandboxed("network")] if sandbox.sandboxed("syscalls") else b"",
+            tmp_bytes=sandbox.tmp_mb * MIB,
             hide=tuple(sorted({*hidden, *(os.path.realpath(path) for path in sandbox.hide)})),
             writable=tuple(os.path.realpath(path) for path in sandbox.writable),
         )

@@ -14,35 +14,43 @@ import ctypes
 import errno
 import os
 
-# Refused with EPERM, grouped by why. A name this libseccomp or architecture does not know is skipped:
-# what the kernel has no number for cannot be called.
-REFUSED: tuple[str, ...] = (
-    # Another process's memory: reading or steering a neighbour sharing our uid.
-    "ptrace", "process_vm_readv", "process_vm_writev",
-    # The mount table, old and new API: a private filesystem view is only private while it cannot be remade.
-    "mount", "umount2", "pivot_root", "chroot",
-    "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
-    # Namespaces: leaving or remaking the sandbox (clone's namespace flags are refused below).
-    "unshare", "setns",
-    # Code run in the kernel, and the kernel's view of other processes.
-    "bpf", "perf_event_open",
-    # Replacing or extending the kernel.
-    "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    # The kernel keyring is not namespaced: keys would be shared with the host and other tasks.
-    "keyctl", "add_key", "request_key",
-    # Pauses the kernel on a page fault at a time of the caller's choosing: the lever of many exploits.
-    "userfaultfd",
-    # io_uring performs system calls this filter never sees, and is a frequent source of kernel bugs.
-    "io_uring_setup", "io_uring_enter", "io_uring_register",
-    # The whole machine's state.
-    "reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd",
-    # Opening a file by handle bypasses the path walk, so any mount's file can be reached.
-    "open_by_handle_at", "name_to_handle_at",
-    # Obsolete or hardware-level calls no task needs.
-    "lookup_dcookie", "uselib", "iopl", "ioperm", "syslog", "vhangup",
-    # The host's clock and names, which namespaces here do not separate.
-    "settimeofday", "clock_settime", "clock_adjtime", "sethostname", "setdomainname",
-)
+# Refused with EPERM, by what a call does. Each effect names every call that has it on any ABI the kernel
+# runs (x86-64, i386 and x32; arm64 and arm): i386 sets the clock by stime and clock_settime64 as x86-64
+# does by settimeofday and clock_settime. libseccomp resolves each name per ABI, and skips it on an ABI
+# that lacks it: what the kernel has no number for cannot be called.
+REFUSED_BY_EFFECT: dict[str, tuple[str, ...]] = {
+    "another process's memory: reading or steering a neighbour sharing our uid":
+        ("ptrace", "process_vm_readv", "process_vm_writev"),
+    # umount is i386's old one-argument umount2.
+    "the mount table, old and new API: a private filesystem view is only private while it cannot be remade":
+        ("mount", "umount", "umount2", "pivot_root", "chroot",
+         "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr"),
+    "namespaces: leaving or remaking the sandbox (clone's namespace flags are refused below)": ("unshare", "setns"),
+    "code run in the kernel, and the kernel's view of other processes": ("bpf", "perf_event_open"),
+    "replacing or extending the kernel":
+        ("kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module"),
+    "the kernel keyring, which is not namespaced: keys would be shared with the host and other tasks":
+        ("keyctl", "add_key", "request_key"),
+    "pausing the kernel on a page fault at a time of the caller's choosing: the lever of many exploits":
+        ("userfaultfd",),
+    "system calls this filter never sees (io_uring performs them), and a frequent source of kernel bugs":
+        ("io_uring_setup", "io_uring_enter", "io_uring_register"),
+    # _sysctl is the binary way to write /proc/sys, gone since Linux 5.5.
+    "the whole machine's state": ("reboot", "swapon", "swapoff", "acct", "quotactl", "quotactl_fd", "_sysctl"),
+    "opening a file by handle, which bypasses the path walk, so that any mount's file can be reached":
+        ("open_by_handle_at", "name_to_handle_at"),
+    # vm86 and vm86old are i386's virtual 8086 mode.
+    "obsolete or hardware-level calls no task needs":
+        ("lookup_dcookie", "uselib", "iopl", "ioperm", "syslog", "vhangup", "vm86", "vm86old"),
+    # The *64 are 32-bit ABIs' calls with a 64-bit time; stime is i386's settimeofday to the second;
+    # adjtimex is clock_adjtime of the realtime clock (and reading it: glibc reads it through clock_adjtime).
+    "the host's clock, which no namespace here separates":
+        ("settimeofday", "stime", "clock_settime", "clock_settime64", "clock_adjtime", "clock_adjtime64",
+         "adjtimex"),
+    "the host's names, which the sandbox's namespaces do not separate": ("sethostname", "setdomainname"),
+}
+REFUSED: tuple[str, ...] = tuple(name for names in REFUSED_BY_EFFECT.values() for name in names)
+AF_VSOCK = 40
 
 CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
@@ -68,6 +76,7 @@ SCMP_ARCH_ARM = 0x40000028
 SCMP_ARCH_AARCH64 = 0xC00000B7
 SCMP_CMP_NE = 1
 SCMP_CMP_MASKED_EQ = 7
+INT_MASK = 0xFFFFFFFF  # the kernel reads an int argument from the low half of its register
 NR_SCMP_ERROR = -1  # what seccomp_syscall_resolve_name answers for a name it does not know
 # The 32-bit ABIs a process of the native architecture can still call the kernel through.
 COMPAT_ARCHES = {SCMP_ARCH_X86_64: (SCMP_ARCH_X86, SCMP_ARCH_X32), SCMP_ARCH_AARCH64: (SCMP_ARCH_ARM,)}
@@ -99,12 +108,16 @@ def _act_errno(code: int) -> int:
     return 0x00050000 | (code & 0x0000FFFF)
 
 
-def program() -> bytes:
+def program(no_vsock: bool = False) -> bytes:
     """Build the filter: refuse the calls of REFUSED, namespaces by clone, clone3, and changing personality.
 
     Everything else is allowed. The native architecture's 32-bit ABIs are filtered by the same rules, so
     that a task cannot step around the filter by calling the kernel the 32-bit way (nor is it killed for
     doing so).
+
+    Args:
+        no_vsock: also refuse making a vsock socket, for a task without a network: vsock is not namespaced,
+            and leads to the hypervisor (and through it, often, the host).
 
     Returns:
         The filter as raw BPF: an array of struct sock_filter, 8 bytes each, for `load`.
@@ -146,6 +159,12 @@ def program() -> bytes:
         # (READ_IMPLIES_EXEC) for what the task execs; only the query is answered.
         _rule(lib, ctx, eperm, _resolve(lib, "personality"), "personality",
               _ArgCmp(0, SCMP_CMP_NE, PERSONALITY_QUERY, 0))
+        if no_vsock:
+            # i386's socketcall(SYS_SOCKET, args) has socket's arguments in memory, which a filter cannot
+            # read: libseccomp refuses it whole, for every family, and compares the family of i386's own
+            # socket call (Linux 4.3), as of every other ABI's.
+            _rule(lib, ctx, eperm, _resolve(lib, "socket"), "socket",
+                  _ArgCmp(0, SCMP_CMP_MASKED_EQ, INT_MASK, AF_VSOCK))
         return _export(lib, ctx)
     finally:
         lib.seccomp_release(ctx)

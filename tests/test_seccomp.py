@@ -3,31 +3,47 @@ work still runs under it.
 
 A filter cannot be taken off again, so each filtered test runs in a fresh interpreter: it receives the program
 and the system call numbers (both from libseccomp, here), installs the filter, makes sure it is installed
-before trying anything, and reports what the kernel answered as JSON. This process is never filtered.
+before trying anything, and reports what the kernel answered as JSON. This process is never filtered. The
+attacks are also made by hostile tasks (tests/tasks/hostile_abi.py) of a real daemon, as root.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
+import os
 import platform
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from task_runner.server import seccomp
+from tests.conftest import REPO
+from tests.inprocess import InProcessDaemon
 
 SCMP_ARCH_X86 = 0x40000003
 SCMP_ARCH_X32 = 0x4000003E
+SCMP_ARCH_X86_64 = 0xC000003E
+SCMP_ARCH_ARM = 0x40000028
+SCMP_ARCH_AARCH64 = 0xC00000B7
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 PTRACE_PEEKDATA = 2  # with pid 0 the kernel answers ESRCH; zero would be PTRACE_TRACEME
 ADDR_NO_RANDOMIZE = 0x0040000
+# Calls that must be refused whatever the list says: every way to set the host's clock or unmount on any ABI
+# (i386 has stime, clock_settime64, clock_adjtime64 and a one-argument umount), the issue's attacks.
+ATTACKED = ("settimeofday", "stime", "clock_settime", "clock_settime64", "clock_adjtime", "clock_adjtime64",
+            "adjtimex", "umount", "umount2")
+# i386's own socket call (Linux 4.3): libseccomp names socket there by its socketcall form, a negative number.
+I386_SOCKET = 359
 
 
 def _libseccomp() -> ctypes.CDLL | None:
@@ -41,18 +57,8 @@ LIBSECCOMP = _libseccomp()
 needs_libseccomp = pytest.mark.skipif(LIBSECCOMP is None, reason="libseccomp.so.2 is not installed (Debian: "
                                       "apt-get install libseccomp2), so no filter can be built")
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the 32-bit ABIs tried are x86's")
-
-# Arguments the kernel would refuse too, or act on harmlessly, should the filter ever let one through.
-# Anything not named here gets zeros (reboot's zero magic numbers make it a no-op even unfiltered).
-HARMLESS_ARGS: dict[str, tuple[int, ...]] = {
-    "ptrace": (PTRACE_PEEKDATA, 0, 0, 0),
-    "kexec_load": (0, 1000, 0, 0),  # over KEXEC_SEGMENT_MAX; zero segments would unload a loaded kernel
-    "kexec_file_load": (-1, -1, 0, 0, 0),
-    "finit_module": (-1, 0, 0),
-    "acct": (1,),  # an invalid pointer: NULL would turn accounting off
-    "sethostname": (1, 1),  # an invalid pointer: NULL, 0 would empty the name
-    "setdomainname": (1, 1),
-}
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root daemon")
+HOSTILE = "tests.tasks.hostile_abi"
 
 # Sets no_new_privs, installs the program and checks it is installed before the body runs (the body makes
 # calls that must never reach the kernel); vhangup is harmless only because the child has no terminal.
@@ -98,7 +104,7 @@ def run_child(body: str, before: str = "", **data: Any) -> subprocess.CompletedP
     argument = json.dumps({"program": seccomp.program().hex(), **data})
     # A session of its own: no controlling terminal for vhangup to hang up.
     return subprocess.run([sys.executable, "-c", script, argument], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, start_new_session=True)
+                          stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
 
 
 def filtered(body: str, **data: Any) -> dict[str, Any]:
@@ -126,10 +132,11 @@ def test_without_libseccomp_the_filter_is_unavailable_and_says_what_to_install(
 
 
 @needs_libseccomp
-def test_the_program_is_whole_instructions() -> None:
-    program = seccomp.program()
-    assert program and len(program) % 8 == 0
-    assert program == seccomp.program()
+def test_the_program_is_whole_instructions_within_the_kernels_limit() -> None:
+    for no_vsock in (False, True):
+        program = seccomp.program(no_vsock=no_vsock)
+        assert program and len(program) % 8 == 0 and len(program) // 8 <= seccomp.BPF_MAXINSNS
+        assert program == seccomp.program(no_vsock=no_vsock)
 
 
 @needs_libseccomp
@@ -140,17 +147,121 @@ def test_importing_the_module_loads_no_libseccomp() -> None:
     assert ran.stdout.strip() == "False", ran.stderr
 
 
+@functools.cache
+def abis() -> dict[str, int]:
+    """The ABIs a task here can call the kernel through, by name, with their libseccomp architecture: the
+    native one; on x86-64 x32 (its calls reach the filter whether or not the kernel has x32) and i386, if
+    this kernel runs i386 code (CONFIG_IA32_EMULATION, not turned off by ia32_emulation=)."""
+    assert LIBSECCOMP is not None
+    LIBSECCOMP.seccomp_arch_native.restype = ctypes.c_uint32
+    found = {"native": int(LIBSECCOMP.seccomp_arch_native())}
+    if found["native"] == SCMP_ARCH_X86_64:
+        found["x32"] = SCMP_ARCH_X32
+        getpid = resolve("getpid", SCMP_ARCH_X86)
+        probe = f"import os\nfrom {HOSTILE} import i386_call\nprint(i386_call({getpid}) == os.getpid())"
+        ran = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=REPO)
+        if ran.stdout.strip() == "True":
+            found["i386"] = SCMP_ARCH_X86
+    return found
+
+
+def refused_numbers() -> dict[str, dict[str, int]]:
+    """Each ABI's number of each call the list refuses, and of each of ATTACKED, from libseccomp's tables:
+    a name an ABI lacks is not there (libseccomp answers a negative number for it)."""
+    names = dict.fromkeys([*seccomp.REFUSED, *ATTACKED])
+    numbers = {abi: {name: resolve(name, arch) for name in names} for abi, arch in abis().items()}
+    return {abi: {name: nr for name, nr in of_abi.items() if nr >= 0} for abi, of_abi in numbers.items()}
+
+
+def getpid_numbers() -> dict[str, int]:
+    """getpid's number for each ABI where it must work under the filter (not x32: the kernel may lack it)."""
+    return {abi: resolve("getpid", arch) for abi, arch in abis().items() if abi != "x32"}
+
+
 @needs_libseccomp
-def test_every_refused_call_is_answered_eperm() -> None:
-    numbers = {name: resolve(name) for name in seccomp.REFUSED}
-    known = {name: nr for name, nr in numbers.items() if nr >= 0}
-    assert "ptrace" in known and "mount" in known, numbers
+def test_every_name_the_filter_refuses_is_a_call_libseccomp_knows() -> None:
+    """A misspelt name would be skipped as a call no ABI has, and its effect left open."""
+    arches = (SCMP_ARCH_X86_64, SCMP_ARCH_X86, SCMP_ARCH_X32, SCMP_ARCH_AARCH64, SCMP_ARCH_ARM)
+    unknown = [name for name in seccomp.REFUSED if all(resolve(name, arch) < 0 for arch in arches)]
+    assert not unknown
+    assert len(set(seccomp.REFUSED)) == len(seccomp.REFUSED)
+
+
+@needs_libseccomp
+def test_every_refused_call_of_every_abi_is_answered_eperm() -> None:
+    """In a child of this process: without the filter each call, even made with every capability, fails
+    otherwise (EFAULT, EINVAL, ESRCH, ENOSYS...) or does nothing; with it, EPERM on every ABI."""
+    numbers = refused_numbers()
+    assert {"ptrace", "mount", "adjtimex"} <= numbers["native"].keys(), numbers
+    if "i386" in numbers:
+        assert {"stime", "clock_settime64", "clock_adjtime64", "umount"} <= numbers["i386"].keys(), numbers
     body = """
-    for name, nr in data["numbers"].items():
-        out[name] = call(nr, *data["args"].get(name, (0,) * 6))
+    from tests.tasks import hostile_abi
+    out.update(hostile_abi.refused_calls(data)[1])
     """
-    answers = filtered(body, numbers=known, args=HARMLESS_ARGS)
-    assert answers == {name: [-1, errno.EPERM] for name in known}
+    answers = filtered(body, numbers=numbers, getpid=getpid_numbers())
+    assert answers.pop("seccomp_mode") == 2
+    assert answers == {**{abi: dict.fromkeys(of_abi, errno.EPERM) for abi, of_abi in numbers.items()},
+                       **{f"{abi} getpid": True for abi in getpid_numbers()}}
+
+
+@pytest.fixture(scope="module")
+def hostile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InProcessDaemon]:
+    """A daemon whose tasks run as root (no run_as_user) with every part of the sandbox on: what a missing
+    capability would refuse reaches the kernel unless the filter refuses it."""
+    tables = (f'[tasks.refused_calls]\ntarget = "{HOSTILE}:refused_calls"\n'
+              f'[tasks.vsock_without_network]\ntarget = "{HOSTILE}:vsock"\n'
+              f'[tasks.vsock_with_network]\ntarget = "{HOSTILE}:vsock"\n'
+              '[tasks.vsock_with_network.sandbox]\nnetwork = "host"\n')
+    text = ('cgroup = "off"\n[sandbox]\nfilesystem = "private"\nnetwork = "none"\nprocesses = "private"\n'
+            f'syscalls = "default"\n{tables}')
+    with InProcessDaemon(Path(tmp_path_factory.mktemp("seccomp")), text) as d:
+        yield d
+
+
+@needs_libseccomp
+@root_only
+def test_a_root_task_gets_eperm_from_every_refused_call_of_every_abi(hostile: InProcessDaemon) -> None:
+    """The i386 clock calls included, which reached the kernel before the filter refused calls by effect."""
+    numbers = refused_numbers()
+    with hostile.client() as client:
+        gave = client.call("refused_calls", 10_000, {"numbers": numbers, "getpid": getpid_numbers()}).result
+    assert gave.pop("seccomp_mode") == 2
+    assert gave == {**{abi: dict.fromkeys(of_abi, errno.EPERM) for abi, of_abi in numbers.items()},
+                    **{f"{abi} getpid": True for abi in getpid_numbers()}}
+
+
+def vsock_options() -> dict[str, int]:
+    options = {"socket": resolve("socket")}
+    if "i386" in abis():
+        options |= {"i386_socket": I386_SOCKET, "i386_socketcall": resolve("socketcall", SCMP_ARCH_X86)}
+    return options
+
+
+@needs_libseccomp
+@root_only
+def test_a_task_without_a_network_makes_no_vsock_socket(hostile: InProcessDaemon) -> None:
+    """vsock is not namespaced: through it a task of network = "none" would reach the hypervisor. On i386,
+    socketcall(SYS_SOCKET) is refused whole: its arguments are in memory, where the filter cannot look."""
+    with hostile.client() as client:
+        gave = client.call("vsock_without_network", 10_000, vsock_options()).result
+    assert gave.pop("seccomp_mode") == 2
+    expected = {"vsock": errno.EPERM, "vsock, upper half set": errno.EPERM, "unix": 0}
+    if "i386" in abis():
+        expected |= {"i386 vsock": errno.EPERM, "i386 unix": 0, "i386 socketcall(SYS_SOCKET)": errno.EPERM}
+    assert gave == expected
+
+
+@needs_libseccomp
+@root_only
+def test_a_task_with_the_network_is_not_refused_vsock_by_the_filter(hostile: InProcessDaemon) -> None:
+    with hostile.client() as client:
+        gave = client.call("vsock_with_network", 10_000, vsock_options()).result
+    assert gave.pop("seccomp_mode") == 2
+    # A socket where the kernel has vsock (a virtual machine's guest), EAFNOSUPPORT where it has not.
+    assert gave["vsock"] != errno.EPERM and gave["unix"] == 0, gave
+    if "i386" in abis():
+        assert gave["i386 socketcall(SYS_SOCKET)"] == errno.EFAULT, gave
 
 
 @needs_libseccomp
