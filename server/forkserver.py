@@ -139,7 +139,7 @@ def reap(pids: set[int], timeout: float) -> set[int]:
 
 
 class ForkServer:
-    def __init__(self, sock: socket.socket, spec: dict[str, Any]) -> None:
+    def __init__(self, sock: socket.socket, spec: dict[str, Any], no_user_namespace: str = "") -> None:
         self._sock = sock
         self._result_max_bytes: int = spec["result_max_bytes"]
         self._cgroups = TaskCgroups(spec.get("cgroup"))
@@ -170,7 +170,8 @@ class ForkServer:
         asked = {part for profile in profiles for part in profile.parts}
         # What this machine cannot set up is left out of every profile (the daemon says so, or refuses to start).
         seccomp_program = next((profile.seccomp for profile in profiles if profile.seccomp), b"")
-        self._sandbox_failures = sandbox.probe(asked, seccomp_program, seccomp.load)
+        self._sandbox_failures = {part: f"{no_user_namespace}: {why}" if no_user_namespace else why
+                                  for part, why in sandbox.probe(asked, seccomp_program, seccomp.load).items()}
         self._profiles = [profile.without(set(self._sandbox_failures)) for profile in profiles]
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -571,7 +572,38 @@ def main() -> None:
         message.add(sock.recv(wire.CHUNK + 2))
     spec = json.loads(message.whole)
     sys.path[:] = spec["sys_path"]
-    ForkServer(sock, spec).serve()
+    # An ordinary user's fork server is root in a user namespace of its own, so that its tasks get the whole
+    # sandbox, as bubblewrap gives it, all under this user on the host (a root one needs none).
+    rootless = sandbox.own_user_namespace() if os.geteuid() != 0 else ""
+    if os.geteuid() == 0 and os.getuid() == 0 and rootless == "" and _outside_user_namespace_root():
+        _in_a_pid_namespace_of_our_own()
+    ForkServer(sock, spec, rootless).serve()
+
+
+def _outside_user_namespace_root() -> bool:
+    """Whether we are root only in a user namespace of our own (an ordinary user's fork server)."""
+    with open("/proc/self/uid_map") as f:
+        return f.read().split()[:2] != ["0", "0"]
+
+
+def _in_a_pid_namespace_of_our_own() -> None:
+    """Go on in a pid namespace our user namespace owns, as its pid 1; this process only waits for that one.
+
+    Forking a task process into its own pid namespace takes a setns there and back again, and back means into
+    our pid namespace, which needs CAP_SYS_ADMIN over its owner: for the host's, only a root daemon has it.
+    """
+    sandbox.unshare(sandbox.CLONE_NEWPID)
+    alive = os.pidfd_open(os.getpid())
+    pid = os.fork()
+    if pid == 0:
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the daemon's child, which it ends by our socket's end
+        if select.select([alive], [], [], 0)[0]:
+            os._exit(0)
+        return
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # the daemon decides, by closing the socket the other holds
+    _, status = os.waitpid(pid, 0)
+    os._exit(os.waitstatus_to_exitcode(status) & 0xFF)
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ it. Usage: `python -m task_runner.server.inits FD`.
 
 An init is made here, in the host's mount namespace, before its task process exists; once that process (pid 2
 of the namespace) has made its sandbox, it asks the init (JOIN_ME) to move into its mount, network and IPC
-namespaces, and the init answers (JOINED) once it has, then keeps no capability: no path through /proc/1
+namespaces, and the init answers (JOINED) once it has, keeping no capability: no path through /proc/1
 (root, cwd, fd, mem, environ) leads outside the sandbox. It is not dumpable, so a task, even one of its uid,
-cannot read its memory or descriptors either.
+cannot read its memory or descriptors either, once it has joined.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ import sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x2_0000, 0x800_0000, 0x2000_0000, 0x4000_0000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
-JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR  # as task_runner.server.sandbox
+# As task_runner.server.sandbox: the task process asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
+JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR
+JOINED_NAMESPACES = (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC)
 _LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 MADE, FAILED = b"\0", b"\1"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -73,7 +75,6 @@ def make(own: int, alive: int) -> int:
 def become_init(alive: int | None, ready: int) -> None:  # never returns
     """Be the sleeping pid 1 of a task's pid namespace; write a byte to `ready` once JOIN_ME is heard."""
     try:
-        _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
         if alive is not None:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the maker (so with the fork server) it goes
             if select.select([alive], [], [], 0)[0]:  # the maker died before prctl took effect
@@ -81,7 +82,8 @@ def become_init(alive: int | None, ready: int) -> None:  # never returns
         # Orphans of the task's tree that end after the task are reaped by the kernel; SIGKILL from the
         # fork server (outside the namespace) is the only signal that reaches it, and JOIN_ME once.
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)
-        signal.signal(JOIN_ME, _join_task)
+        for bits in range(1 << len(JOINED_NAMESPACES)):
+            signal.signal(JOIN_ME + bits, _join_task)
         os.write(ready, b"\0")
         os.closerange(0, os.sysconf("SC_OPEN_MAX"))
         while True:
@@ -92,12 +94,16 @@ def become_init(alive: int | None, ready: int) -> None:  # never returns
 
 def _join_task(signum: int, frame: object) -> None:
     """Move into pid 2's (the task process's) mount, network and IPC namespaces, then keep no capability."""
-    signal.signal(JOIN_ME, signal.SIG_IGN)  # once: the task that runs later cannot make it move again
+    for bits in range(1 << len(JOINED_NAMESPACES)):  # once: the task that runs later cannot make it move again
+        signal.signal(JOIN_ME + bits, signal.SIG_IGN)
     answer = FAILED_TO_JOIN
     try:
+        # Only those the task process made, which the signal's number tells: joining one it shares with us is a
+        # no-op that would still need CAP_SYS_ADMIN over its owner (the host's: an ordinary user has none).
+        flags = sum(flag for bit, flag in enumerate(JOINED_NAMESPACES) if (signum - JOIN_ME) >> bit & 1)
         pidfd = os.pidfd_open(2)
         try:
-            _check(_libc.setns(pidfd, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC), "setns into the task's namespaces")
+            _check(_libc.setns(pidfd, flags) if flags else 0, "setns into the task's namespaces")
         finally:
             os.close(pidfd)
         os.chdir("/")
@@ -106,6 +112,9 @@ def _join_task(signum: int, frame: object) -> None:
         answer = JOINED
     except OSError:
         pass  # the task process gives up its sandbox (it never runs a task): nothing to say here
+    # Not dumpable from now on: no task, even one of its uid, reads its memory or its /proc entries. (Until now
+    # the fork server had to reach it by its pidfd, which needs ptrace access.)
+    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     with contextlib.suppress(OSError):
         os.kill(2, answer)
 

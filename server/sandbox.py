@@ -50,6 +50,7 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 SYS_OPEN_TREE, SYS_MOVE_MOUNT, SYS_MOUNT_SETATTR = 428, 429, 442
 SIOCSIFFLAGS, IFF_UP = 0x8914, 0x1
 PR_SET_NO_NEW_PRIVS = 38
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 PR_CAPBSET_DROP, PR_SET_SECUREBITS, PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL = 24, 28, 47, 4
 # Securebits, each with its lock: no root privilege by uid 0 (NOROOT), none kept or dropped by a uid change
 # (NO_SETUID_FIXUP: the sets are emptied by hand), KEEP_CAPS off, no ambient raise: a task cannot regain any.
@@ -58,7 +59,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 PARTS = ("filesystem", "network", "processes", "syscalls")
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # what a private filesystem replaces with its own tmpfs
 # The init of a task's pid namespace joins the task's mount namespace when asked (task_runner.server.inits).
-JOIN_ME, INIT_JOINED, INIT_FAILED = signal.SIGUSR1, signal.SIGUSR2, signal.SIGPWR  # as inits
+JOIN_ME, INIT_JOINED, INIT_FAILED = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR  # as inits
 INIT_JOIN_TIMEOUT_S = 30.0  # it answers at once; a machine that is very busy may delay it (a spare waits)
 SETUP_FAILED = 71  # the exit code of a task process whose sandbox could not be set up: it never runs a task
 _MOUNT_ATTR = struct.Struct("QQQQ")  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
@@ -158,6 +159,35 @@ def shed_privileges(become: Callable[[], None]) -> None:
     _check(_libc.capset(header, bytes(24)), "capset")  # two struct __user_cap_data_struct, all zero
 
 
+CLONE_NEWUSER = 0x1000_0000
+
+
+def own_user_namespace() -> str:
+    """Move this process (an ordinary user's, single-threaded, before it forks anything) into a user namespace
+    of its own, where it is root and may set up every part of a sandbox: "" if it did, else why not.
+
+    The namespace maps its root to this user alone ("0 UID 1"), which an unprivileged process may write for
+    itself; the kernel's user.max_user_namespaces, kernel.unprivileged_userns_clone or an AppArmor policy
+    (Ubuntu's apparmor_restrict_unprivileged_userns) may refuse the namespace: then no part but the syscall
+    filter can be set up, and the daemon says so.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        unshare(CLONE_NEWUSER)
+    except SandboxError as exc:
+        return f"this user may not make a user namespace ({exc.strerror}): unprivileged user namespaces are off"
+    try:
+        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
+            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        return f"its user namespace's uid map could not be written ({exc.strerror})"
+    return ""
+
+
 def unshare(flags: int) -> None:
     _check(_libc.unshare(flags), "unshare")
 
@@ -224,13 +254,13 @@ def enter(profile: Profile) -> None:
             _hide(path)
         if profile.network:  # its own interfaces alone under /sys/class/net, read-only like the rest
             _mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    else:
+    elif flags & CLONE_NEWNS:  # (only in a mount namespace of its own: never the host's propagation)
         _mount(None, "/", None, MS_REC | MS_PRIVATE)
     if profile.processes:
         _fresh_proc()
         if os.path.isdir("/dev/mqueue"):
             _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        _init_joins()
+        _init_joins(flags)
     if profile.filesystem:
         os.chdir("/tmp")  # (the task's working directory is made there once it has its uid)
 
@@ -272,16 +302,23 @@ def _fresh_proc() -> None:
         _hide(path)
 
 
-def _init_joins() -> None:
+def _init_joins(made: int) -> None:
     """Have this pid namespace's init (task_runner.server.inits) move into our mount and network namespaces, so
     that no path through /proc/1 leads outside the sandbox; wait until it says it has (or could not)."""
     if os.getpid() != 2:
         raise SandboxError(f"a sandboxed task process is pid 2 of its namespace, not {os.getpid()}")
     signal.pthread_sigmask(signal.SIG_BLOCK, {INIT_JOINED, INIT_FAILED})
+    # Dumpable while the init joins: setns by a pidfd needs ptrace access, which a process forked from one exec'd
+    # outside a user namespace otherwise grants only to a holder of CAP_SYS_PTRACE there (rootless: nobody).
+    dumpable = _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     try:
-        os.kill(1, JOIN_ME)
+        # Which namespaces it made, one bit each in the signal's number (as inits.JOINED_NAMESPACES).
+        os.kill(1, JOIN_ME + sum(1 << bit for bit, flag in enumerate((CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC))
+                                 if made & flag))
         got = signal.sigtimedwait({INIT_JOINED, INIT_FAILED}, INIT_JOIN_TIMEOUT_S)
     finally:
+        _libc.prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {INIT_JOINED, INIT_FAILED})
     if got is None:
         raise SandboxError(f"the init of the task's pid namespace did not answer within {INIT_JOIN_TIMEOUT_S:.0f} s")

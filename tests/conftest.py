@@ -144,19 +144,22 @@ def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) ->
 
 
 def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | None = None,
-                 args: tuple[str, ...] = (), python: str = sys.executable) -> Daemon:
-    """Start `python -m task_runner.server` with the test tasks; return once it is ready."""
+                 args: tuple[str, ...] = (), python: str = sys.executable, wrap: tuple[str, ...] = ()) -> Daemon:
+    """Start `python -m task_runner.server` with the test tasks; return once it is ready. `wrap`: a command
+    it runs under (setpriv, to start it as another user: its notify socket is then open to all)."""
     directory.mkdir(parents=True, exist_ok=True)
     config = write_config(directory / "config.toml", config_extra)
     notify_path = directory / "notify"
     notify_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify_sock.bind(str(notify_path))
+    if wrap:
+        notify_path.chmod(0o777)
     unix = f"unix:{directory / 'daemon.sock'}"
     log = directory / "daemon.log"
     full_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO), **(env or {})}
     with log.open("wb") as log_file:
         process = subprocess.Popen(
-            [python, "-m", "task_runner.server", "--config", str(config),
+            [*wrap, python, "-m", "task_runner.server", "--config", str(config),
              "--listen", unix, "--listen", "127.0.0.1:0", *args],
             cwd=REPO, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,
         )
@@ -165,7 +168,8 @@ def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | 
     deadline = time.monotonic() + 30
     while "READY=1" not in daemon.notifications:
         if process.poll() is not None or time.monotonic() > deadline:
-            daemon.stop(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # (killed then)
+                daemon.stop(timeout=5)
             raise RuntimeError(f"the daemon did not start:\n{daemon.log_text()}")
         daemon.read_notifications(timeout=0.5)
     status = next(n for n in daemon.notifications if n.startswith("STATUS=listening on"))

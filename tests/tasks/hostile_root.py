@@ -58,3 +58,19 @@ def what_root_can_do(options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         "mnt": os.readlink("/proc/self/ns/mnt"), "pid_ns": os.readlink("/proc/self/ns/pid"),
         "mounts": Path("/proc/self/mountinfo").read_text(),
     }
+
+
+def rootless_view(options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
+    """What a task of a daemon run by an ordinary user sees of its sandbox (tests/test_rootless.py)."""
+    status = dict(line.split(":\t", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":\t" in line)
+    tmp = next(line.split() for line in Path("/proc/self/mounts").read_text().splitlines() if line.split()[1] == "/tmp")
+    Path(options["mark"]).write_text("written by a task")  # in its writable path: whose is it on the host?
+    ctypes.set_errno(0)
+    ptrace = _libc.syscall(options["ptrace"], 0, 0, 0, 0)  # PTRACE_TRACEME: refused by the filter
+    return True, {
+        "uid": os.getuid(), "uid_map": Path("/proc/self/uid_map").read_text().split(), "pid": os.getpid(),
+        "pids": sorted(int(name) for name in os.listdir("/proc") if name.isdigit()),
+        "cap_eff": int(status["CapEff"], 16), "cap_bnd": int(status["CapBnd"], 16),
+        "tmp": tmp[2], "interfaces": sorted(os.listdir("/sys/class/net")),
+        "ptrace": ctypes.get_errno() if ptrace == -1 else 0, "dev": sorted(os.listdir("/dev")),
+    }

@@ -1,0 +1,82 @@
+"""A daemon started by an ordinary user gives its tasks the whole sandbox (issue "A sandbox that holds for any
+task"): its fork server is root in a user namespace of its own, so filesystem, network, processes and syscalls
+are all set up, and everything runs under that user on the host."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, start_daemon
+from tests.test_sandbox import syscall_numbers
+
+NOBODY = 65534
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the test makes an ordinary user's daemon with setpriv, as root"),
+    pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv"),
+]
+
+
+@pytest.fixture
+def world() -> Iterator[Path]:
+    """A folder every user may use: the ordinary user's interpreter, its daemon's files, its tasks' writable path."""
+    path = Path(tempfile.mkdtemp(prefix="task-runner-rootless-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path)
+
+
+def ordinary_python(world: Path) -> str:
+    """An interpreter an ordinary user may run (this one may live under /root, 0700) that finds our packages."""
+    system = Path("/usr/bin/python3")
+    if not system.exists():
+        pytest.skip("needs /usr/bin/python3")
+    version = subprocess.run([str(system), "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    if version != str(sys.version_info[:2]):
+        pytest.skip(f"/usr/bin/python3 is {version}, these packages are built for {sys.version_info[:2]}")
+    venv = world / "venv"
+    subprocess.run([str(system), "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "outer.pth").write_text("\n".join(p for p in sys.path if p.endswith("site-packages")) + "\n")
+    return str(venv / "bin" / "python")
+
+
+def test_an_ordinary_users_daemon_gives_its_tasks_every_part_of_the_sandbox(world: Path) -> None:
+    shared = world / "shared"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    home = world / "d"
+    home.mkdir(mode=0o777)
+    home.chmod(0o777)
+    daemon = start_daemon(
+        home, f'cgroup = "off"\n[sandbox]\nfilesystem = "private"\nnetwork = "none"\nprocesses = "private"\n'
+              f'syscalls = "default"\nwritable = ["{shared}"]\n'
+              '[tasks.rootless_view]\ntarget = "tests.tasks.hostile_root:rootless_view"\n',
+        env={"PYTHONPATH": str(REPO)}, python=ordinary_python(world),
+        wrap=("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"))
+    try:
+        assert "cannot be set up" not in daemon.log_text(), daemon.log_text()
+        with daemon.client() as client:
+            seen = client.call("rootless_view", 20_000, {"mark": str(shared / "mark"),
+                                                        "ptrace": syscall_numbers()["ptrace"]}).result
+            sandbox = next(task for task in client.tasks() if task.name == "rootless_view").sandbox
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+    assert (sandbox.filesystem, sandbox.network, sandbox.processes, sandbox.syscalls) == \
+        ("private", "none", "private", "default"), sandbox
+    assert seen["uid"] == 0 and seen["uid_map"] == ["0", str(NOBODY), "1"], seen  # root in there, nobody here
+    assert (shared / "mark").stat().st_uid == NOBODY
+    assert seen["cap_eff"] == seen["cap_bnd"] == 0, seen
+    assert seen["tmp"] == "tmpfs" and seen["interfaces"] == ["lo"], seen
+    assert seen["pid"] == 2 and seen["pids"] == [1, 2], seen
+    assert seen["ptrace"] == errno.EPERM, seen
+    assert "kmsg" not in seen["dev"] and "null" in seen["dev"], seen
