@@ -53,6 +53,9 @@ class Limits:
     # file binds a shared uid too (all its processes together).
     processes: int | None = DEFAULT_PROCESSES
     file_size_mb: int | None = None  # the largest file a task may write (RLIMIT_FSIZE)
+    # The largest core dump it may leave (RLIMIT_CORE); None: none at all, the hard limit 0 too, so that no
+    # task (nor anything it runs) raises it: a core holds the memory of a process that had a request's data.
+    core_mb: int | None = None
 
     def merged(self, override: Limits | None) -> Limits:
         """These limits with `override`'s set fields taking precedence."""
@@ -153,7 +156,8 @@ class Task:
         def value(v: int | None, scale: int = 1) -> int:
             return wire.NO_LIMIT if v is None else v * scale
         return wire.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
-                           value(limits.processes), value(limits.file_size_mb, MIB))
+                           value(limits.processes), value(limits.file_size_mb, MIB),
+                           0 if limits.core_mb is None else limits.core_mb * MIB)
 
 
 @dataclass(frozen=True)
