@@ -84,8 +84,12 @@ class SandboxConfig:
     }
 
     def merged(self, override: SandboxConfig | None) -> SandboxConfig:
-        """This sandbox with `override`'s set keys taking precedence (explicit where either set a key)."""
-        return _merged(self, override)
+        """This sandbox with `override`'s set keys taking precedence (explicit where either set a key), but for
+        `hide`: a task's adds to this one's, it never takes a path out of what every task must not see."""
+        merged = _merged(self, override)
+        if override is not None and "hide" in override.explicit:
+            object.__setattr__(merged, "hide", tuple(dict.fromkeys((*self.hide, *override.hide))))
+        return merged
 
     def sandboxed(self, part: str) -> bool:
         return bool(getattr(self, part) == self.CHOICES[part][0])
@@ -361,6 +365,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     if config is None:
         raise ConfigError(problems)
     object.__setattr__(config, "_file", str(Path(path).resolve()) if path is not None else None)
+    object.__setattr__(config, "_given", os.path.abspath(path) if path is not None else None)  # (symlinks kept)
     _validate(config, where, problems)
     # Here, not at the top: sandboxes builds on this module. It knows what is hidden from tasks.
     from task_runner.server.sandboxes import unwritable
@@ -370,9 +375,10 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     return config
 
 
-def config_file(config: Config) -> str | None:
-    """The file `config` was loaded from, if any (its tasks never see it: see sandboxes.hidden)."""
-    file: str | None = getattr(config, "_file", None)
+def config_file(config: Config, as_given: bool = False) -> str | None:
+    """The file `config` was loaded from, if any (its tasks never see it: see sandboxes.hidden_paths): its real
+    path, or `as_given` (absolute, its symlinks kept: a Kubernetes ConfigMap's path is a symlink into it)."""
+    file: str | None = getattr(config, "_given" if as_given else "_file", None)
     return file
 
 

@@ -156,7 +156,7 @@ def test_a_writable_path_in_a_hidden_directory_is_refused_by_check_config_and_se
     )
     expected = (
         f"'sandbox.writable': {etc}/data is under {etc}, which is hidden from tasks (it holds the config file "
-        f"{config}: the daemon hides the directory of its config, token and TLS key from every task), so they would "
+        f"{config}: the daemon hides the directory of its config, tokens and TLS key from every task), so they would "
         "find it empty and read-only: move the config file elsewhere, or make another path writable",
         f"'tasks.own.sandbox.writable': {tmp_path}/cache is hidden from tasks ('tasks.own.sandbox.hide' hides it), so "
         "they would find it empty and read-only: take it out of 'tasks.own.sandbox.hide', or make another path "
