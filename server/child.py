@@ -44,10 +44,11 @@ _RUNNER_DIRS = (os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep,)
 Kind = TaskError.Kind
 # Memory is bounded by the address space (RLIMIT_AS), which counts every mapping, shared ones
 # too: RLIMIT_DATA would let mmap(MAP_SHARED | MAP_ANONYMOUS) through. The limit is what the
-# task may add to the address space it starts with.
+# task may add to the address space it starts with. A core dump's soft and hard limits are set alike: with
+# both at 0 (the default) neither the task nor a program it runs can ask for one again.
 _LIMITS = (
     ("memory", resource.RLIMIT_AS), ("cpu_time", resource.RLIMIT_CPU), ("open_files", resource.RLIMIT_NOFILE),
-    ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE),
+    ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE), ("core", resource.RLIMIT_CORE),
 )
 _limited: set[str] = set()  # the limits this process runs under
 _private_tmp = False  # its /tmp is the sandbox's own tmpfs (of tmp_mb)

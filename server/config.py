@@ -53,6 +53,9 @@ class Limits:
     # file binds a shared uid too (all its processes together).
     processes: int | None = DEFAULT_PROCESSES
     file_size_mb: int | None = None  # the largest file a task may write (RLIMIT_FSIZE)
+    # The largest core dump it may leave (RLIMIT_CORE); None: none at all, the hard limit 0 too, so that no
+    # task (nor anything it runs) raises it: a core holds the memory of a process that had a request's data.
+    core_mb: int | None = None
 
     def merged(self, override: Limits | None) -> Limits:
         """These limits with `override`'s set fields taking precedence."""
@@ -81,8 +84,12 @@ class SandboxConfig:
     }
 
     def merged(self, override: SandboxConfig | None) -> SandboxConfig:
-        """This sandbox with `override`'s set keys taking precedence (explicit where either set a key)."""
-        return _merged(self, override)
+        """This sandbox with `override`'s set keys taking precedence (explicit where either set a key), but for
+        `hide`: a task's adds to this one's, it never takes a path out of what every task must not see."""
+        merged = _merged(self, override)
+        if override is not None and "hide" in override.explicit:
+            object.__setattr__(merged, "hide", tuple(dict.fromkeys((*self.hide, *override.hide))))
+        return merged
 
     def sandboxed(self, part: str) -> bool:
         return bool(getattr(self, part) == self.CHOICES[part][0])
@@ -153,7 +160,8 @@ class Task:
         def value(v: int | None, scale: int = 1) -> int:
             return wire.NO_LIMIT if v is None else v * scale
         return wire.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
-                           value(limits.processes), value(limits.file_size_mb, MIB))
+                           value(limits.processes), value(limits.file_size_mb, MIB),
+                           0 if limits.core_mb is None else limits.core_mb * MIB)
 
 
 @dataclass(frozen=True)
@@ -357,6 +365,7 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     if config is None:
         raise ConfigError(problems)
     object.__setattr__(config, "_file", str(Path(path).resolve()) if path is not None else None)
+    object.__setattr__(config, "_given", os.path.abspath(path) if path is not None else None)  # (symlinks kept)
     _validate(config, where, problems)
     # Here, not at the top: sandboxes builds on this module. It knows what is hidden from tasks.
     from task_runner.server.sandboxes import unwritable
@@ -366,9 +375,10 @@ def load(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config
     return config
 
 
-def config_file(config: Config) -> str | None:
-    """The file `config` was loaded from, if any (its tasks never see it: see sandboxes.hidden)."""
-    file: str | None = getattr(config, "_file", None)
+def config_file(config: Config, as_given: bool = False) -> str | None:
+    """The file `config` was loaded from, if any (its tasks never see it: see sandboxes.hidden_paths): its real
+    path, or `as_given` (absolute, its symlinks kept: a Kubernetes ConfigMap's path is a symlink into it)."""
+    file: str | None = getattr(config, "_given" if as_given else "_file", None)
     return file
 
 

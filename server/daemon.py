@@ -265,7 +265,8 @@ class Daemon:
         except (CredentialsError, FileNotFoundError) as exc:
             raise StartError(str(exc)) from None
         cgroup = cgroups.new_generation(self._cgroup, number)
-        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids, profiles)
+        forkserver = ForkServerClient(config, tasks, self._workdirs, self._owner, cgroup, self._uids, profiles,
+                                      self.request_reload)  # (its secrets moved: new profiles must hide them)
         self._forkservers.add(forkserver)
         try:
             await forkserver.start()

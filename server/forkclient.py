@@ -18,12 +18,13 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from task_runner.server import wire
 from task_runner.server.config import Config
 from task_runner.server.sandbox import Profile
-from task_runner.server.sandboxes import Sandboxes
+from task_runner.server.sandboxes import Sandboxes, Secrets
 from task_runner.server.uids import UidError, UidPool
 from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
@@ -66,6 +67,7 @@ class TaskProcess:
     workdir: str  # its working directory, made while it waited, removed once it is reaped ("": its private /tmp)
     uid: int  # its own uid from the pool, or wire.NO_UID
     profile: int  # its sandbox, an index in the fork server's profiles
+    epoch: int = 0  # the daemon's secrets were as they are in this epoch when it set its sandbox up
     exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
@@ -88,7 +90,7 @@ class ForkServerClient:
 
     def __init__(self, config: Config, tasks: dict[str, str], workdirs: Workdirs,
                  owner: tuple[int, int] | None = None, cgroup: str | None = None, uids: UidPool | None = None,
-                 sandboxes: Sandboxes | None = None) -> None:
+                 sandboxes: Sandboxes | None = None, on_secrets_moved: Callable[[], None] | None = None) -> None:
         self._config = config
         self._sandboxes = sandboxes or Sandboxes.none(tasks)
         self._uids = uids
@@ -120,6 +122,13 @@ class ForkServerClient:
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._failing = False  # task processes cannot be made ready (logged once until they can again)
         self._short_of_uids = False  # every task uid was busy at the last fork (logged once until not)
+        # The daemon's secrets as the spares' hides cover them (none to watch without a private filesystem);
+        # each time one is replaced, a new epoch: a spare of an earlier one, or forked before (stale), never serves.
+        self._secrets: Secrets | None = None
+        self._epoch = 0
+        self._stale_forks = 0  # forks asked for before the last replacement, not yet answered (they come first)
+        self._on_secrets_moved = on_secrets_moved  # asked to make new profiles (a reload) when one moved ...
+        self._moved = ""  # ... and why this fork server's hides no longer cover them: it serves no call now
         self.closed = asyncio.Event()
         self.retired = False  # closed on purpose (a reload, a stop), not died
 
@@ -143,6 +152,10 @@ class ForkServerClient:
         self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
         self.sandbox_failures = info["sandbox_failures"]
         self._sandboxes = self._sandboxes.without(set(self.sandbox_failures))  # what the fork server sets up
+        if self._sandboxes.private:  # before the first fork: every spare sets its hides up after this look
+            self._secrets = Secrets(self._config, self._sandboxes.hidden)
+            if self._secrets.uncovered():  # moved while this fork server started
+                self._secrets_replaced()
         self._loop.add_reader(self._sock.fileno(), self._on_readable)
         self._want_spares(self._sandboxes.busiest)
 
@@ -154,31 +167,84 @@ class ForkServerClient:
         return hello.whole
 
     async def take(self, task: str) -> TaskProcess:
-        """A ready task process in the sandbox of `task`, forked ahead of demand if possible."""
+        """A ready task process in the sandbox of `task`, forked ahead of demand if possible.
+
+        Raises:
+            ForkServerDied: the fork server is not running.
+            NoProcess: none can be made ready (nor hide the daemon's secrets until new profiles serve).
+        """
         if self.closed.is_set():
             raise ForkServerDied("the fork server is not running")
         profile = self._sandboxes.of_task.get(task, self._sandboxes.busiest)
         self._in_demand.add(profile)
         spares = self._spares[profile]
-        if spares:
-            process = spares.popleft()
-        else:
-            waiter = self._loop.create_future()
-            self._waiters[profile].append(waiter)
-            self._want_spares(profile)
-            try:
-                process = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    self._hand_over(waiter.result())  # handed over just as the caller left: to the next
-                raise
-            if self.closed.is_set():  # handed over, then closed (a reload retiring it) before we woke
-                raise ForkServerDied("the fork server is not running")
+        while True:
+            process = await self._next(profile)
+            if self._hides_hold(process):
+                break
+            process.close()  # its sandbox was set up before a secret was replaced: it ends, another serves
         if len(spares) < (self._config.spare_processes + 1) // 2:
             self._want_spares(profile)
         # Otherwise the refill waits for a process to end: forking now would take a CPU from the
         # task just handed over, and there are spares enough for the next calls.
         return process
+
+    async def _next(self, profile: int) -> TaskProcess:
+        """A spare of `profile`, or the next one ready."""
+        if self._moved:
+            raise NoProcess(self._moved)
+        spares = self._spares[profile]
+        if spares:
+            return spares.popleft()
+        waiter: asyncio.Future[TaskProcess] = self._loop.create_future()
+        self._waiters[profile].append(waiter)
+        self._want_spares(profile)
+        try:
+            process = await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._hand_over(waiter.result())  # handed over just as the caller left: to the next
+            raise
+        if self.closed.is_set():  # handed over, then closed (a reload retiring it) before we woke
+            raise ForkServerDied("the fork server is not running")
+        return process
+
+    def _hides_hold(self, process: TaskProcess) -> bool:
+        """The daemon's secrets are where `process`'s hides were mounted: none was replaced since (a few stats)."""
+        if self._secrets is not None and self._secrets.rotated():
+            self._secrets_replaced()
+        return process.epoch == self._epoch and not self._moved
+
+    def _secrets_replaced(self) -> None:
+        """A secret was replaced since the spares set their sandboxes up: end them, and those being forked.
+
+        New spares hide it afresh (the hides are mounted by path); unless its real path moved out of what the
+        profiles hide: then this fork server serves no call, and new profiles are asked for (a reload).
+        """
+        assert self._secrets is not None
+        self._epoch += 1
+        self._stale_forks = sum(self._forking)
+        ended = 0
+        for spares in self._spares:
+            while spares:
+                spares.popleft().close()  # it exits at end of file; its exit report frees the rest
+                ended += 1
+        uncovered = self._secrets.uncovered()
+        if not uncovered:
+            log.info("a secret of the daemon was replaced: %d spare task processes set up before it ended, "
+                     "%d being forked discarded", ended, self._stale_forks)
+            self._want_all_spares()
+            return
+        self._moved = (f"the daemon's secrets moved ({', '.join(uncovered)} is not hidden by the sandboxes set up "
+                       "for them): its tasks' sandboxes are being made anew")
+        log.warning("%s; reloading, as on SIGHUP (until a reload succeeds, calls are refused)", self._moved)
+        for waiters in self._waiters:
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_exception(NoProcess(self._moved))
+        if self._on_secrets_moved is not None:
+            self._on_secrets_moved()
 
     def sandbox_of(self, task: str) -> Profile:
         """The sandbox `task`'s processes run in, as this fork server sets it up."""
@@ -230,7 +296,7 @@ class ForkServerClient:
         waiting = sum(1 for waiter in self._waiters[profile] if not waiter.done())
         spares = self._config.spare_processes if profile in self._in_demand else 0
         wanted = spares + waiting - len(self._spares[profile]) - self._forking[profile]
-        if wanted > 0 and not self.closed.is_set():
+        if wanted > 0 and not self.closed.is_set() and not self._moved:
             uids = []
             for _ in range(wanted):
                 try:
@@ -267,6 +333,7 @@ class ForkServerClient:
                 for uid, profile in record.spares:
                     self._forking[profile] -= 1
                     self._give_back(uid)
+                self._stale_forks = max(0, self._stale_forks - len(record.spares))  # (the first ones)
                 log.warning("the fork server cannot fork (out of processes or descriptors?); retrying")
                 self._loop.call_later(FORK_RETRY_S, self._want_all_spares)
             elif isinstance(record, wire.Released):
@@ -285,6 +352,12 @@ class ForkServerClient:
     def _on_ready(self, ready: wire.Ready, fds: list[int]) -> None:
         self._forking[ready.profile] -= 1
         pid, uid = ready.pid, ready.uid
+        if self._stale_forks:  # asked for before a secret was replaced: its sandbox may show the new one
+            self._stale_forks -= 1
+            for fd in fds:
+                os.close(fd)  # its channel among them: it exits at end of file
+            self._want_spares(ready.profile)
+            return
         problem = "could not receive a task process's descriptors (out of descriptors?)" if len(fds) != 3 else ""
         workdir = ""
         if not problem and not self._sandboxes.profiles[ready.profile].private_tmp:
@@ -305,13 +378,14 @@ class ForkServerClient:
         channel.setblocking(False)
         for fd in fds[1:]:
             os.set_blocking(fd, False)
-        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid, ready.profile)
+        process = TaskProcess(pid, ready.serial, channel, fds[1], fds[2], ready.cgroup, workdir, uid, ready.profile,
+                              self._epoch)
         self._processes[pid] = process
         self._hand_over(process)
 
     def _hand_over(self, process: TaskProcess) -> None:
         """A ready process: to the first call waiting for one, else a spare, unless spares enough wait."""
-        if self.closed.is_set():
+        if self.closed.is_set() or self._moved:
             process.close()
             return
         waiters, spares = self._waiters[process.profile], self._spares[process.profile]

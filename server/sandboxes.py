@@ -32,6 +32,7 @@ class Sandboxes:
     profiles: tuple[Profile, ...]
     of_task: Mapping[str, int]  # task name -> its profile's index
     busiest: int = 0  # the profile of the most tasks: it keeps spares from the start
+    hidden: frozenset[str] = frozenset()  # the daemon's secrets every private filesystem hides (hidden_paths)
 
     @classmethod
     def none(cls, tasks: Mapping[str, object]) -> Sandboxes:
@@ -39,7 +40,13 @@ class Sandboxes:
 
     def without(self, parts: set[str]) -> Sandboxes:
         """These profiles without the parts this machine cannot set up."""
-        return Sandboxes(tuple(profile.without(parts) for profile in self.profiles), self.of_task, self.busiest)
+        return Sandboxes(tuple(profile.without(parts) for profile in self.profiles), self.of_task, self.busiest,
+                         self.hidden)
+
+    @property
+    def private(self) -> bool:
+        """Some of its tasks have a private filesystem, so hidden paths."""
+        return any(profile.filesystem for profile in self.profiles)
 
 
 def message(profile: Profile) -> Sandbox:
@@ -95,24 +102,77 @@ def build(config: Config) -> tuple[Sandboxes, dict[str, str]]:
     if not index:
         return Sandboxes.none({}), failures
     busiest = collections.Counter(of_task.values()).most_common(1)[0][0]
-    return Sandboxes(tuple(index), of_task, busiest), failures
+    return Sandboxes(tuple(index), of_task, busiest, frozenset(hidden)), failures
+
+
+def secret_files(config: Config) -> dict[str, str]:
+    """The files of `config` that hold a secret, by the key that names each: as configured, made absolute."""
+    files = {"the config file": config_file(config, as_given=True), "[auth]'s token_file": config.auth.token_file,
+             "tls.key_file": config.tls.key_file, "metrics_token_file": config.metrics_token_file,
+             **{f"callers.{name}.token_file": caller.token_file for name, caller in config.callers.items()}}
+    return {what: os.path.abspath(file) for what, file in files.items() if file}
 
 
 def hidden_paths(config: Config) -> set[str]:
-    """The daemon's own secrets, hidden from every task with a private filesystem.
+    """The daemon's own secrets (`secret_files`), hidden from every task with a private filesystem.
 
-    The directory of each (the config, every token file, the TLS key) is hidden whole, unless code is
-    imported from it (a `sys.path` entry or the interpreter is inside): then only the file.
+    The directory of each is hidden whole, both the one it is in and the one its path names (a Kubernetes
+    Secret's `token` is a symlink to `..data/token`: hiding the volume's directory covers the next version,
+    which is renamed into it); unless code is imported from that directory (a `sys.path` entry or the
+    interpreter is inside): then only the file. A path under another one hidden is left out (it is covered).
     """
-    files = [config_file(config), config.auth.token_file, config.tls.key_file, config.metrics_token_file,
-             *(caller.token_file for caller in config.callers.values())]
     code = [os.path.realpath(path) for path in (*sys.path, sys.prefix, sys.base_prefix) if path]
-    hidden: set[str] = set()
-    for file in {os.path.realpath(name) for name in files if name}:
-        directory = os.path.dirname(file)
-        holds_code = any(path == directory or path.startswith(directory.rstrip("/") + "/") for path in code)
-        hidden.add(file if holds_code or directory == "/" else directory)
-    return hidden
+    found: set[str] = set()
+    for given in secret_files(config).values():
+        file = os.path.realpath(given)
+        for directory in {os.path.dirname(file), os.path.realpath(os.path.dirname(given))}:
+            holds_code = any(_at_or_under(path, directory) for path in code)
+            found.add(file if holds_code or directory == "/" else directory)
+    return {path for path in found if not any(path != top and _at_or_under(path, top) for top in found)}
+
+
+class Secrets:
+    """Whether the daemon's secrets are still where the hides of its tasks' sandboxes were mounted.
+
+    A spare sets up its sandbox when it is forked, well before a call: a secret replaced after that by a
+    rename (a new token file renamed over the old, a new directory renamed into place, a symlink flipped
+    to a new version) is no longer under the tmpfs or /dev/null mounted then, which cover the old one. A
+    rename into a hidden directory changes nothing a task sees; a rename of it, or of a hidden file, or a
+    secret that resolves to another file, changes the identity (device, inode) of what its path gives: the
+    fork server client compares them at each hand-over (`rotated`, a few stats) and ends the spares set up
+    before (task_runner.server.forkclient).
+    """
+
+    def __init__(self, config: Config, hidden: frozenset[str]) -> None:
+        self._config = config
+        self.hidden = hidden  # what the generation's profiles hide (hidden_paths when they were built)
+        self._paths = tuple(dict.fromkeys([*secret_files(config).values(), *sorted(hidden)]))
+        self._seen = self._identities()
+
+    def _identities(self) -> tuple[tuple[int, int] | None, ...]:
+        seen: list[tuple[int, int] | None] = []
+        for path in self._paths:
+            try:
+                info = os.stat(path)  # (following symlinks: the file a secret's path gives now)
+            except OSError:
+                seen.append(None)
+            else:
+                seen.append((info.st_dev, info.st_ino))
+        return tuple(seen)
+
+    def rotated(self) -> bool:
+        """A secret or a hidden path is no longer the file or directory it was when last looked at."""
+        now = self._identities()
+        if now == self._seen:
+            return False
+        self._seen = now
+        return True
+
+    def uncovered(self) -> list[str]:
+        """What must be hidden now (hidden_paths, its symlinks resolved afresh) that the profiles' hides do
+        not cover: a secret whose real path moved out of every hidden directory."""
+        return sorted(path for path in hidden_paths(self._config)
+                      if not any(_at_or_under(path, top) for top in self.hidden))
 
 
 def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[str]:
@@ -140,9 +200,7 @@ def check(catalogue: Mapping[str, Task], failures: Mapping[str, str]) -> list[st
 def unwritable(config: Config, where: str) -> list[str]:
     """The `writable` paths of `config` that a task would find hidden, so empty and read-only: at or under a
     path hidden from it (the hides are mounted after the writable paths). One line each, naming the key."""
-    secrets = {"the config file": config_file(config), "[auth]'s token_file": config.auth.token_file,
-               "tls.key_file": config.tls.key_file, "metrics_token_file": config.metrics_token_file,
-               **{f"callers.{name}.token_file": caller.token_file for name, caller in config.callers.items()}}
+    secrets = secret_files(config)
     daemons = {path: {what: os.path.realpath(file) for what, file in secrets.items()
                       if file and _at_or_under(os.path.realpath(file), path)}
                for path in hidden_paths(config)}
@@ -151,20 +209,24 @@ def unwritable(config: Config, where: str) -> list[str]:
         if not task.sandbox.sandboxed("filesystem"):
             continue
         own = config.tasks[name].sandbox if name in config.tasks else None
-        scope = {key: f"tasks.{name}.sandbox.{key}" if own is not None and key in own.explicit else f"sandbox.{key}"
-                 for key in ("writable", "hide")}
+        writable = f"tasks.{name}.sandbox.writable" if own is not None and "writable" in own.explicit \
+            else "sandbox.writable"
+        own_hide = own.hide if own is not None and "hide" in own.explicit else ()
+        # A task's hide adds to [sandbox]'s: each path is one key's.
+        hides = {path: f"tasks.{name}.sandbox.hide" if path in own_hide else "sandbox.hide"
+                 for path in task.sandbox.hide}
         hidden = {**{path: (f"it holds {', '.join(f'{what} {file}' for what, file in files.items())}: the daemon "
                             "hides the directory of its config, tokens and TLS key from every task",
                             f"move {' and '.join(files)} elsewhere")
                      for path, files in daemons.items()},
-                  **{os.path.realpath(path): (f"'{scope['hide']}' hides it", f"take it out of '{scope['hide']}'")
+                  **{os.path.realpath(path): (f"'{hides[path]}' hides it", f"take it out of '{hides[path]}'")
                      for path in task.sandbox.hide}}
         for path in task.sandbox.writable:
             real = os.path.realpath(path)
             for secret, (why, fix) in hidden.items():
                 if _at_or_under(real, secret):
                     under = "is" if real == secret else f"is under {secret}, which is"
-                    found[f"{where}: '{scope['writable']}': {path} {under} hidden from tasks ({why}), so they would "
+                    found[f"{where}: '{writable}': {path} {under} hidden from tasks ({why}), so they would "
                           f"find it empty and read-only: {fix}, or make another path writable"] = None
     return list(found)
 

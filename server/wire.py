@@ -57,7 +57,7 @@ _NOTICE = struct.Struct("!cII")
 _READY = struct.Struct("!cIIIB")
 _SPARE = struct.Struct("!IB")
 _EXITED = struct.Struct("!cIiddqBB")
-_ASSIGNMENT = struct.Struct("!qqqqqdHHHHH")
+_ASSIGNMENT = struct.Struct("!qqqqqqdHHHHH")
 
 
 class Stop(enum.IntEnum):
@@ -79,6 +79,7 @@ class Limits(NamedTuple):
     open_files: int
     processes: int
     file_size: int
+    core: int  # bytes; 0: no core dump (the hard limit too)
 
 
 class Assignment(NamedTuple):
@@ -103,7 +104,8 @@ class Assignment(NamedTuple):
     def unpack(cls, frame: bytes) -> tuple[Assignment, bytes]:
         """The assignment in a frame (without its length), and the serialized request after it."""
         fields = _ASSIGNMENT.unpack_from(frame)
-        limits, deadline, lengths = fields[:5], fields[5], fields[6:]
+        count = len(Limits._fields)
+        limits, deadline, lengths = fields[:count], fields[count], fields[count + 1:]
         texts, at = [], _ASSIGNMENT.size
         for length in lengths:
             texts.append(frame[at:at + length].decode())
