@@ -225,6 +225,11 @@ class ForkServer:
             selector.register(self._inits[1], selectors.EVENT_READ, self._on_inits)
             self._ask_inits()
         try:
+            sandbox.lock_privileges()  # after the helpers' exec: whatever we fork from now on inherits it
+        except OSError as exc:  # (no CAP_SETPCAP: a unit that keeps fewer capabilities than it should)
+            print(f"task-runner fork server: cannot empty the tasks' bounding set ({exc}): a root task could regain "
+                  "capabilities by running a program", file=sys.stderr, flush=True)
+        try:
             while True:
                 # Forks are done one per turn, so that kills and exits that arrive during a
                 # storm of forks wait for one fork at most, never for the whole storm.
@@ -347,7 +352,8 @@ class ForkServer:
                 os.setresuid(*(own_uid if uid == wire.NO_UID else uid,) * 3)
 
         try:
-            sandbox.shed_privileges(become)  # no capability in any set, whoever the task runs as
+            become()  # (securebits keep the capabilities through the uid change: they are dropped at once)
+            sandbox.drop_capabilities()  # no capability in any set, whoever the task runs as
         except OSError as exc:
             os.write(err_w, f"the task process could not drop its privileges: {exc}\n".encode())
             os._exit(sandbox.SETUP_FAILED)

@@ -137,24 +137,29 @@ def _last_capability() -> int:
         with open("/proc/sys/kernel/cap_last_cap", "rb") as f:
             return int(f.read())
     except (OSError, ValueError):
-        return 63  # dropping one the kernel does not have fails with EINVAL, which shed_privileges tolerates
+        return 63  # dropping one the kernel does not have fails with EINVAL, which lock_privileges tolerates
 
 
 LAST_CAPABILITY = _last_capability()  # read once, by the fork server: a task process's /proc may be its own
 
 
-def shed_privileges(become: Callable[[], None]) -> None:
-    """Leave this process no capability in any set: the bounding and ambient sets emptied and the securebits
-    locked while it still may (as root), then `become` (its uid and groups), then the effective, permitted and
-    inheritable sets emptied. A root task is then root by uid alone: no capability, and none to regain by exec.
-    """
-    if os.geteuid() == 0:  # an ordinary user has none to drop, nor the right to touch the bounding set
-        for capability in range(LAST_CAPABILITY + 1):
-            if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
-                _check(-1, f"prctl(PR_CAPBSET_DROP, {capability})")
-        _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
-        _check(_libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
-    become()
+def lock_privileges() -> None:
+    """Empty the bounding and ambient sets and lock the securebits, for this process and all it forks from now on:
+    no capability can come back by exec. The effective and permitted sets stay: the fork server keeps what it
+    needs, and each task process empties them (drop_capabilities). Done once, by the fork server once it has
+    exec'd its helpers: dropping a capability from the bounding set costs a credentials copy, 41 of them a task."""
+    if os.geteuid() != 0:  # an ordinary user has none to drop, nor the right to touch the bounding set
+        return
+    for capability in range(LAST_CAPABILITY + 1):
+        if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+            _check(-1, f"prctl(PR_CAPBSET_DROP, {capability})")
+    _check(_libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0), "prctl(PR_CAP_AMBIENT_CLEAR_ALL)")
+    _check(_libc.prctl(PR_SET_SECUREBITS, SECUREBITS_LOCKED, 0, 0, 0), "prctl(PR_SET_SECUREBITS)")
+
+
+def drop_capabilities() -> None:
+    """Empty the effective, permitted and inheritable sets: with lock_privileges' bounding set and securebits, a
+    task, root or not, is then root by uid alone, with no capability and none to regain."""
     header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
     _check(_libc.capset(header, bytes(24)), "capset")  # two struct __user_cap_data_struct, all zero
 

@@ -7,9 +7,9 @@ beyond +-2^53 and non-finite floats; `from_struct` gives whole numbers within +-
 
 from __future__ import annotations
 
-import hashlib
+import importlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
@@ -111,7 +111,26 @@ def _check_value(value: Value, path: str, depth: int) -> None:
 def struct_digest(struct: Struct) -> bytes:
     """A digest of a Struct's values: the same however they were serialized (a serializer orders a map
     as it likes; Python's, differently in each process)."""
-    return hashlib.sha256(struct.SerializeToString(deterministic=True)).digest()
+    return _SHA256(struct.SerializeToString(deterministic=True)).digest()
+
+
+def _sha256() -> Callable[[bytes], Any]:
+    """SHA-256 from CPython's own small module, not hashlib's OpenSSL: every task process computes one, and the
+    fork server would otherwise map all of libcrypto (4 MiB) that each of them pays for at fork and exit."""
+    for name in ("_sha2", "_sha256"):  # (3.12 and later, 3.11)
+        try:
+            sha256: Callable[[bytes], Any] = importlib.import_module(name).sha256
+        except (ImportError, AttributeError):
+            continue
+        return sha256
+    import hashlib
+
+    return hashlib.sha256
+
+
+# Found once, at import (by the fork server, before it forks): a failed import costs a walk of sys.path, and
+# OpenSSL's first digest in a process its lazy set-up, each far more than the digest of a small Struct.
+_SHA256 = _sha256()
 
 
 def from_struct(struct: Struct) -> dict[str, Any]:
