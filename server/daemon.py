@@ -241,8 +241,9 @@ class Daemon:
         if os.geteuid() != 0:
             return None
         if self._owner is None:
-            log.warning("the daemon runs as root and run_as_user is not set: every task runs as root and can do "
-                        "anything root can, to the daemon and to other tasks. Set run_as_user in production.")
+            log.warning("the daemon runs as root and run_as_user is not set: every task runs as root (with no "
+                        "capability, but root's uid: with processes = \"host\" it can signal the daemon and other "
+                        "tasks, and it writes what root owns where its mounts let it). Set run_as_user in production.")
             return None
         if self._owner[0] == 0:
             return None
