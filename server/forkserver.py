@@ -580,16 +580,12 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     # An ordinary user's fork server is root in a user namespace of its own, so that its tasks get the whole
     # sandbox, as bubblewrap gives it, all under this user on the host (a root one needs none).
-    rootless = sandbox.own_user_namespace() if os.geteuid() != 0 else ""
-    if os.geteuid() == 0 and os.getuid() == 0 and rootless == "" and _outside_user_namespace_root():
-        _in_a_pid_namespace_of_our_own()
-    ForkServer(sock, spec, rootless).serve()
-
-
-def _outside_user_namespace_root() -> bool:
-    """Whether we are root only in a user namespace of our own (an ordinary user's fork server)."""
-    with open("/proc/self/uid_map") as f:
-        return f.read().split()[:2] != ["0", "0"]
+    no_user_namespace = ""
+    if os.geteuid() != 0:
+        no_user_namespace = sandbox.own_user_namespace()
+        if not no_user_namespace:
+            _in_a_pid_namespace_of_our_own()
+    ForkServer(sock, spec, no_user_namespace).serve()
 
 
 def _in_a_pid_namespace_of_our_own() -> None:
@@ -598,13 +594,17 @@ def _in_a_pid_namespace_of_our_own() -> None:
     Forking a task process into its own pid namespace takes a setns there and back again, and back means into
     our pid namespace, which needs CAP_SYS_ADMIN over its owner: for the host's, only a root daemon has it.
     """
-    sandbox.unshare(sandbox.CLONE_NEWPID)
+    try:
+        sandbox.unshare(sandbox.CLONE_NEWPID)
+    except OSError:
+        return  # the probe then says why `processes` cannot be set up
     alive = os.pidfd_open(os.getpid())
     pid = os.fork()
     if pid == 0:
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the daemon's child, which it ends by our socket's end
         if select.select([alive], [], [], 0)[0]:
             os._exit(0)
+        os.close(alive)
         return
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # the daemon decides, by closing the socket the other holds

@@ -111,7 +111,8 @@ def _check_value(value: Value, path: str, depth: int) -> None:
 def struct_digest(struct: Struct) -> bytes:
     """A digest of a Struct's values: the same however they were serialized (a serializer orders a map
     as it likes; Python's, differently in each process)."""
-    return _SHA256(struct.SerializeToString(deterministic=True)).digest()
+    digest: bytes = _SHA256(struct.SerializeToString(deterministic=True)).digest()
+    return digest
 
 
 def _sha256() -> Callable[[bytes], Any]:
