@@ -71,8 +71,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         config = build()
-    except ConfigError as exc:
-        print(f"task-runner: {exc}", file=sys.stderr)
+    except ConfigError as exc:  # each problem on its line, as check-config says them
+        for problem in exc.problems:
+            print(f"task-runner: {problem}", file=sys.stderr)
         return 2
     logs.configure(config.log_level, config.log_format, config.access_log)
     try:
