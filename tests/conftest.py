@@ -11,10 +11,12 @@ import inspect
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -131,6 +133,17 @@ def pytest_configure(config: pytest.Config) -> None:
         pytest.exit(f"the tests need an install and a checkout other users can read (tasks run as other uids and "
                     f"import from them), but {blocked} is closed to them: clone and create the venv elsewhere "
                     f"(e.g. under /srv or /work), or chmod o+rx it", returncode=4)
+
+
+@contextlib.contextmanager
+def open_directory(prefix: str, mode: int, parent: str | None = None) -> Iterator[Path]:
+    """A fresh directory other uids may use (pytest's tmp_path is closed to them), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        path.chmod(mode)
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 def write_config(path: Path, extra: str = "", tasks: list[str] | None = None) -> Path:

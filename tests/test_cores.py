@@ -11,16 +11,14 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import shutil
 import signal
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from task_runner.client import Client, TaskCrashed
-from tests.conftest import REPO, start_daemon
+from tests.conftest import REPO, open_directory, start_daemon
 
 HOSTILE = "tests.tasks.hostile_secrets"
 MIB = 1 << 20
@@ -36,10 +34,8 @@ def config(run_as: str, shared: Path, limits: str = "") -> str:
 @pytest.fixture
 def shared() -> Iterator[Path]:
     """A directory every task may write to: where a core would land if a crash could leave one."""
-    path = Path(tempfile.mkdtemp(prefix="task-runner-cores-"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path)
+    with open_directory("task-runner-cores-", 0o1777) as path:
+        yield path
 
 
 @contextlib.contextmanager

@@ -9,13 +9,12 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, start_daemon
+from tests.conftest import REPO, open_directory, start_daemon
 from tests.test_sandbox import syscall_numbers
 
 NOBODY = 65534
@@ -28,10 +27,8 @@ pytestmark = [
 @pytest.fixture
 def world() -> Iterator[Path]:
     """A folder every user may use: the ordinary user's interpreter, its daemon's files, its tasks' writable path."""
-    path = Path(tempfile.mkdtemp(prefix="task-runner-rootless-", dir="/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    with open_directory("task-runner-rootless-", 0o755, "/tmp") as path:
+        yield path
 
 
 def ordinary_python(world: Path) -> str:

@@ -26,7 +26,7 @@ import pytest
 
 from task_runner.client import Client, Finished, Progress, Security, TaskLimitExceeded
 from task_runner.server import seccomp
-from tests.conftest import start_daemon, wait_until
+from tests.conftest import open_directory, start_daemon, wait_until
 from tests.inprocess import InProcessDaemon
 
 HOSTILE = "tests.tasks.hostile_sandbox"
@@ -45,10 +45,8 @@ def config(shared: Path, settings: str = "", sandbox: str = "", tables: str = ""
 @pytest.fixture
 def shared() -> Iterator[Path]:
     """A directory every task may write to (the sandbox's `writable`): how the tests hand tasks a lock."""
-    path = Path(tempfile.mkdtemp(prefix="task-runner-sandbox-"))
-    path.chmod(0o1777)
-    yield path
-    shutil.rmtree(path)
+    with open_directory("task-runner-sandbox-", 0o1777) as path:
+        yield path
 
 
 @pytest.fixture

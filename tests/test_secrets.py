@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import psutil
 import pytest
 
 from task_runner.client import Client, Security, Unauthenticated, Unavailable
-from tests.conftest import REPO, Daemon, start_daemon, wait_until
+from tests.conftest import REPO, Daemon, open_directory, start_daemon, wait_until
 
 HOSTILE = "tests.tasks.hostile_secrets"
 SPARES = 2
@@ -42,10 +41,8 @@ def config(run_as: str, token_file: Path | str, sandbox: str = "", tables: str =
 @pytest.fixture
 def run_dir() -> Iterator[Path]:
     """A directory outside /tmp (which a task's private /tmp covers anyway) that every uid may enter."""
-    path = Path(tempfile.mkdtemp(prefix="task-runner-secrets-", dir="/run"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path)
+    with open_directory("task-runner-secrets-", 0o755, "/run") as path:
+        yield path
 
 
 def put(path: Path, text: str) -> Path:
