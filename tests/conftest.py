@@ -170,6 +170,10 @@ def start_daemon(directory: Path, config_extra: str = "", env: dict[str, str] | 
     unix = f"unix:{directory / 'daemon.sock'}"
     log = directory / "daemon.log"
     full_env = {**os.environ, "NOTIFY_SOCKET": str(notify_path), "PYTHONPATH": str(REPO), **(env or {})}
+    if shutil.which("setpriv"):  # SIGTERM to the daemon should this process die unasked (killed, a CI timeout)
+        # (after any change of user setpriv makes, which would clear it)
+        wrap = ("setpriv", *wrap[1:], "--pdeathsig", "TERM") if wrap[:1] == ("setpriv",) else \
+            ("setpriv", "--pdeathsig", "TERM", *wrap)
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             [*wrap, python, "-m", "task_runner.server", "--config", str(config),
