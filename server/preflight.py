@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from task_runner.server import sandboxes
-from task_runner.server.callers import Callers, CredentialsError
+from task_runner.server.callers import Callers, CredentialsError, read_token
 from task_runner.server.config import Config
 from task_runner.server.daemon import StartError, task_owner
 from task_runner.server.forkclient import clean_environment
@@ -49,11 +49,12 @@ def problems(config: Config) -> tuple[list[str], list[str]]:
     """Everything `serve` would refuse of `config` at start, one line each (none: it would start); and the
     tasks that cannot be imported (serve starts, and answers their calls IMPORT_FAILED)."""
     found: list[str] = []
-    for rule in (task_owner, check_exposure, server_credentials, Callers.of):
+    for rule in (task_owner, check_exposure, server_credentials):
         try:
             rule(config)
         except (StartError, SecurityError, CredentialsError, OSError) as exc:
             found.append(str(exc))
+    found += _token_problems(config)
     for address in config.listen:
         if address.startswith("unix:") and not Path(address.removeprefix("unix:")).parent.is_dir():
             found.append(f"cannot listen on {address}: its directory does not exist")
@@ -81,6 +82,26 @@ def _beside_you(target: str, error: str) -> str:
         return ""
     found = f"{top}.py" if (here / f"{top}.py").is_file() else f"{top}/"
     return f" ({found} is in the current directory, which serve does not search: set PYTHONPATH=. or install it)"
+
+
+def _token_problems(config: Config) -> list[str]:
+    """Every token serve would fail to read ([auth]'s, each caller's, the metrics one), each on its line; then,
+    if all were read, whether two callers share one."""
+    sources = [(config.auth.token_file, config.auth.token_env, "[auth]"),
+               *((caller.token_file, caller.token_env, f"callers.{name}") for name, caller in config.callers.items()),
+               (config.metrics_token_file, None, "metrics_token_file")]
+    found = []
+    for token_file, token_env, what in sources:
+        try:
+            read_token(token_file, token_env, what)
+        except CredentialsError as exc:
+            found.append(str(exc))
+    if not found:
+        try:
+            Callers.of(config)
+        except CredentialsError as exc:
+            found.append(str(exc))
+    return found
 
 
 def import_errors(config: Config) -> dict[str, str]:

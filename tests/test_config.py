@@ -247,3 +247,18 @@ def test_a_json_log_lines_time_has_its_timezone(tmp_path: Path) -> None:
         assert moment.tzinfo is not None and moment.utcoffset() == datetime.timedelta(0), line
         assert before - datetime.timedelta(seconds=1) <= moment <= datetime.datetime.now(datetime.UTC), line
 
+
+
+def test_check_config_names_every_token_it_cannot_read(tmp_path: Path) -> None:
+    """Two callers' token files and the metrics token missing: one run says all three, as serve would fail on each."""
+    config = tmp_path / "tokens.toml"
+    config.write_text(f'metrics_listen = "127.0.0.1:0"\nmetrics_token_file = "{tmp_path}/no-metrics-token"\n'
+                      f'[callers.ops]\ntoken_file = "{tmp_path}/no-ops-token"\ntasks = ["echo"]\n'
+                      f'[callers.ci]\ntoken_file = "{tmp_path}/no-ci-token"\ntasks = ["echo"]\n'
+                      f'[tasks]\necho = "{ECHO}"\n')
+    checked = run(str(TASK_RUNNER), "check-config", str(config))
+    assert checked.returncode == 2, checked.stderr
+    for what, name in (("callers.ops", "no-ops-token"), ("callers.ci", "no-ci-token"),
+                       ("metrics_token_file", "no-metrics-token")):
+        assert f"cannot read the token file {tmp_path}/{name} of {what}" in checked.stderr, checked.stderr
+    assert checked.stderr.splitlines()[-1].endswith("3 problems: serve would not start"), checked.stderr
