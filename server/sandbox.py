@@ -218,7 +218,13 @@ class PidNamespaces:
             self._back()
             raise
         if pid != 0:
-            self._back()
+            try:
+                self._back()
+            except SandboxError:
+                # Reaped now: unreaped, it would keep its init from ever ending (the init's exit waits for it).
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise
         return pid
 
     def _back(self) -> None:
