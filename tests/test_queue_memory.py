@@ -176,7 +176,8 @@ def test_each_waiting_call_counts_against_max_queued_bytes(tmp_path: Path) -> No
 
 def test_refused_big_calls_leave_nothing_behind(tmp_path: Path) -> None:
     """100 calls of ~4 MiB naming no task, 20 at a time after a first round of 20, are each refused (NOT_FOUND),
-    and the daemon's RSS after them is within 32 MiB of before. An earlier daemon kept each aborted call's request in a
+    and the daemon's RSS after them is within 64 MiB of before (a kept request is 4 MiB). An earlier daemon
+    kept each aborted call's request in a
     reference cycle (its AbortError's traceback, the handler's frame, the call's context, gRPC's record of
     the call, its AbortError) until the cyclic GC ran: it grew by 100-125 MiB."""
     daemon, _ = gated_daemon(tmp_path, 256 * MIB)
@@ -206,7 +207,9 @@ def test_refused_big_calls_leave_nothing_behind(tmp_path: Path) -> None:
 
         grown, codes = asyncio.run(run())
         assert codes == {grpc.StatusCode.NOT_FOUND}, codes
-        assert grown <= 32 * MIB, f"RSS grew by {grown / MIB:.0f} MiB after 100 refused calls " \
+        # Kept requests would be 4 MiB a call (284 MiB with the fix undone); what gRPC's and malloc's caches keep
+        # of 20 calls at once varies by run (up to 41 MiB seen in CI).
+        assert grown <= 64 * MIB, f"RSS grew by {grown / MIB:.0f} MiB after 100 refused calls " \
                                   f"of {len(big) / MIB:.1f} MiB"
     finally:
         assert daemon.stop() == 0, daemon.log_text()
