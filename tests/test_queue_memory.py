@@ -177,9 +177,9 @@ def test_each_waiting_call_counts_against_max_queued_bytes(tmp_path: Path) -> No
 def test_refused_big_calls_leave_nothing_behind(tmp_path: Path) -> None:
     """100 calls of ~4 MiB naming no task, 20 at a time after a first round of 20, are each refused (NOT_FOUND),
     and the daemon's RSS after them is within 64 MiB of before (a kept request is 4 MiB). An earlier daemon
-    kept each aborted call's request in a
-    reference cycle (its AbortError's traceback, the handler's frame, the call's context, gRPC's record of
-    the call, its AbortError) until the cyclic GC ran: it grew by 100-125 MiB."""
+    kept each aborted call's request in a reference cycle (its AbortError's traceback, the handler's frame,
+    the call's context, gRPC's record of the call, its AbortError) until the cyclic GC ran: it grew by
+    100-125 MiB."""
     daemon, _ = gated_daemon(tmp_path, 256 * MIB)
     process = psutil.Process(daemon.process.pid)
     message = pb.PerformRequest(task="no-such-task")
