@@ -35,7 +35,7 @@ import sys
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x2_0000, 0x800_0000, 0x2000_0000, 0x4000_0000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
-# As task_runner.server.sandbox: the task process asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
+# The task process (task_runner.server.sandbox) asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
 JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR
 JOINED_NAMESPACES = (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC)
 _LINUX_CAPABILITY_VERSION_3 = 0x2008_0522

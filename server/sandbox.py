@@ -35,6 +35,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from task_runner.server import inits
+
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWIPC = 0x0800_0000
 CLONE_NEWPID = 0x2000_0000
@@ -58,8 +60,6 @@ SECUREBITS_LOCKED = 0x01 | 0x02 | 0x04 | 0x08 | 0x20 | 0x40 | 0x80
 _LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 PARTS = ("filesystem", "network", "processes", "syscalls")
 PRIVATE_TMP = ("/tmp", "/var/tmp", "/dev/shm")  # what a private filesystem replaces with its own tmpfs
-# The init of a task's pid namespace joins the task's mount namespace when asked (task_runner.server.inits).
-JOIN_ME, INIT_JOINED, INIT_FAILED = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR  # as inits
 INIT_JOIN_TIMEOUT_S = 30.0  # it answers at once; a machine that is very busy may delay it (a spare waits)
 SETUP_FAILED = 71  # the exit code of a task process whose sandbox could not be set up: it never runs a task
 _MOUNT_ATTR = struct.Struct("QQQQ")  # struct mount_attr: attr_set, attr_clr, propagation, userns_fd
@@ -318,22 +318,22 @@ def _init_joins(made: int) -> None:
     that no path through /proc/1 leads outside the sandbox; wait until it says it has (or could not)."""
     if os.getpid() != 2:
         raise SandboxError(f"a sandboxed task process is pid 2 of its namespace, not {os.getpid()}")
-    signal.pthread_sigmask(signal.SIG_BLOCK, {INIT_JOINED, INIT_FAILED})
+    answers = {inits.JOINED, inits.FAILED_TO_JOIN}
+    signal.pthread_sigmask(signal.SIG_BLOCK, answers)
     # Dumpable while the init joins: setns by a pidfd needs ptrace access, which a process forked from one exec'd
     # outside a user namespace otherwise grants only to a holder of CAP_SYS_PTRACE there (rootless: nobody).
     dumpable = _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
     _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     try:
-        # Which namespaces it made, one bit each in the signal's number (as inits.JOINED_NAMESPACES).
-        os.kill(1, JOIN_ME + sum(1 << bit for bit, flag in enumerate((CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC))
-                                 if made & flag))
-        got = signal.sigtimedwait({INIT_JOINED, INIT_FAILED}, INIT_JOIN_TIMEOUT_S)
+        # Which namespaces it made, one bit each in the signal's number.
+        os.kill(1, inits.JOIN_ME + sum(1 << bit for bit, flag in enumerate(inits.JOINED_NAMESPACES) if made & flag))
+        got = signal.sigtimedwait(answers, INIT_JOIN_TIMEOUT_S)
     finally:
         _libc.prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {INIT_JOINED, INIT_FAILED})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, answers)
     if got is None:
         raise SandboxError(f"the init of the task's pid namespace did not answer within {INIT_JOIN_TIMEOUT_S:.0f} s")
-    if got.si_signo != INIT_JOINED:
+    if got.si_signo != inits.JOINED:
         raise SandboxError("the init of the task's pid namespace could not join its mount namespace")
 
 
@@ -421,8 +421,6 @@ def _filtered(seccomp: bytes, load_filter: Callable[[bytes], None]) -> None:
 
 def _under_an_init(trial: Callable[[], object]) -> None:
     """Run `trial` as a sandboxed task process runs: forked into a new pid namespace by a pidfd of its init."""
-    from task_runner.server import inits
-
     unshare(CLONE_NEWPID)
     ready_r, ready_w = os.pipe()
     init = os.fork()

@@ -176,7 +176,7 @@ def test_a_writable_path_in_a_hidden_directory_is_refused_by_check_config_and_se
     assert fine.returncode == 0, fine.stderr
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a private filesystem needs a root daemon")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 def test_list_tasks_and_the_cli_show_the_paths_a_task_may_write_and_cannot_see(tmp_path: Path) -> None:
     shared, secret = tmp_path / "shared", tmp_path / "secret"
     shared.mkdir()

@@ -22,7 +22,7 @@ from tests.conftest import REPO, open_directory, start_daemon
 
 HOSTILE = "tests.tasks.hostile_secrets"
 MIB = 1 << 20
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root daemon")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 
 
 def config(run_as: str, shared: Path, limits: str = "") -> str:

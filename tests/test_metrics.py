@@ -75,7 +75,7 @@ def test_metrics_answer_401_without_their_token_and_200_with_it(metered: tuple[D
     assert get(url, f"bearer {TOKEN}")[0] == 200  # a scheme's name is case-insensitive (RFC 9110)
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox that hides the token needs a root daemon")
+@pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 def test_a_task_on_the_hosts_network_reads_neither_the_token_nor_the_metrics(metered: tuple[Daemon, str],
                                                                             token_file: Path) -> None:
     """The attack of issue 26: a task with network = "host" (the default) scrapes its daemon's metrics port;

@@ -32,7 +32,7 @@ from tests.inprocess import InProcessDaemon
 HOSTILE = "tests.tasks.hostile_sandbox"
 TASKS = ("leave_everything", "find_leftovers", "fill", "write_some", "run_out_of_tmp", "serve_neighbour",
          "call_neighbour", "look_around", "see_files", "refused_syscalls", "pid_one")
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root daemon")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 EVERY_PART = 'filesystem = "private"\nnetwork = "none"\nprocesses = "private"\nsyscalls = "default"\n'
 
 

@@ -57,7 +57,7 @@ LIBSECCOMP = _libseccomp()
 needs_libseccomp = pytest.mark.skipif(LIBSECCOMP is None, reason="libseccomp.so.2 is not installed (Debian: "
                                       "apt-get install libseccomp2), so no filter can be built")
 x86_64_only = pytest.mark.skipif(platform.machine() != "x86_64", reason="the 32-bit ABIs tried are x86's")
-root_only = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root daemon")
+root_only = pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 HOSTILE = "tests.tasks.hostile_abi"
 
 # Sets no_new_privs, installs the program and checks it is installed before the body runs (the body makes

@@ -27,7 +27,7 @@ from tests.conftest import REPO, Daemon, open_directory, start_daemon, wait_unti
 HOSTILE = "tests.tasks.hostile_secrets"
 SPARES = 2
 OLD, NEW = "old-token-of-the-ops-caller-0001", "new-token-of-the-ops-caller-0002"
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the sandbox needs a root daemon")
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="a root daemon's sandbox (rootless: tests/test_rootless.py)")
 AS = pytest.mark.parametrize("run_as", ["root", "nobody"])
 
 
