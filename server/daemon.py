@@ -277,6 +277,9 @@ class Daemon:
         except BaseException:
             await self._end(forkserver)
             raise
+        if forkserver.no_task_user_namespace and number == 1:
+            log.warning("sandboxed tasks run without a user namespace of their own (%s): each sandbox holds, but a "
+                        "root task is root by uid on the host (with no capability)", forkserver.no_task_user_namespace)
         for name, info in forkserver.info.items():
             if info.import_error:
                 log.warning("task %s failed to import; each call will answer its error:\n%s", name, info.import_error)

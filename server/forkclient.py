@@ -119,6 +119,7 @@ class ForkServerClient:
         self._forking = [0] * count
         self._in_demand = {self._sandboxes.busiest}
         self.sandbox_failures: dict[str, str] = {}  # the parts this machine could not set up, and why
+        self.no_task_user_namespace = ""  # why a sandboxed task process cannot have a user namespace of its own
         self._backlog: collections.deque[bytes] = collections.deque()  # messages the socket had no room for
         self._failing = False  # task processes cannot be made ready (logged once until they can again)
         self._short_of_uids = False  # every task uid was busy at the last fork (logged once until not)
@@ -151,6 +152,7 @@ class ForkServerClient:
         info = json.loads(hello)
         self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
         self.sandbox_failures = info["sandbox_failures"]
+        self.no_task_user_namespace: str = info["no_task_user_namespace"]
         self._sandboxes = self._sandboxes.without(set(self.sandbox_failures))  # what the fork server sets up
         if self._sandboxes.private:  # before the first fork: every spare sets its hides up after this look
             self._secrets = Secrets(self._config, self._sandboxes.hidden)

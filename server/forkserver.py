@@ -173,6 +173,10 @@ class ForkServer:
         self._sandbox_failures = {part: f"{no_user_namespace}: {why}" if no_user_namespace else why
                                   for part, why in sandbox.probe(asked, seccomp_program, seccomp.load).items()}
         self._profiles = [profile.without(set(self._sandbox_failures)) for profile in profiles]
+        # A user namespace of its own for each task process that has a sandbox, or why not (the daemon says so).
+        isolated = any(profile.filesystem or profile.network or profile.processes for profile in self._profiles)
+        self._no_task_user_namespace = sandbox.probe_user_namespace() if isolated else ""
+        self._user_namespaces = isolated and not self._no_task_user_namespace
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._hello = self._preload(spec["tasks"])
@@ -198,7 +202,8 @@ class ForkServer:
         return {"pid": self._pid, "tasks": infos}
 
     def _hello_message(self) -> dict[str, Any]:
-        return {**self._hello, "sandbox_failures": self._sandbox_failures}
+        return {**self._hello, "sandbox_failures": self._sandbox_failures,
+                "no_task_user_namespace": self._no_task_user_namespace}
 
     def serve(self) -> None:
         prctl(PR_SET_CHILD_SUBREAPER, 1)
@@ -337,25 +342,10 @@ class ForkServer:
             finally:
                 os.close(fd)
         try:
-            sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
+            self._contain(uid, profile)
         except OSError as exc:
             # Never run a task outside the sandbox it was promised: the call is answered CRASHED, with this.
             os.write(err_w, f"the task's sandbox could not be set up: {exc}\n".encode())
-            os._exit(sandbox.SETUP_FAILED)
-        os.umask(0o077)  # what it creates is its own: other tasks may share its group
-
-        def become() -> None:
-            if self._owner is not None:
-                own_uid, gid = self._owner
-                os.setgroups([])
-                os.setresgid(gid, gid, gid)
-                os.setresuid(*(own_uid if uid == wire.NO_UID else uid,) * 3)
-
-        try:
-            become()  # (securebits keep the capabilities through the uid change: they are dropped at once)
-            sandbox.drop_capabilities()  # no capability in any set, whoever the task runs as
-        except OSError as exc:
-            os.write(err_w, f"the task process could not drop its privileges: {exc}\n".encode())
             os._exit(sandbox.SETUP_FAILED)
         if self._owner is not None and uid != wire.NO_UID:
             # Changing user made it undumpable, which would give its own /proc to root. With a uid
@@ -385,6 +375,29 @@ class ForkServer:
         if profile.seccomp:  # last: it refuses what the steps above needed
             seccomp.load(profile.seccomp)
         child.main(self._registry, self._result_max_bytes, profile.private_tmp)
+
+    def _contain(self, uid: int, profile: sandbox.Profile) -> None:
+        """Every step from the root we fork to the task's user with no privilege, in order."""
+        made = sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
+        os.umask(0o077)  # what it creates is its own: other tasks may share its group
+        task_uid = os.geteuid()
+        if self._owner is not None:
+            own_uid, gid = self._owner
+            task_uid = own_uid if uid == wire.NO_UID else uid
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            # The effective uid alone for now (the securebits keep the capabilities through it): the real one is
+            # still the init's, which lets us signal it to join us.
+            os.setresuid(-1, task_uid, -1)
+        if made and self._user_namespaces:
+            sandbox.task_user_namespace()
+            made |= sandbox.CLONE_NEWUSER
+            sandbox.lock_privileges(anew=True)
+        if profile.processes:
+            sandbox.init_joins(made)
+        if self._owner is not None:
+            os.setresuid(task_uid, task_uid, task_uid)
+        sandbox.drop_capabilities()  # no capability in any set, whoever the task runs as
 
     def _on_sigchld(self) -> None:
         with contextlib.suppress(BlockingIOError):

@@ -33,11 +33,12 @@ import signal
 import socket
 import sys
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x2_0000, 0x800_0000, 0x2000_0000, 0x4000_0000
+CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x2_0000, 0x800_0000, 0x1000_0000
+CLONE_NEWPID, CLONE_NEWNET = 0x2000_0000, 0x4000_0000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
 # The task process (task_runner.server.sandbox) asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
 JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR
-JOINED_NAMESPACES = (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC)
+JOINED_NAMESPACES = (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUSER)
 _LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 MADE, FAILED = b"\0", b"\1"
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -93,7 +94,7 @@ def become_init(alive: int | None, ready: int) -> None:  # never returns
 
 
 def _join_task(signum: int, frame: object) -> None:
-    """Move into pid 2's (the task process's) mount, network and IPC namespaces, then keep no capability."""
+    """Move into pid 2's (the task process's) mount, network, IPC and user namespaces, then keep no capability."""
     for bits in range(1 << len(JOINED_NAMESPACES)):  # once: the task that runs later cannot make it move again
         signal.signal(JOIN_ME + bits, signal.SIG_IGN)
     answer = FAILED_TO_JOIN
@@ -103,7 +104,11 @@ def _join_task(signum: int, frame: object) -> None:
         flags = sum(flag for bit, flag in enumerate(JOINED_NAMESPACES) if (signum - JOIN_ME) >> bit & 1)
         pidfd = os.pidfd_open(2)
         try:
-            _check(_libc.setns(pidfd, flags) if flags else 0, "setns into the task's namespaces")
+            # The user namespace last, on its own: from inside it we would have no capability over the others,
+            # which its parent owns.
+            others = flags & ~CLONE_NEWUSER
+            _check(_libc.setns(pidfd, others) if others else 0, "setns into the task's namespaces")
+            _check(_libc.setns(pidfd, CLONE_NEWUSER) if flags & CLONE_NEWUSER else 0, "setns into its user namespace")
         finally:
             os.close(pidfd)
         os.chdir("/")

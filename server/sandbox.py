@@ -40,6 +40,7 @@ from task_runner.server import inits
 CLONE_NEWNS = 0x0002_0000
 CLONE_NEWIPC = 0x0800_0000
 CLONE_NEWPID = 0x2000_0000
+CLONE_NEWUSER = 0x1000_0000
 CLONE_NEWNET = 0x4000_0000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x4_0000
@@ -143,12 +144,13 @@ def _last_capability() -> int:
 LAST_CAPABILITY = _last_capability()  # read once, by the fork server: a task process's /proc may be its own
 
 
-def lock_privileges() -> None:
+def lock_privileges(anew: bool = False) -> None:
     """Empty the bounding and ambient sets and lock the securebits, for this process and all it forks from now on:
     no capability can come back by exec. The effective and permitted sets stay: the fork server keeps what it
     needs, and each task process empties them (drop_capabilities). Done once, by the fork server once it has
-    exec'd its helpers: dropping a capability from the bounding set costs a credentials copy, 41 of them a task."""
-    if os.geteuid() != 0:  # an ordinary user has none to drop, nor the right to touch the bounding set
+    exec'd its helpers: dropping a capability from the bounding set costs a credentials copy, 41 of them a task;
+    and again (`anew`) by a task process in a user namespace of its own, which starts with a full set."""
+    if not anew and os.geteuid() != 0:  # an ordinary user has none to drop, nor the right to touch the bounding set
         return
     for capability in range(LAST_CAPABILITY + 1):
         if _libc.prctl(PR_CAPBSET_DROP, capability, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
@@ -163,8 +165,6 @@ def drop_capabilities() -> None:
     header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
     _check(_libc.capset(header, bytes(24)), "capset")  # two struct __user_cap_data_struct, all zero
 
-
-CLONE_NEWUSER = 0x1000_0000
 
 
 def own_user_namespace() -> str:
@@ -182,15 +182,39 @@ def own_user_namespace() -> str:
     except SandboxError as exc:
         return f"this user may not make a user namespace ({exc.strerror}): unprivileged user namespaces are off"
     try:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"), ("gid_map", f"0 {gid} 1")):
-            fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
-            try:
-                os.write(fd, text.encode())
-            finally:
-                os.close(fd)
+        _write_id_maps(f"0 {uid} 1", f"0 {gid} 1")
     except OSError as exc:
         return f"its user namespace's uid map could not be written ({exc.strerror})"
     return ""
+
+
+def task_user_namespace() -> None:
+    """Move this task process into a user namespace of its own that maps its effective uid and gid alone, each
+    to itself. Every other namespace of its sandbox was made before, so is owned by the fork server's user
+    namespace: what the task could do as root in its own is over nothing but that namespace. There it starts
+    with every capability and default securebits: lock_privileges(anew=True) and drop_capabilities follow.
+
+    A process may write that one-line map for itself; its /proc/self is its own to write only while it is
+    dumpable (a uid change made it not), so it is for these few writes.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    dumpable = _libc.prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+    try:
+        unshare(CLONE_NEWUSER)
+        _write_id_maps(f"{uid} {uid} 1", f"{gid} {gid} 1")
+    finally:
+        _libc.prctl(PR_SET_DUMPABLE, dumpable, 0, 0, 0)
+
+
+def _write_id_maps(uid_map: str, gid_map: str) -> None:
+    """Map this process's new user namespace; setgroups is denied first, as the kernel asks of a one-line map."""
+    for name, text in (("setgroups", "deny"), ("uid_map", uid_map), ("gid_map", gid_map)):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
 
 
 def unshare(flags: int) -> None:
@@ -231,8 +255,9 @@ class PidNamespaces:
         _check(_libc.setns(self._own, CLONE_NEWPID), "setns back to the fork server's pid namespace")
 
 
-def enter(profile: Profile) -> None:
-    """Set up the namespaces and mounts of `profile` in this process (root, single-threaded).
+def enter(profile: Profile) -> int:
+    """Set up the namespaces and mounts of `profile` in this process (root, single-threaded); the CLONE_* flags of
+    the namespaces it made. With `processes`, init_joins follows, once the task process has its user.
 
     Raises:
         SandboxError: naming the step that failed; the process must then not run a task.
@@ -240,7 +265,7 @@ def enter(profile: Profile) -> None:
     flags = (CLONE_NEWNS if profile.filesystem or profile.processes else 0) \
         | (CLONE_NEWNET if profile.network else 0) | (CLONE_NEWIPC if profile.processes else 0)
     if not flags:
-        return
+        return 0
     unshare(flags)
     if profile.network:
         _loopback_up()
@@ -271,9 +296,9 @@ def enter(profile: Profile) -> None:
         _fresh_proc()
         if os.path.isdir("/dev/mqueue"):
             _mount("mqueue", "/dev/mqueue", "mqueue", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        _init_joins(flags)
     if profile.filesystem:
         os.chdir("/tmp")  # (the task's working directory is made there once it has its uid)
+    return flags
 
 
 # What a task gets of the host's devices (bound from the host's /dev): nothing that reaches hardware, the
@@ -313,9 +338,10 @@ def _fresh_proc() -> None:
         _hide(path)
 
 
-def _init_joins(made: int) -> None:
-    """Have this pid namespace's init (task_runner.server.inits) move into our mount and network namespaces, so
-    that no path through /proc/1 leads outside the sandbox; wait until it says it has (or could not)."""
+def init_joins(made: int) -> None:
+    """Have this pid namespace's init (task_runner.server.inits) move into the namespaces we `made` (mount,
+    network, IPC, user), so that no path through /proc/1 leads outside the sandbox; wait until it says it has
+    (or could not). Our real uid must still be the init's, which lets us signal it."""
     if os.getpid() != 2:
         raise SandboxError(f"a sandboxed task process is pid 2 of its namespace, not {os.getpid()}")
     answers = {inits.JOINED, inits.FAILED_TO_JOIN}
@@ -445,10 +471,15 @@ def probe(parts: set[str], seccomp: bytes, load_filter: Callable[[bytes], None])
     trials: dict[str, Callable[[], object]] = {
         "filesystem": lambda: enter(Profile(filesystem=True, tmp_bytes=1 << 20)),
         "network": lambda: enter(Profile(network=True)),
-        "processes": lambda: _under_an_init(lambda: enter(Profile(processes=True))),
+        "processes": lambda: _under_an_init(lambda: init_joins(enter(Profile(processes=True)))),
         "syscalls": lambda: _filtered(seccomp, load_filter),
     }
     return {part: why for part in PARTS if part in parts and (why := _try(trials[part], os.fork))}
+
+
+def probe_user_namespace() -> str:
+    """"" if a task process can have a user namespace of its own here, else why not (tried in a throwaway child)."""
+    return _try(lambda: (task_user_namespace(), lock_privileges(anew=True)), os.fork)
 
 
 def _try(trial: Callable[[], object], fork: Callable[[], int]) -> str:

@@ -30,11 +30,12 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             with daemon.client() as client:
                 result = client.call("what_root_can_do", 20_000).result
             assert wait_for_spares(daemon)
-            host = os.readlink("/proc/self/ns/mnt")
+            host = (os.readlink("/proc/self/ns/mnt"), os.readlink("/proc/self/ns/user"))
 
-            def joined() -> bool:  # a spare still setting up has not made its namespace, or its init not joined
+            def joined() -> bool:  # a spare still setting up has not made its namespaces, or its init not joined
                 result["spares"] = _namespaces_of_spares(daemon.process.pid)
-                return bool(result["spares"]) and all(init == own != host for init, own in result["spares"])
+                return bool(result["spares"]) and all(
+                    init == own and own[0] != host[0] and own[1] != host[1] for init, own in result["spares"])
 
             wait_until(joined, 20)  # (the test below says what was seen if they never do)
             result["shared"] = str(shared)
@@ -45,19 +46,20 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         shutil.rmtree(shared)
 
 
-def _namespaces_of_spares(daemon_pid: int) -> list[tuple[str, str]]:
-    """For each waiting task process of the daemon (pid 2 of a pid namespace), the mount namespace of that
-    namespace's init (pid 1) and its own, read from the host."""
+def _namespaces_of_spares(daemon_pid: int) -> list[tuple[tuple[str, str], tuple[str, str]]]:
+    """For each waiting task process of the daemon (pid 2 of a pid namespace), the mount and user namespaces of
+    that namespace's init (pid 1) and its own, read from the host."""
     import psutil
 
-    inner: dict[str, dict[str, str]] = {}  # pid namespace -> {inner pid: mount namespace}
+    inner: dict[str, dict[str, tuple[str, str]]] = {}  # pid namespace -> {inner pid: (mount, user) namespaces}
     for process in psutil.Process(daemon_pid).children(recursive=True):
         with contextlib.suppress(OSError, psutil.Error, StopIteration):
             status = Path(f"/proc/{process.pid}/status").read_text()
             nspid = next(line for line in status.splitlines() if line.startswith("NSpid:")).split()[1:]
             if len(nspid) == 2:
                 pid_ns = os.readlink(f"/proc/{process.pid}/ns/pid")
-                inner.setdefault(pid_ns, {})[nspid[1]] = os.readlink(f"/proc/{process.pid}/ns/mnt")
+                inner.setdefault(pid_ns, {})[nspid[1]] = (os.readlink(f"/proc/{process.pid}/ns/mnt"),
+                                                          os.readlink(f"/proc/{process.pid}/ns/user"))
     return [(found["1"], found["2"]) for found in inner.values() if "1" in found and "2" in found]
 
 
@@ -90,9 +92,17 @@ def test_no_path_through_the_init_leads_outside_the_sandbox(seen: dict[str, Any]
     for entry in ("environ", "mem"):
         assert through[entry] == os.strerror(errno.EACCES), through
     assert through["fd"] in ([], os.strerror(errno.EACCES)), through  # it holds no descriptor
-    # Each waiting task process's init lives in that process's own mount namespace, not the host's.
-    host = os.readlink("/proc/self/ns/mnt")
-    assert seen["spares"] and all(init == own != host for init, own in seen["spares"]), seen["spares"]
+    # Each waiting task process's init lives in that process's own mount and user namespaces, not the host's.
+    host = (os.readlink("/proc/self/ns/mnt"), os.readlink("/proc/self/ns/user"))
+    assert seen["spares"] and all(init == own and own[0] != host[0] and own[1] != host[1]
+                                  for init, own in seen["spares"]), seen["spares"]
+
+
+def test_a_root_task_is_root_only_in_a_user_namespace_of_its_own(seen: dict[str, Any]) -> None:
+    # Its one uid mapped to itself: every other namespace of its sandbox belongs to the host's user namespace,
+    # over which it has nothing, even were it to regain a capability in its own.
+    assert seen["uid_map"] == ["0", "0", "1"], seen["uid_map"]
+    assert seen["user_ns"] != os.readlink("/proc/self/ns/user")
 
 
 def test_a_writable_path_is_mounted_nosuid_and_nodev(seen: dict[str, Any]) -> None:

@@ -70,7 +70,9 @@ def test_an_ordinary_users_daemon_gives_its_tasks_every_part_of_the_sandbox(worl
         assert daemon.stop() == 0, daemon.log_text()
     assert (sandbox.filesystem, sandbox.network, sandbox.processes, sandbox.syscalls) == \
         ("private", "none", "private", "default"), sandbox
-    assert seen["uid"] == 0 and seen["uid_map"] == ["0", str(NOBODY), "1"], seen  # root in there, nobody here
+    # Root in a user namespace of its own, nested in the daemon's ("0 NOBODY 1"), where it maps the daemon's root
+    # alone: nobody here.
+    assert seen["uid"] == 0 and seen["uid_map"] == ["0", "0", "1"], seen
     assert (shared / "mark").stat().st_uid == NOBODY
     assert seen["cap_eff"] == seen["cap_bnd"] == 0, seen
     assert seen["tmp"] == "tmpfs" and seen["interfaces"] == ["lo"], seen

@@ -56,7 +56,8 @@ def what_root_can_do(options: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
         "uid": os.getuid(), "caps": caps, "securebits": _libc.prctl(PR_GET_SECUREBITS, 0, 0, 0, 0),
         "adjtimex": adjtimex, "opened": opened, "through_init": through_init, "dev": sorted(os.listdir("/dev")),
         "mnt": os.readlink("/proc/self/ns/mnt"), "pid_ns": os.readlink("/proc/self/ns/pid"),
-        "mounts": Path("/proc/self/mountinfo").read_text(),
+        "mounts": Path("/proc/self/mountinfo").read_text(), "user_ns": os.readlink("/proc/self/ns/user"),
+        "uid_map": Path("/proc/self/uid_map").read_text().split(),
     }
 
 
