@@ -152,7 +152,7 @@ class ForkServerClient:
         info = json.loads(hello)
         self.info = {name: ModuleInfo(**task) for name, task in info["tasks"].items()}
         self.sandbox_failures = info["sandbox_failures"]
-        self.no_task_user_namespace: str = info["no_task_user_namespace"]
+        self.no_task_user_namespace = info["no_task_user_namespace"]
         self._sandboxes = self._sandboxes.without(set(self.sandbox_failures))  # what the fork server sets up
         if self._sandboxes.private:  # before the first fork: every spare sets its hides up after this look
             self._secrets = Secrets(self._config, self._sandboxes.hidden)

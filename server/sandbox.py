@@ -479,7 +479,11 @@ def probe(parts: set[str], seccomp: bytes, load_filter: Callable[[bytes], None])
 
 def probe_user_namespace() -> str:
     """"" if a task process can have a user namespace of its own here, else why not (tried in a throwaway child)."""
-    return _try(lambda: (task_user_namespace(), lock_privileges(anew=True)), os.fork)
+    def trial() -> None:
+        task_user_namespace()
+        lock_privileges(anew=True)
+
+    return _try(trial, os.fork)
 
 
 def _try(trial: Callable[[], object], fork: Callable[[], int]) -> str:
