@@ -30,7 +30,7 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from task_runner.server import cgroups, logs, sandboxes, uids
+from task_runner.server import cgroups, logs, sandboxes, uids, users
 from task_runner.server.callers import Callers, CredentialsError
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
@@ -88,8 +88,9 @@ class ListenError(StartError):
 _BIND_ERROR = re.compile(r"Error in bind for address '[^']*': ([^)]+)\)")  # in gRPC's line: the reason
 
 
-def task_owner(config: Config) -> tuple[int, int] | None:
-    """The (uid, gid) tasks run as, when the daemon is root and run_as_user is set; else None (the daemon's own)."""
+def task_owner(config: Config, can_change_user: bool | None = None) -> tuple[int, int] | None:
+    """The (uid, gid) tasks run as, when run_as_user is set and the daemon may give tasks another user (root, or
+    CAP_SETUID and CAP_SETGID: `can_change_user`, found out if not given); else None (the daemon's own)."""
     if config.run_as_user is None:
         return None
     try:
@@ -97,9 +98,12 @@ def task_owner(config: Config) -> tuple[int, int] | None:
         gid = grp.getgrnam(config.run_as_group).gr_gid if config.run_as_group else user.pw_gid
     except KeyError as exc:
         raise StartError(f"run_as_user/run_as_group: no such user or group: {exc}") from None
-    if os.geteuid() != 0:
+    if can_change_user is None:
+        can_change_user = os.geteuid() == 0 or users.maps_its_own()
+    if os.geteuid() != 0 and (user.pw_uid == os.geteuid() or not can_change_user):
         if user.pw_uid != os.geteuid():
-            raise StartError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root")
+            raise StartError(f"run_as_user = {config.run_as_user!r} needs the daemon to start as root, or with "
+                             "CAP_SETUID and CAP_SETGID (the systemd unit's)")
         return None  # tasks run as the daemon's own user anyway
     return user.pw_uid, gid
 
@@ -162,7 +166,9 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
                 loop.add_signal_handler(signum, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        self._owner = task_owner(self.config)
+        # Without CAP_SYS_ADMIN, with CAP_SETUID and CAP_SETGID: a user namespace of our own (task_runner.server.users).
+        self._maps_its_own = self.own_process and users.maps_its_own()
+        self._owner = task_owner(self.config, os.geteuid() == 0 or self._maps_its_own)
         check_exposure(self.config)
         if reachable := open_to_tasks(self.config, same_user=self._owner is None):
             log.warning("tasks can call this daemon on %s (no token or client certificate needed): configure "
@@ -184,6 +190,8 @@ class Daemon:
             raise StartError(f"cannot prepare the tasks' working directories: {exc}") from exc
         self._cgroup = cgroups.prepare(self.config.cgroup)
         self._uids = self._claim_uids()
+        if self._maps_its_own:
+            self._own_user_namespace()
         pids = self._cgroup is not None and "pids" in cgroups.controllers(self._cgroup)
         if self._owner is None and os.geteuid() == 0 and not pids:
             # RLIMIT_NPROC never binds root: only a cgroup's pids.max bounds a root task's processes.
@@ -236,11 +244,13 @@ class Daemon:
         self.notifier.notify("READY=1", f"STATUS=listening on {' '.join(self.addresses)}")
 
     def _claim_uids(self) -> uids.UidPool | None:
-        """A uid of its own for each task process, where the daemon can give one (root, run_as_user)."""
+        """A uid of its own for each task process, where the daemon can give one (root or CAP_SETUID, run_as_user)."""
         config = self.config
-        if os.geteuid() != 0:
+        if os.geteuid() != 0 and not self._maps_its_own:
             return None
         if self._owner is None:
+            if os.geteuid() != 0:
+                return None
             log.warning("the daemon runs as root and run_as_user is not set: every task runs as root (with no "
                         "capability, but root's uid: with processes = \"host\" it can signal the daemon and other "
                         "tasks, and it writes what root owns where its mounts let it). Set run_as_user in production.")
@@ -255,6 +265,23 @@ class Daemon:
             log.warning("task_uids = \"off\": every task runs as %s, so tasks can signal each other and read each "
                         "other's files", config.run_as_user)
         return pool
+
+    def _own_user_namespace(self) -> None:
+        """Move into a user namespace that maps our user as root, run_as_user and the task uids, each to itself."""
+        uid_ranges, gid_ranges = [], []
+        if self._owner is not None:
+            uid_ranges.append((self._owner[0], 1))
+            gid_ranges.append((self._owner[1], 1))
+        if self._uids is not None:
+            uid_ranges.append((self._uids.first, len(self._uids)))
+        uid_map = users.extents(os.geteuid(), uid_ranges)
+        try:
+            users.enter(uid_map, users.extents(os.getegid(), gid_ranges))
+        except OSError as exc:
+            raise StartError(f"cannot make the daemon's user namespace (it has CAP_SETUID and CAP_SETGID but not "
+                             f"CAP_SYS_ADMIN): {exc}") from None
+        log.info("in a user namespace of its own (uid map %s): it sandboxes its tasks without CAP_SYS_ADMIN",
+                 ", ".join(" ".join(map(str, line)) for line in uid_map))
 
     async def _start_generation(self, config: Config) -> Generation:
         """A fork server for `config`'s tasks, started (the tasks imported), as the generation to serve with."""

@@ -593,11 +593,14 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     # An ordinary user's fork server is root in a user namespace of its own, so that its tasks get the whole
     # sandbox, as bubblewrap gives it, all under this user on the host (a root one needs none).
+    # A daemon with CAP_SETUID but not CAP_SYS_ADMIN is already root in one (task_runner.server.users).
     no_user_namespace = ""
     if os.geteuid() != 0:
         no_user_namespace = sandbox.own_user_namespace()
         if not no_user_namespace:
             _in_a_pid_namespace_of_our_own()
+    elif not sandbox.in_the_hosts_user_namespace():
+        _in_a_pid_namespace_of_our_own()
     ForkServer(sock, spec, no_user_namespace).serve()
 
 

@@ -188,6 +188,12 @@ def own_user_namespace() -> str:
     return ""
 
 
+def in_the_hosts_user_namespace() -> bool:
+    """Whether this process is in the initial user namespace (its map is the whole range, to itself)."""
+    with open("/proc/self/uid_map") as f:
+        return f.read().split() == ["0", "0", "4294967295"]
+
+
 def task_user_namespace() -> None:
     """Move this task process into a user namespace of its own that maps its effective uid and gid alone, each
     to itself. Every other namespace of its sandbox was made before, so is owned by the fork server's user

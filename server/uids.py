@@ -32,7 +32,9 @@ log = logging.getLogger("task_runner.server")
 AUTO_FIRST = 0x7000_0000  # systemd leaves 0x70000000-0x7FFDFFFF unused (systemd.io/UIDS-GIDS)
 AUTO_BLOCK = 4096
 AUTO_BLOCKS = 4096  # up to 0x71000000
-CLAIMS_DIR = "/run/isolated-task-runner/uids"
+# Shared by every daemon of the machine. A daemon that runs as a user of its own with CAP_SETUID and CAP_SETGID
+# (the systemd unit's) is given one it owns, through TASK_RUNNER_UID_CLAIMS (every daemon must share one).
+CLAIMS_DIR = os.environ.get("TASK_RUNNER_UID_CLAIMS", "/run/isolated-task-runner/uids")
 
 
 class UidError(RuntimeError):
@@ -162,7 +164,8 @@ def _free_block(held: list[Claim], named: list[int]) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def _claims_locked(directory: str) -> Iterator[int]:
-    """The claims directory (made root's alone if need be), locked against other daemons' claims."""
+    """The claims directory (made ours alone if need be: root's, or the unit's user's), locked against other
+    daemons' claims."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         dirfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -170,8 +173,9 @@ def _claims_locked(directory: str) -> Iterator[int]:
         raise UidError(f"cannot open {directory}, where task uid claims are kept: {exc.strerror or exc}") from None
     try:
         info = os.fstat(dirfd)
-        if info.st_uid != 0 or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IXGRP | stat.S_IXOTH):
-            raise UidError(f"{directory} must be root's alone (mode 0700) so that no task can touch a claim: "
+        if info.st_uid != os.geteuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH | stat.S_IXGRP | stat.S_IXOTH):
+            whose = "root's" if os.geteuid() == 0 else f"uid {os.geteuid()}'s (the daemon's)"
+            raise UidError(f"{directory} must be {whose} alone (mode 0700) so that no task can touch a claim: "
                            f"it is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}")
         fcntl.flock(dirfd, fcntl.LOCK_EX)  # released with the descriptor
         yield dirfd
@@ -226,20 +230,39 @@ def _claimed(first: int, last: int, lock: int) -> UidPool:
 def sweep(uids: range | set[int]) -> int:
     """Kill every process running under one of these uids (they belong to no live task); the count killed.
 
-    Again until none is found: one may fork between the look and the kill.
+    Again until none is found: one may fork between the look and the kill. A daemon without CAP_KILL (the
+    systemd unit's) kills a uid's processes from a child that takes that uid, which may signal its own.
     """
     killed = 0
     for _ in range(100):
         found = 0
+        refused: set[int] = set()
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError, ValueError, StopIteration), open(f"/proc/{entry.name}/status") as f:
-                ids = next(line for line in f if line.startswith("Uid:")).split()[1:]
-                if any(int(uid) in uids for uid in ids):
-                    os.kill(int(entry.name), signal.SIGKILL)
+                ids = [int(uid) for uid in next(line for line in f if line.startswith("Uid:")).split()[1:]]
+                if any(uid in uids for uid in ids):
                     found += 1
+                    try:
+                        os.kill(int(entry.name), signal.SIGKILL)
+                    except PermissionError:
+                        refused.add(next(uid for uid in ids if uid in uids))
+        for uid in refused:
+            _kill_all_as(uid)
         if not found:
             break
         killed += found
     return killed
+
+
+def _kill_all_as(uid: int) -> None:
+    """kill(-1, SIGKILL) as `uid`: every process of that uid (and no other) dies. Forked before any thread."""
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setresuid(uid, uid, uid)
+            os.kill(-1, signal.SIGKILL)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)

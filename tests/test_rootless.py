@@ -47,21 +47,43 @@ def ordinary_python(world: Path) -> str:
     return str(venv / "bin" / "python")
 
 
-def test_an_ordinary_users_daemon_gives_its_tasks_every_part_of_the_sandbox(world: Path) -> None:
+# The three privilege levels a daemon may start with; each gives its tasks the same sandbox.
+WAYS = {
+    # An ordinary user: the fork server is root in a user namespace of its own ("0 NOBODY 1").
+    "an ordinary user": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
+    # The systemd unit's: a user of its own with CAP_SETUID and CAP_SETGID alone, run_as_user and task uids; the
+    # daemon is root in a user namespace that maps those uids (task_runner.server.users).
+    "the unit's capabilities": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                                "--inh-caps=-all,+setuid,+setgid", "--ambient-caps=-all,+setuid,+setgid",
+                                "--bounding-set=-all,+setuid,+setgid"),
+    "root": (),
+}
+
+
+@pytest.mark.parametrize("way", WAYS)
+def test_every_privilege_level_gives_its_tasks_every_part_of_the_sandbox(world: Path, way: str) -> None:
     shared = world / "shared"
     shared.mkdir(mode=0o777)
     shared.chmod(0o777)
     home = world / "d"
     home.mkdir(mode=0o777)
     home.chmod(0o777)
+    claims = world / "claims"  # the unit's: a claims directory of its user's own
+    claims.mkdir(mode=0o700)
+    os.chown(claims, NOBODY, NOBODY)
+    per_task_uids = way == "the unit's capabilities"
+    owner = 'run_as_user = "daemon"\n' if per_task_uids else ""
     daemon = start_daemon(
-        home, f'cgroup = "off"\n[sandbox]\nfilesystem = "private"\nnetwork = "none"\nprocesses = "private"\n'
+        home, f'cgroup = "off"\n{owner}'
+              f'[sandbox]\nfilesystem = "private"\nnetwork = "none"\nprocesses = "private"\n'
               f'syscalls = "default"\nwritable = ["{shared}"]\n'
               '[tasks.rootless_view]\ntarget = "tests.tasks.hostile_root:rootless_view"\n',
-        env={"PYTHONPATH": str(REPO)}, python=ordinary_python(world),
-        wrap=("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"))
+        env={"PYTHONPATH": str(REPO), "TASK_RUNNER_UID_CLAIMS": str(claims)},
+        python=ordinary_python(world) if WAYS[way] else sys.executable, wrap=WAYS[way])
     try:
         assert "cannot be set up" not in daemon.log_text(), daemon.log_text()
+        assert "without a user namespace of their own" not in daemon.log_text(), daemon.log_text()
+        assert ("in a user namespace of its own (uid map 0 65534 1, 1 1 1, " in daemon.log_text()) == per_task_uids
         with daemon.client() as client:
             seen = client.call("rootless_view", 20_000, {"mark": str(shared / "mark"),
                                                         "ptrace": syscall_numbers()["ptrace"]}).result
@@ -70,10 +92,14 @@ def test_an_ordinary_users_daemon_gives_its_tasks_every_part_of_the_sandbox(worl
         assert daemon.stop() == 0, daemon.log_text()
     assert (sandbox.filesystem, sandbox.network, sandbox.processes, sandbox.syscalls) == \
         ("private", "none", "private", "default"), sandbox
-    # Root in a user namespace of its own, nested in the daemon's ("0 NOBODY 1"), where it maps the daemon's root
-    # alone: nobody here.
-    assert seen["uid"] == 0 and seen["uid_map"] == ["0", "0", "1"], seen
-    assert (shared / "mark").stat().st_uid == NOBODY
+    # In a user namespace of its own that maps its one uid to itself (in the daemon's namespace, which for an
+    # ordinary user maps its root to NOBODY alone, and for the unit's maps run_as_user and the task uids).
+    assert seen["uid_map"] == [str(seen["uid"]), str(seen["uid"]), "1"], seen
+    writer = (shared / "mark").stat().st_uid
+    if per_task_uids:
+        assert seen["uid"] >= 0x7000_0000 and writer == seen["uid"], (seen, writer)  # a task uid, on the host too
+    else:
+        assert seen["uid"] == 0 and writer == (NOBODY if WAYS[way] else 0), (seen, writer)
     assert seen["cap_eff"] == seen["cap_bnd"] == 0, seen
     assert seen["tmp"] == "tmpfs" and seen["interfaces"] == ["lo"], seen
     assert seen["pid"] == 2 and seen["pids"] == [1, 2], seen
