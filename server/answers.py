@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING
 
 from google.protobuf.message import DecodeError
 
 from task_runner.frames import error_response
 from task_runner.server import wire
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
-
-if TYPE_CHECKING:
-    from task_runner.server.forkclient import Exit
 
 Kind = TaskError.Kind
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
@@ -52,7 +48,7 @@ def answer_response(frame: bytes) -> PerformResponse:
     return response
 
 
-def fill_usage(response: PerformResponse, exit_: Exit, handed_at: float) -> None:
+def fill_usage(response: PerformResponse, exit_: wire.Exited, handed_at: float) -> None:
     usage = response.usage
     usage.wall_ms = (exit_.at - handed_at) * 1e3
     usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
@@ -78,7 +74,7 @@ def describe_status(status: int) -> str:
     return f"exited with code {code}"
 
 
-def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_s: int | None,
+def failure_response(exit_: wire.Exited, budget_s: float, answer_limit: int, cpu_limit_s: int | None,
                      noticed: wire.Stop | None = None, stall_s: float | None = None) -> PerformResponse:
     """The response for a task process that ended without a (complete) answer.
 
@@ -93,7 +89,7 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
     """
     notice = " (it was told to stop first)" if noticed is not None else ""
     code, signum = exit_fields(exit_.status)
-    stop = exit_.stop
+    stop = exit_.why
     if stop is wire.Stop.NONE and noticed is not None and signum in (0, signal.SIGTERM):
         stop = noticed  # told to stop, it ended (or let SIGTERM end it) without answering: as if killed for that
     if stop is wire.Stop.RESULT_TOO_LARGE:

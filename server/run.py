@@ -25,8 +25,8 @@ from task_runner.frames import HEARTBEAT, PROGRESS, error_response
 from task_runner.server.answers import Kind, answer_response, failure_response, fill_usage
 from task_runner.server.config import Config
 from task_runner.server.events import EventLog, Stream, beat_event
-from task_runner.server.forkclient import Exit, ForkServerClient, TaskProcess
-from task_runner.server.wire import Stop
+from task_runner.server.forkclient import ForkServerClient, TaskProcess
+from task_runner.server.wire import Exited, Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 READ_CHUNK = 1 << 16
@@ -177,7 +177,7 @@ class Run:
         response.timings.collect_ms = (loop.time() - settled_at) * 1e3
         return response, handed_at
 
-    def _on_exit(self, exited: asyncio.Future[Exit]) -> None:
+    def _on_exit(self, exited: asyncio.Future[Exited]) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if not self._settled.done():

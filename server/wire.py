@@ -111,6 +111,8 @@ class Ready(NamedTuple):
 
 
 class Exited(NamedTuple):
+    """A task process was reaped: the fork server's report, and the daemon's record of how the process ended."""
+
     pid: int
     status: int  # as wait(2) gives it
     user_s: float
@@ -118,9 +120,11 @@ class Exited(NamedTuple):
     max_rss_kib: int
     why: Stop  # why the daemon had it killed, if it did
     oom_killed: bool  # the kernel killed something in its cgroup for want of memory
+    at: float = 0.0  # the daemon's loop time when the report came (not sent: the fork server's clock is not it)
 
     def pack(self) -> bytes:
-        return _EXITED.pack(b"X", *self)
+        return _EXITED.pack(b"X", self.pid, self.status, self.user_s, self.system_s, self.max_rss_kib, self.why,
+                            self.oom_killed)
 
 
 Message = Fork | ForkFailed | Released | Kill | Notice | Ready | Exited
