@@ -8,9 +8,9 @@ byte and a payload: first, before any task code runs, the runner's own verdict o
 the task reports them (task_runner.task), and last its answer, one PerformResponse.
 
 The task API, the task process (task_runner.server.child) and the daemon (task_runner.server.run) all
-use this module; it is imported by every task process, and by the root package, which never imports
-task_runner.server: the standard library's modules a task process loads anyway, and the generated
-messages, only.
+use this module. It belongs to the root package, which never imports task_runner.server, and every task
+process loads it: it imports only what a task process loads anyway (os, struct, typing) and the
+generated messages.
 """
 
 from __future__ import annotations
