@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import DecodeError
 
+from task_runner.frames import error_response
 from task_runner.server import wire
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
-
-if TYPE_CHECKING:
-    from task_runner.server.forkclient import Exit
 
 Kind = TaskError.Kind
 LIMIT_SIGNALS = {int(signal.SIGXCPU): "cpu_time", int(signal.SIGXFSZ): "file_size"}
@@ -51,7 +48,7 @@ def answer_response(frame: bytes) -> PerformResponse:
     return response
 
 
-def fill_usage(response: PerformResponse, exit_: Exit, handed_at: float) -> None:
+def fill_usage(response: PerformResponse, exit_: wire.Exited, handed_at: float) -> None:
     usage = response.usage
     usage.wall_ms = (exit_.at - handed_at) * 1e3
     usage.user_cpu_ms, usage.system_cpu_ms = exit_.user_s * 1e3, exit_.system_s * 1e3
@@ -77,13 +74,7 @@ def describe_status(status: int) -> str:
     return f"exited with code {code}"
 
 
-def error_response(kind: Any, type_: str, message: str, status: int | None = None) -> PerformResponse:
-    """A task-error response from the daemon, with the exit code or signal of `status`, if given."""
-    exit_code, signum = exit_fields(status) if status is not None else (0, 0)
-    return wire.error_response(kind, type_, message, exit_code=exit_code, signal=signum)
-
-
-def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_s: int | None,
+def failure_response(exit_: wire.Exited, budget_s: float, answer_limit: int, cpu_limit_s: int | None,
                      noticed: wire.Stop | None = None, stall_s: float | None = None) -> PerformResponse:
     """The response for a task process that ended without a (complete) answer.
 
@@ -97,8 +88,9 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
         stall_s: its heartbeat timeout, if it had one.
     """
     notice = " (it was told to stop first)" if noticed is not None else ""
-    stop = exit_.stop
-    if stop is wire.Stop.NONE and noticed is not None and exit_fields(exit_.status)[1] in (0, signal.SIGTERM):
+    code, signum = exit_fields(exit_.status)
+    stop = exit_.why
+    if stop is wire.Stop.NONE and noticed is not None and signum in (0, signal.SIGTERM):
         stop = noticed  # told to stop, it ended (or let SIGTERM end it) without answering: as if killed for that
     if stop is wire.Stop.RESULT_TOO_LARGE:
         return error_response(
@@ -109,17 +101,16 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
         return error_response(
             Kind.STALLED, "Stalled",
             f"the task sent no heartbeat for {(stall_s or 0) * 1e3:.0f} ms (its heartbeat_timeout_ms); "
-            "its process tree was killed", exit_.status,
+            "its process tree was killed", exit_code=code, signal=signum,
         )
     if stop is wire.Stop.TIMEOUT:
         response = error_response(
             Kind.TIMEOUT, "Timeout",
             f"the task did not finish within {budget_s * 1e3:.0f} ms{notice}; its process tree was killed",
-            exit_.status,
+            exit_code=code, signal=signum,
         )
         response.error.notice_given = noticed is not None
         return response
-    signum = exit_fields(exit_.status)[1]
     limit = LIMIT_SIGNALS.get(signum)
     if (signum == signal.SIGKILL and stop is wire.Stop.NONE and cpu_limit_s is not None
             and exit_.user_s + exit_.system_s >= cpu_limit_s):
@@ -129,18 +120,19 @@ def failure_response(exit_: Exit, budget_s: float, answer_limit: int, cpu_limit_
     if limit is not None:
         response = error_response(
             Kind.LIMIT_EXCEEDED, "LimitExceeded",
-            f"the task exceeded its {limit} limit: its process {describe_status(exit_.status)}", exit_.status,
+            f"the task exceeded its {limit} limit: its process {describe_status(exit_.status)}",
+            exit_code=code, signal=signum,
         )
         response.error.limit = limit
         return response
     if stop is wire.Stop.CANCELLED:
         response = error_response(
             Kind.CANCELLED, "Cancelled", f"the call was cancelled{notice}; the task's process tree was killed",
-            exit_.status,
+            exit_code=code, signal=signum,
         )
         response.error.notice_given = noticed is not None
         return response
     return error_response(
         Kind.CRASHED, "Crashed", f"the task process {describe_status(exit_.status)} without answering",
-        exit_.status,
+        exit_code=code, signal=signum,
     )

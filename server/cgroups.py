@@ -18,7 +18,7 @@ import select
 import signal
 import time
 
-from task_runner.server import wire
+from task_runner import frames
 
 log = logging.getLogger("task_runner.server")
 # What a start spends at most on the cgroups of daemons that are gone; the rest waits for the next.
@@ -422,7 +422,7 @@ def _oom_kills(path: str) -> int:
     return next((int(line.split()[1]) for line in text.splitlines() if line.startswith("oom_kill ")), 0)
 
 
-def limit(path: str, limits: wire.Limits) -> wire.Limits:
+def limit(path: str, limits: frames.Limits) -> frames.Limits:
     """Give a task's cgroup its memory.max and pids.max ("max" for none), where those controllers are
     enabled; returns the limits its process still sets itself (none for processes, which pids.max binds
     for the whole tree better than the per-user RLIMIT_NPROC).
@@ -432,7 +432,7 @@ def limit(path: str, limits: wire.Limits) -> wire.Limits:
     for name, value in (("memory.max", limits.memory), ("pids.max", limits.processes)):
         target = os.path.join(path, name)
         if os.path.exists(target):  # the controller is enabled here
-            _write(target, "max" if value == wire.NO_LIMIT else str(value))
-            if name == "pids.max" and value != wire.NO_LIMIT:
-                limits = limits._replace(processes=wire.BY_CGROUP)
+            _write(target, "max" if value == frames.NO_LIMIT else str(value))
+            if name == "pids.max" and value != frames.NO_LIMIT:
+                limits = limits._replace(processes=frames.BY_CGROUP)
     return limits

@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from google.protobuf.message import DecodeError
 
 import task_runner.task as task_api
-from task_runner.server import registry, wire
+from task_runner import frames
+from task_runner.frames import error_response as _error
+from task_runner.server import registry
 from task_runner.server.registry import Form, Loaded, load
-from task_runner.server.wire import error_response as _error
 from task_runner.v1.task_runner_pb2 import PerformRequest, PerformResponse, TaskError
 from task_runner.values import NotJsonLike, from_struct, struct_digest, to_struct
 
@@ -70,11 +71,11 @@ def _address_space() -> int:
         return int(f.read().split()[0]) * resource.getpagesize()
 
 
-def _apply_limits(values: wire.Limits) -> None:
+def _apply_limits(values: frames.Limits) -> None:
     for (name, which), wanted in zip(_LIMITS, values, strict=True):
-        if wanted == wire.NO_LIMIT:
+        if wanted == frames.NO_LIMIT:
             continue
-        if wanted == wire.BY_CGROUP:
+        if wanted == frames.BY_CGROUP:
             _limited.add(name)
             continue
         value = wanted + _address_space() if which == resource.RLIMIT_AS else wanted
@@ -107,25 +108,6 @@ def _limit_hit(exc: BaseException) -> str | None:
     return None
 
 
-def read_frame(fd: int) -> bytes | None:
-    """Read one length-prefixed frame from a blocking fd; None at end of file."""
-    header = _read_exactly(fd, wire.FRAME.size)
-    if header is None:
-        return None
-    return _read_exactly(fd, wire.FRAME.unpack(header)[0])
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    chunks, remaining = [], size
-    while remaining:
-        chunk = os.read(fd, remaining)
-        if not chunk:
-            return None
-        chunks.append(chunk)
-        remaining -= len(chunk)
-    return b"".join(chunks)
-
-
 class _Answer:
     """The one answer of this process: the first caller of `give` wins and ends the process."""
 
@@ -147,7 +129,7 @@ class _Answer:
         _flush_output()
         task_api._channel.flush()
         with contextlib.suppress(OSError):
-            task_api._channel.write(wire.ANSWER, payload)
+            task_api._channel.write(frames.ANSWER, payload)
         os._exit(0)
 
     def outcome(self, outcome: Any, result: Any) -> NoReturn:
@@ -321,10 +303,13 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
     # Before the assignment: a notice may come the moment the task is handed over (a grace as long
     # as its timeout); it must find the handler, not SIGTERM's default.
     signal.signal(signal.SIGTERM, _on_notice)
-    frame = read_frame(CHANNEL_FD)
+    try:
+        frame = frames.read(CHANNEL_FD)
+    except frames.FrameError:  # the daemon ended while it handed the task over
+        frame = None
     if frame is None:  # the daemon closed the channel: this spare process is not needed
         os._exit(0)
-    assignment, serialized = wire.Assignment.unpack(frame)
+    assignment, serialized = frames.Assignment.unpack(frame)
     workdir = assignment.workdir
     channel = task_api._channel
     channel.fd, channel.deadline, channel.request_id = CHANNEL_FD, assignment.deadline, assignment.request_id
@@ -339,21 +324,21 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
         request = PerformRequest.FromString(serialized)
     except DecodeError:  # the daemon read all of it but the options (task_runner.server.service): it is they
         with contextlib.suppress(OSError):
-            channel.write(wire.OPTIONS_INVALID, b"malformed PerformRequest")
+            channel.write(frames.OPTIONS_INVALID, b"malformed PerformRequest")
         os._exit(0)
     answer = _Answer(result_max_bytes)
     try:
         options = from_struct(request.options)
     except NotJsonLike as exc:
         with contextlib.suppress(OSError):
-            channel.write(wire.OPTIONS_INVALID, f"options{exc}".encode())
+            channel.write(frames.OPTIONS_INVALID, f"options{exc}".encode())
         os._exit(0)
     # The runner's verdict goes first, before any task code runs: only as the first frame is it the
     # runner's, so a task cannot forge it (nor the daemon's INVALID_ARGUMENT) by writing on fd 3 itself.
     # With it, the digest of the options' values, which only this process computes (it has them parsed): the
     # daemon tells by it a retry under the same request_id whose options came as other bytes.
     with contextlib.suppress(OSError):
-        channel.write(wire.TASK_STARTS, struct_digest(request.options))
+        channel.write(frames.TASK_STARTS, struct_digest(request.options))
     threading.excepthook = lambda args: answer.exception(args.exc_value or RuntimeError("thread died"))
     try:
         if workdir:

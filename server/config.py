@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from task_runner.server import wire
+from task_runner import frames
 from task_runner.server.admission import TaskRules
 from task_runner.server.registry import installed_tasks, parse_target
 from task_runner.server.uids import parse_range
@@ -153,15 +153,15 @@ class Task:
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)  # the global sandbox with its own keys on top
     log_output: bool = False  # its output is logged when it succeeds too
 
-    def process_limits(self) -> wire.Limits:
+    def process_limits(self) -> frames.Limits:
         """The limits its task process sets on itself (bytes for sizes)."""
         limits = self.limits
 
         def value(v: int | None, scale: int = 1) -> int:
-            return wire.NO_LIMIT if v is None else v * scale
-        return wire.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
-                           value(limits.processes), value(limits.file_size_mb, MIB),
-                           0 if limits.core_mb is None else limits.core_mb * MIB)
+            return frames.NO_LIMIT if v is None else v * scale
+        return frames.Limits(value(limits.memory_mb, MIB), value(limits.cpu_s), value(limits.open_files),
+                             value(limits.processes), value(limits.file_size_mb, MIB),
+                             0 if limits.core_mb is None else limits.core_mb * MIB)
 
 
 @dataclass(frozen=True)

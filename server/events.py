@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 
 from google.protobuf.message import DecodeError
 
-from task_runner.server.wire import PROGRESS
+from task_runner.frames import PROGRESS
 from task_runner.v1.task_runner_pb2 import PerformEvent
 
 COALESCE_S = 0.05

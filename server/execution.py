@@ -23,9 +23,10 @@ from typing import NamedTuple
 
 from google.protobuf.message import DecodeError
 
+from task_runner import frames
+from task_runner.frames import error_response
 from task_runner.server import cgroups, logs, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
-from task_runner.server.answers import error_response
 from task_runner.server.callers import Caller, Callers
 from task_runner.server.config import MIB, Config, Task
 from task_runner.server.events import KEPT_BYTES, EventLog
@@ -116,8 +117,8 @@ def _import_failed(task: str, import_error: str) -> PerformResponse:
     """The daemon's answer for a task that failed to import: its exception's line, and the traceback."""
     last = import_error.strip().splitlines()[-1] if import_error.strip() else "ImportError"
     type_, _, message = last.partition(": ")
-    return wire.error_response(TaskError.IMPORT_FAILED, type_, f"task {task!r} could not be imported: "
-                               f"{message or type_}; fix it and reload the daemon", import_error)
+    return error_response(TaskError.IMPORT_FAILED, type_, f"task {task!r} could not be imported: "
+                          f"{message or type_}; fix it and reload the daemon", import_error)
 
 
 def _failure_line(error: TaskError) -> str:
@@ -590,7 +591,7 @@ class Executor:
             if limits.processes >= 0 and run.process.uid == wire.NO_UID and "processes" not in task.limits.explicit:
                 # The default limit is a task's own: under a shared uid RLIMIT_NPROC would count every process of
                 # that user (the daemon's, the other tasks'), so only a limit the file sets applies there.
-                limits = limits._replace(processes=wire.NO_LIMIT)
+                limits = limits._replace(processes=frames.NO_LIMIT)
             deadline = min(loop.time() + call.timeout_ms / 1e3, call.rpc_deadline)
             run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
             stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
@@ -602,9 +603,9 @@ class Executor:
             self.metrics.started.labels(execution.task, execution.caller.name).inc()
             execution.events.add(started)
             context = spans.run(task.name) if spans is not None else call.trace
-            assignment = wire.Assignment(limits, run.process.workdir, deadline, execution.request_id,
-                                         execution.caller.name, context.traceparent if context else "",
-                                         context.tracestate if context else "")
+            assignment = frames.Assignment(limits, run.process.workdir, deadline, execution.request_id,
+                                           execution.caller.name, context.traceparent if context else "",
+                                           context.tracestate if context else "")
             response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
                                                     stall_s)
             if run.options_invalid is not None:

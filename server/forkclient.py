@@ -43,17 +43,6 @@ class NoProcess(RuntimeError):
     """No task process could be made ready for a call (no space for its directory, no descriptors)."""
 
 
-@dataclass
-class Exit:
-    status: int
-    user_s: float
-    system_s: float
-    max_rss_kib: int
-    stop: Stop
-    at: float  # loop time of the report
-    oom_killed: bool = False  # the kernel killed something in the task's cgroup for memory
-
-
 @dataclass(eq=False)
 class TaskProcess:
     """A task process the fork server forked, and the daemon's ends of its channel and pipes."""
@@ -68,7 +57,7 @@ class TaskProcess:
     uid: int  # its own uid from the pool, or wire.NO_UID
     profile: int  # its sandbox, an index in the fork server's profiles
     epoch: int = 0  # the daemon's secrets were as they are in this epoch when it set its sandbox up
-    exited: asyncio.Future[Exit] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    exited: asyncio.Future[wire.Exited] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
     def close(self) -> None:
         self.channel.close()
@@ -344,8 +333,7 @@ class ForkServerClient:
                 if self._short_of_uids:
                     self._want_all_spares()
             elif isinstance(record, wire.Exited):
-                self._on_exit(record.pid, Exit(record.status, record.user_s, record.system_s, record.max_rss_kib,
-                                               Stop(record.why), self._loop.time(), record.oom_killed))
+                self._on_exit(record._replace(at=self._loop.time()))
 
     def _want_all_spares(self) -> None:
         for profile in range(len(self._spares)):
@@ -435,9 +423,9 @@ class ForkServerClient:
         them is dead (the daemon sees to it), not before."""
         return set(self._held)
 
-    def _on_exit(self, pid: int, exit_: Exit) -> None:
+    def _on_exit(self, exit_: wire.Exited) -> None:
         # Its uid comes back with the fork server's Released, once no process of it is left.
-        process = self._processes.pop(pid, None)
+        process = self._processes.pop(exit_.pid, None)
         if process is None:  # killed before it could be used
             return
         if process.workdir:
@@ -459,12 +447,12 @@ class ForkServerClient:
             self._loop.remove_writer(self._sock.fileno())
             self._backlog.clear()
         self._sock.close()  # the fork server sees end of file: it kills what is left and exits
-        lost = Exit(signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, self._loop.time())
+        now = self._loop.time()
         for process in self._processes.values():
             if process.workdir:
                 self._workdirs.discard(process.workdir)
-            if not process.exited.done():
-                process.exited.set_result(lost)  # killed with the fork server (PR_SET_PDEATHSIG)
+            if not process.exited.done():  # killed with the fork server (PR_SET_PDEATHSIG)
+                process.exited.set_result(wire.Exited(process.pid, signal.SIGKILL, 0.0, 0.0, 0, Stop.NONE, False, now))
         self._processes.clear()
         for spares, waiters in zip(self._spares, self._waiters, strict=True):
             for process in spares:

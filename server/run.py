@@ -20,21 +20,19 @@ import functools
 import os
 import weakref
 
-from task_runner.server import wire
-from task_runner.server.answers import Kind, answer_response, error_response, failure_response, fill_usage
+from task_runner import frames
+from task_runner.frames import HEARTBEAT, PROGRESS, error_response
+from task_runner.server.answers import Kind, answer_response, failure_response, fill_usage
 from task_runner.server.config import Config
 from task_runner.server.events import EventLog, Stream, beat_event
-from task_runner.server.forkclient import Exit, ForkServerClient, TaskProcess
-from task_runner.server.wire import ANSWER, HEARTBEAT, OPTIONS_INVALID, PROGRESS, TASK_STARTS, Stop
+from task_runner.server.forkclient import ForkServerClient, TaskProcess
+from task_runner.server.wire import Exited, Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 READ_CHUNK = 1 << 16
 FRAMES_PER_TURN = 512  # the most frames of all task channels parsed in one turn of the event loop
 CHANNEL_SHARE = 128  # of them, the most of one channel before the next one's turn
 DRAIN_RECVS = 64  # after the process ended, at most this many reads take what its channel still holds
-_HEADER = wire.FRAME.size
-_PROGRESS, _HEARTBEAT, _ANSWER = PROGRESS[0], HEARTBEAT[0], ANSWER[0]  # kind bytes, as a bytearray indexes them
-_TASK_STARTS, _OPTIONS_INVALID = TASK_STARTS[0], OPTIONS_INVALID[0]
 ANSWER_EXIT_GRACE_S = 1.0  # a process that answered yet lingers this long is killed
 MAX_BEAT_BYTES = 64 << 10  # a progress or heartbeat frame above this is dropped
 
@@ -72,12 +70,8 @@ class Run:
         self._loop = asyncio.get_running_loop()
         self._stdout = Tail(config.output_tail_bytes)
         self._stderr = Tail(config.output_tail_bytes)
-        self._incoming = bytearray()  # of the channel, not yet parsed
-        self._started = False  # the runner's first frame came: the options were read, the task started
-        self._answer: bytes | None = None
-        self._invalid: str | None = None  # why the channel's frames make no valid answer (RESULT_INVALID)
-        self.options_invalid: str | None = None  # the runner's verdict on the options, if they were invalid
-        self.values_digest = b""  # its options' digest, as the runner's first frame gave it (execution.values_digest)
+        self._limit = frames.FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
+        self._reader = frames.Reader(self._limit, MAX_BEAT_BYTES)  # what the channel brought
         self.first_frame: asyncio.Future[None] = self._loop.create_future()  # done once it came (or none will)
         self._pump = _pump(self._loop)
         self._reading = False  # the channel's reader is registered
@@ -90,10 +84,19 @@ class Run:
         self._stall_s: float | None = None
         self._last_beat = 0.0
         self._kill_at = float("inf")
-        self._limit = wire.FRAME.size + config.result_max_bytes + (64 << 10)  # the task checks; this guards
         self.noticed: Stop | None = None  # why the task was told to stop, if it was
         self.grace_s = 0.0  # its notice before it is killed
         self.reaped = process.exited
+
+    @property
+    def options_invalid(self) -> str | None:
+        """The runner's verdict on the options, if they were invalid."""
+        return self._reader.options_invalid
+
+    @property
+    def values_digest(self) -> bytes:
+        """Its options' digest, as the runner's first frame gave it (execution.values_digest)."""
+        return self._reader.digest
 
     def stop(self, why: Stop) -> None:
         """Kill the task's tree now."""
@@ -118,7 +121,7 @@ class Run:
 
     async def execute(self, assignment: bytes, request: bytes, deadline: float, grace_s: float = 0.0,
                       stall_s: float | None = None) -> tuple[PerformResponse, float]:
-        """Run the task: `assignment` from wire.Assignment.head, then the serialized request.
+        """Run the task: `assignment` from frames.Assignment.head, then the serialized request.
 
         Args:
             deadline: loop time its tree is killed.
@@ -150,12 +153,13 @@ class Run:
             if timer is not None:
                 timer.cancel()
         await self._drain()
-        if self._invalid is not None:
-            response = error_response(Kind.RESULT_INVALID, "ResultInvalid", self._invalid)
-        elif self.options_invalid is not None:  # the executor refuses the call: no caller sees this
-            response = error_response(Kind.KIND_UNSPECIFIED, "InvalidOptions", self.options_invalid)
-        elif self._answer is not None:
-            response = answer_response(self._answer)
+        reader = self._reader
+        if reader.invalid is not None:
+            response = error_response(Kind.RESULT_INVALID, "ResultInvalid", reader.invalid)
+        elif reader.options_invalid is not None:  # the executor refuses the call: no caller sees this
+            response = error_response(Kind.KIND_UNSPECIFIED, "InvalidOptions", reader.options_invalid)
+        elif reader.answer is not None:
+            response = answer_response(reader.answer)
             response.usage.wall_ms = (settled_at - handed_at) * 1e3
         if self._ended:
             # The process ends itself right after answering; should it linger, it gets a second.
@@ -173,7 +177,7 @@ class Run:
         response.timings.collect_ms = (loop.time() - settled_at) * 1e3
         return response, handed_at
 
-    def _on_exit(self, exited: asyncio.Future[Exit]) -> None:
+    def _on_exit(self, exited: asyncio.Future[Exited]) -> None:
         if self._timer is not None:
             self._timer.cancel()
         if not self._settled.done():
@@ -182,7 +186,7 @@ class Run:
     @property
     def _ended(self) -> bool:
         """The channel said how the run ends: the task's answer, an invalid frame, or invalid options."""
-        return self._answer is not None or self._invalid is not None or self.options_invalid is not None
+        return self._reader.ended
 
     def _read_channel(self) -> None:
         """The channel is readable: read once; its frames are parsed now or, if others wait, in their turn."""
@@ -195,7 +199,7 @@ class Run:
         if not data:
             self._stop_reading(done=True)
             return
-        self._incoming += data
+        self._reader.feed(data)
         if self._pump.take(self):
             self._stop_reading(done=False)  # nothing more is read until the pump has parsed what is here
 
@@ -215,89 +219,40 @@ class Run:
         self._channel_done = self._channel_done or done
 
     def parse(self, budget: int) -> tuple[int, bool]:
-        """Take up to `budget` whole frames received, in order: the runner's first, events, the answer last.
-        Of the progress and heartbeats among them only the last of each is passed on.
+        """Take up to `budget` whole frames received (frames.Reader.parse), and act on them.
 
         Returns:
             How many frames it took, and whether whole frames are left for another turn.
         """
-        buffer, limit, unpack = self._incoming, self._limit, wire.FRAME.unpack_from
-        available, offset, frames, beats = len(buffer), 0, 0, 0
-        progress: tuple[int, int] | None = None  # where the last of each begins and ends
-        heartbeat: tuple[int, int] | None = None
-        started, more, too_large = self._started, False, False
-        # The hot loop of a flooding task: a frame costs a header, a kind and a comparison or two.
-        while available - offset >= _HEADER:
-            if frames == budget:
-                more = True
-                break
-            (size,) = unpack(buffer, offset)
-            if size > limit:
-                too_large = True
-                break
-            end = offset + _HEADER + size
-            if end > available:
-                break
-            frames += 1
-            kind = buffer[offset + _HEADER] if size else -1
-            start, offset = offset + _HEADER + 1, end
-            if not started:  # the runner's own, written before any task code ran: the only one it may be
-                if kind == _TASK_STARTS:
-                    started = True
-                    self.values_digest = bytes(buffer[start:end])
-                elif kind == _OPTIONS_INVALID:
-                    self.options_invalid = buffer[start:end].decode(errors="replace")
-                    break
-                else:
-                    self._invalid = "the task process's first frame on its channel was not the runner's"
-                    break
-            elif kind == _PROGRESS:
-                progress, beats = (start, end), beats + 1
-            elif kind == _HEARTBEAT:
-                heartbeat, beats = (start, end), beats + 1
-            elif kind == _ANSWER:
-                self._answer = bytes(buffer[start:end])
-                break
-            elif kind in (_TASK_STARTS, _OPTIONS_INVALID):
-                claimed = "options invalid" if kind == _OPTIONS_INVALID else "the task starts"
-                self._invalid = (f"the task sent the runner's own first frame ({claimed!r}) after it started, "
-                                 "which only the runner gives")
-                break
-            else:
-                self._invalid = "the task process sent a frame of no known kind on its channel"
-                break
-        self._started = started
-        if (started or self.options_invalid is not None or self._invalid is not None) and not self.first_frame.done():
+        reader = self._reader
+        parsed = reader.parse(budget)
+        if reader.first_came and not self.first_frame.done():
             self.first_frame.set_result(None)
-        if beats:
-            self._on_beats(buffer, progress, heartbeat, beats)
-        if too_large:
+        if parsed.beats:
+            self._on_beats(parsed)
+        if reader.too_large:
             self._stop_reading(done=True)
             self.stop(Stop.RESULT_TOO_LARGE)
-            buffer.clear()
-            return frames, False
-        del buffer[:offset]
-        if self._ended:
+            return parsed.frames, False
+        if reader.ended:
             self._stop_reading(done=True)
             if not self._settled.done():
                 self._settled.set_result(None)
-            return frames, False
-        return frames, more
+            return parsed.frames, False
+        return parsed.frames, parsed.more
 
-    def _on_beats(self, buffer: bytearray, progress: tuple[int, int] | None, heartbeat: tuple[int, int] | None,
-                  beats: int) -> None:
-        """`beats` progress and heartbeat frames came: the task is alive; pass the last of each on to the
-        execution's events, and count the others (and any too big to pass on) as dropped."""
+    def _on_beats(self, parsed: frames.Parsed) -> None:
+        """Progress and heartbeat frames came: the task is alive; pass the last of each on to the execution's
+        events, and count the others (and any too big to pass on) as dropped."""
         self._last_beat = self._loop.time()
         if self._stall_s is not None and self._stall_timer is None:
             self._stall_timer = self._loop.call_at(self._last_beat + self._stall_s, self._check_stall)
         if self._events is None:
             return
-        lost = beats
-        for kind, span in ((PROGRESS, progress), (HEARTBEAT, heartbeat)):
-            if span is not None and span[1] - span[0] <= MAX_BEAT_BYTES:  # bigger ones are dropped
+        lost = parsed.beats
+        for kind, payload in ((PROGRESS, parsed.progress), (HEARTBEAT, parsed.heartbeat)):
+            if payload is not None:
                 lost -= 1
-                payload = bytes(buffer[span[0]:span[1]])
                 self._events.coalesce(kind.decode(), functools.partial(beat_event, kind, payload))
         if lost:
             self._events.lost(lost)
@@ -341,7 +296,7 @@ class Run:
                     if not data:
                         break
                     recvs += 1
-                    self._incoming += data
+                    self._reader.feed(data)
                     self._caught_up = loop.create_future()
                     if self._pump.take(self):
                         await self._caught_up

@@ -1,4 +1,4 @@
-"""The wire formats between the daemon, the fork server and the task processes, as typed records.
+"""The fork server's channel: the messages between the daemon and the fork server, as typed records.
 
 Daemon <-> fork server: a SOCK_SEQPACKET socket, one message per packet, the first byte its kind.
 The daemon's first message is a JSON spec and the fork server's first answer `H` + JSON (its
@@ -18,15 +18,9 @@ hello); after that:
 The first messages (the spec, the hello) carry a catalogue of any size: each is sent as `chunks`,
 parts of at most CHUNK bytes that `Reassembly` puts back together.
 
-Daemon <-> task process: its channel, fd 3, a stream socket of length-prefixed frames: the daemon
-sends an Assignment frame (the limits, the working directory, the deadline, the request id, then
-the serialized PerformRequest as it came); the task process sends frames of a kind byte and a
-payload: first, before any task code runs, the runner's own verdict on the options (TASK_STARTS or
-OPTIONS_INVALID), then progress and heartbeats (PerformEvent.Progress, .Heartbeat) as the task
-reports them (task_runner.task), and last its answer, one PerformResponse.
+The channel between the daemon and a task process is task_runner.frames.
 
-This module is imported by the fork server, so by every task process: struct and the generated
-messages only.
+This module is imported by the fork server, so by every task process: enum, struct and typing only.
 """
 
 from __future__ import annotations
@@ -35,19 +29,7 @@ import enum
 import struct
 from typing import NamedTuple
 
-from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
-
-FRAME = struct.Struct("!I")  # the length of the frame that follows
-NO_LIMIT = -1
-BY_CGROUP = -2  # a limit the task's cgroup carries instead (pids.max)
 NO_UID = 0xFFFF_FFFF
-# The kinds of frame a task process sends on its channel, each a kind byte then its payload.
-PROGRESS, HEARTBEAT, ANSWER = b"P", b"H", b"A"  # PerformEvent.Progress, .Heartbeat, the PerformResponse
-# The runner's own first frame, written before any task code runs: the options were read and the task
-# starts (the digest of their values, task_runner.values.struct_digest), or they were invalid (the message,
-# UTF-8). Only as the first frame are they the runner's.
-TASK_STARTS, OPTIONS_INVALID = b"S", b"I"
-
 CHUNK = 32 << 10  # the most a first message carries per packet (a SEQPACKET message must fit the socket's buffer)
 SPEC, HELLO = b"S", b"H"  # the daemon's first message and the fork server's answer
 _MORE, _LAST = b"+", b"."
@@ -57,7 +39,6 @@ _NOTICE = struct.Struct("!cII")
 _READY = struct.Struct("!cIIIB")
 _SPARE = struct.Struct("!IB")
 _EXITED = struct.Struct("!cIiddqBB")
-_ASSIGNMENT = struct.Struct("!qqqqqqdHHHHH")
 
 
 class Stop(enum.IntEnum):
@@ -69,49 +50,6 @@ class Stop(enum.IntEnum):
     RESULT_TOO_LARGE = 3
     LINGERED = 4  # it answered, then did not end
     STALLED = 5  # it sent a heartbeat, then none for longer than its heartbeat timeout
-
-
-class Limits(NamedTuple):
-    """A task process's limits, each NO_LIMIT, BY_CGROUP or a value (bytes for memory and file size)."""
-
-    memory: int
-    cpu_s: int
-    open_files: int
-    processes: int
-    file_size: int
-    core: int  # bytes; 0: no core dump (the hard limit too)
-
-
-class Assignment(NamedTuple):
-    """What the daemon hands a task process with its request."""
-
-    limits: Limits
-    workdir: str
-    deadline: float  # time.monotonic() when its tree is killed (CLOCK_MONOTONIC is the machine's)
-    request_id: str
-    caller: str  # the name of the caller whose call it is
-    traceparent: str = ""  # the W3C trace context the task continues ("": none)
-    tracestate: str = ""
-
-    def head(self, request_size: int) -> bytes:
-        """The frame's start; the serialized request of `request_size` bytes follows it, sent as it is."""
-        texts = [text.encode() for text in (self.workdir, self.request_id, self.caller, self.traceparent,
-                                            self.tracestate)]
-        head = _ASSIGNMENT.pack(*self.limits, self.deadline, *map(len, texts)) + b"".join(texts)
-        return FRAME.pack(len(head) + request_size) + head
-
-    @classmethod
-    def unpack(cls, frame: bytes) -> tuple[Assignment, bytes]:
-        """The assignment in a frame (without its length), and the serialized request after it."""
-        fields = _ASSIGNMENT.unpack_from(frame)
-        count = len(Limits._fields)
-        limits, deadline, lengths = fields[:count], fields[count], fields[count + 1:]
-        texts, at = [], _ASSIGNMENT.size
-        for length in lengths:
-            texts.append(frame[at:at + length].decode())
-            at += length
-        workdir, request_id, caller, traceparent, tracestate = texts
-        return cls(Limits(*limits), workdir, deadline, request_id, caller, traceparent, tracestate), frame[at:]
 
 
 class Spare(NamedTuple):
@@ -173,6 +111,8 @@ class Ready(NamedTuple):
 
 
 class Exited(NamedTuple):
+    """A task process was reaped: the fork server's report, and the daemon's record of how the process ended."""
+
     pid: int
     status: int  # as wait(2) gives it
     user_s: float
@@ -180,9 +120,11 @@ class Exited(NamedTuple):
     max_rss_kib: int
     why: Stop  # why the daemon had it killed, if it did
     oom_killed: bool  # the kernel killed something in its cgroup for want of memory
+    at: float = 0.0  # the daemon's loop time when the report came (not sent: the fork server's clock is not it)
 
     def pack(self) -> bytes:
-        return _EXITED.pack(b"X", *self)
+        return _EXITED.pack(b"X", self.pid, self.status, self.user_s, self.system_s, self.max_rss_kib, self.why,
+                            self.oom_killed)
 
 
 Message = Fork | ForkFailed | Released | Kill | Notice | Ready | Exited
@@ -249,12 +191,3 @@ def _pack_spares(kind: bytes, spares: tuple[Spare, ...]) -> bytes:
 def _pack_uids(kind: bytes, uids: tuple[int, ...]) -> bytes:
     return _COUNT.pack(kind, len(uids)) + struct.pack(f"!{len(uids)}I", *uids)
 
-
-def error_response(kind: TaskError.Kind.ValueType, type_: str, message: str, traceback: str = "",
-                   exit_code: int = 0, signal: int = 0) -> PerformResponse:
-    """A response carrying a task error: the one place, for the task process and the daemon alike."""
-    response = PerformResponse()
-    error = response.error
-    error.kind, error.type, error.message, error.traceback = kind, type_, message, traceback
-    error.exit_code, error.signal = exit_code, signal
-    return response

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import threading
 import time
 from typing import Any
 
-from task_runner.server.wire import FRAME, HEARTBEAT, PROGRESS
+from task_runner import frames
+from task_runner.frames import HEARTBEAT, PROGRESS
 
 __all__ = ["caller", "cancelled", "deadline", "heartbeat", "progress", "remaining", "request_id", "trace_context"]
 SEND_INTERVAL_S = 0.05  # the most often progress and heartbeats go to the daemon
@@ -57,11 +57,8 @@ class _Channel:
 
     def write(self, kind: bytes, payload: bytes) -> None:
         """Send one frame (blocking): length, kind, payload."""
-        frame = FRAME.pack(len(payload) + 1) + kind + payload
         with self.write_lock:
-            view = memoryview(frame)
-            while view:
-                view = view[os.write(self.fd, view):]
+            frames.write(self.fd, kind, payload)
 
     def flush(self) -> None:
         """Send what waits now (before the answer: the last progress must not be lost)."""

@@ -369,7 +369,7 @@ def answer_then_linger(options):
 
     _record(options, os.getpid())
     payload = PerformResponse(outcome=True).SerializeToString()
-    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as wire.py has it
+    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as task_runner.frames has it
     time.sleep(600)
 
 
@@ -411,7 +411,7 @@ def forge_answer(options):
     response.error.message = "forged by the task"
     response.error.signal = 9
     payload = response.SerializeToString()
-    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as wire.py has it
+    os.write(3, struct.pack("!I", len(payload) + 1) + b"A" + payload)  # an answer frame, as task_runner.frames has it
     os._exit(0)
 
 

@@ -1,7 +1,7 @@
 """Hostile tasks against the channel promises: forged runner answers, a follower's memory, a tiny-frame flood.
 
 Each writes on its channel (fd 3) what the daemon must not trust or must not be slowed by, as raw
-frames: a 4-byte big-endian length, then a kind byte and its payload (see task_runner.server.wire).
+frames: a 4-byte big-endian length, then a kind byte and its payload (see task_runner.frames).
 Registered by the tests that use them (tests/test_channel_promises.py), not by the shared daemon.
 """
 
