@@ -274,9 +274,14 @@ class Daemon:
             gid_ranges.append((self._owner[1], 1))
         if self._uids is not None:
             uid_ranges.append((self._uids.first, len(self._uids)))
-        uid_map = users.extents(os.geteuid(), uid_ranges)
+        with contextlib.suppress(KeyError):  # the unix sockets' owner and group (a name that is none: said later)
+            if self.config.unix_socket_user:
+                uid_ranges.append((pwd.getpwnam(self.config.unix_socket_user).pw_uid, 1))
+            if self.config.unix_socket_group:
+                gid_ranges.append((grp.getgrnam(self.config.unix_socket_group).gr_gid, 1))
+        uid_map = users.extents(os.geteuid(), sorted(set(uid_ranges)))
         try:
-            users.enter(uid_map, users.extents(os.getegid(), gid_ranges))
+            users.enter(uid_map, users.extents(os.getegid(), sorted(set(gid_ranges))))
         except OSError as exc:
             raise StartError(f"cannot make the daemon's user namespace (it has CAP_SETUID and CAP_SETGID but not "
                              f"CAP_SYS_ADMIN): {exc}") from None
@@ -395,8 +400,8 @@ class Daemon:
             if address.startswith("unix:"):
                 path = address.removeprefix("unix:").removeprefix("//")
                 os.chmod(path, mode)
-                if uid != -1 or gid != -1:
-                    os.chown(path, uid, gid)
+                if uid != -1 or gid != -1:  # (in our user namespace, if we made one, our own are root's)
+                    os.chown(path, users.inside("uid", uid), users.inside("gid", gid))
 
     def request_stop(self) -> None:
         """A signal arrived: drain on the first, force on the second."""

@@ -47,9 +47,26 @@ def extents(own: int, also: list[tuple[int, int]]) -> list[Extent]:
     """A map of `own` as root and each (first, count) of `also` to itself, leaving out what `own` already is."""
     lines: list[Extent] = [(0, own, 1)]
     for first, count in also:
-        if not first <= own < first + count:
+        if not first <= own < first + count and not any(b <= first < b + c for _, b, c in lines):
             lines.append((first, first, count))
     return lines
+
+
+def inside(kind: str, host_id: int) -> int:
+    """What the host's uid or gid (`kind`: "uid" or "gid") is in our user namespace (itself in the host's);
+    -1 stays -1 (chown's "unchanged").
+
+    Raises:
+        OSError: it is not mapped here (EINVAL, as chown would say).
+    """
+    if host_id == -1:
+        return -1
+    with open(f"/proc/self/{kind}_map") as f:
+        for line in f:
+            first, lower, count = map(int, line.split())
+            if lower <= host_id < lower + count:
+                return first + host_id - lower
+    raise OSError(22, f"{kind} {host_id} is not mapped into the daemon's user namespace")
 
 
 def enter(uids: list[Extent], gids: list[Extent]) -> None:

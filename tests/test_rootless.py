@@ -18,6 +18,7 @@ from tests.conftest import REPO, open_directory, start_daemon
 from tests.test_sandbox import syscall_numbers
 
 NOBODY = 65534
+UNIT = REPO / "systemd" / "task-runner.service"
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the test makes an ordinary user's daemon with setpriv, as root"),
     pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux's setpriv"),
@@ -47,15 +48,21 @@ def ordinary_python(world: Path) -> str:
     return str(venv / "bin" / "python")
 
 
+def _unit_capabilities() -> str:
+    """The systemd unit's capability set, as setpriv spells it ("+setuid,+setgid")."""
+    line = next(line for line in UNIT.read_text().splitlines() if line.startswith("CapabilityBoundingSet="))
+    return ",".join(f"+{name.removeprefix('CAP_').lower()}" for name in line.split("=", 1)[1].split())
+
+
 # The three privilege levels a daemon may start with; each gives its tasks the same sandbox.
 WAYS = {
     # An ordinary user: the fork server is root in a user namespace of its own ("0 NOBODY 1").
     "an ordinary user": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
-    # The systemd unit's: a user of its own with CAP_SETUID and CAP_SETGID alone, run_as_user and task uids; the
-    # daemon is root in a user namespace that maps those uids (task_runner.server.users).
+    # The systemd unit's: a user of its own with the unit's capabilities alone (CAP_SETUID, CAP_SETGID), run_as_user
+    # and task uids; the daemon is root in a user namespace that maps those uids (task_runner.server.users).
     "the unit's capabilities": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
-                                "--inh-caps=-all,+setuid,+setgid", "--ambient-caps=-all,+setuid,+setgid",
-                                "--bounding-set=-all,+setuid,+setgid"),
+                                *(f"--{kind}=-all,{_unit_capabilities()}" for kind in
+                                  ("inh-caps", "ambient-caps", "bounding-set"))),
     "root": (),
 }
 
