@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import grpc
 from google.protobuf.message import DecodeError
 
 from task_runner import frames
@@ -47,19 +48,42 @@ QUEUED_CALL_BYTES = 32 << 10
 
 
 class Reason(enum.Enum):
-    """Why a call is refused; the servicer maps each to a gRPC status (and the retryable ones to
-    google.rpc.ErrorInfo, the reason's name as ErrorInfo.reason)."""
+    """Why a call is refused: the one table of refusals. Each reason holds the gRPC status it is answered with
+    and whether it is public: named to the caller as google.rpc.ErrorInfo's reason (its `error_reason`, beside
+    any retry hints), for a caller to act on; a private one travels as its status and message alone. The
+    .proto's table of refusals lists these rows (tests/test_refusals.py holds the two to each other)."""
 
-    QUEUE_FULL = "QUEUE_FULL"
-    QUEUE_BYTES_FULL = "QUEUE_BYTES_FULL"
-    SHUTTING_DOWN = "SHUTTING_DOWN"
-    NO_TASK_PROCESS = "NO_TASK_PROCESS"
-    QUEUE_TIMEOUT = "QUEUE_TIMEOUT"
-    NO_SUCH_EXECUTION = "NO_SUCH_EXECUTION"
-    UNKNOWN_TASK = "UNKNOWN_TASK"
-    INVALID_OPTIONS = "INVALID_OPTIONS"
-    REQUEST_ID_REUSED = "REQUEST_ID_REUSED"
-    INTERNAL = "INTERNAL"
+    # name = ErrorInfo reason, gRPC status, public
+    # A request the servicer (task_runner.server.service) refuses as it reads it.
+    UNAUTHENTICATED = "UNAUTHENTICATED", grpc.StatusCode.UNAUTHENTICATED, False
+    MALFORMED_REQUEST = "MALFORMED_REQUEST", grpc.StatusCode.INVALID_ARGUMENT, False
+    TASK_NAME_REQUIRED = "TASK_NAME_REQUIRED", grpc.StatusCode.INVALID_ARGUMENT, False
+    UNKNOWN_TASK = "UNKNOWN_TASK", grpc.StatusCode.NOT_FOUND, False  # or no longer served, once admitted
+    TASK_NOT_PERMITTED = "TASK_NOT_PERMITTED", grpc.StatusCode.PERMISSION_DENIED, True
+    TIMEOUT_ABOVE_MAXIMUM = "TIMEOUT_ABOVE_MAXIMUM", grpc.StatusCode.INVALID_ARGUMENT, False
+    REQUEST_ID_TOO_LONG = "REQUEST_ID_TOO_LONG", grpc.StatusCode.INVALID_ARGUMENT, False
+    REQUEST_ID_NOT_PRINTABLE = "REQUEST_ID_NOT_PRINTABLE", grpc.StatusCode.INVALID_ARGUMENT, False
+    PRIORITY_OUT_OF_RANGE = "PRIORITY_OUT_OF_RANGE", grpc.StatusCode.INVALID_ARGUMENT, False
+    FAIRNESS_KEY_INVALID = "FAIRNESS_KEY_INVALID", grpc.StatusCode.INVALID_ARGUMENT, False
+    REQUEST_ID_HEADER_INVALID = "REQUEST_ID_HEADER_INVALID", grpc.StatusCode.INVALID_ARGUMENT, False
+    REQUEST_IDS_DIFFER = "REQUEST_IDS_DIFFER", grpc.StatusCode.INVALID_ARGUMENT, False
+    # A call the executor does not run (or could not finish running).
+    QUEUE_FULL = "QUEUE_FULL", grpc.StatusCode.RESOURCE_EXHAUSTED, True
+    QUEUE_BYTES_FULL = "QUEUE_BYTES_FULL", grpc.StatusCode.RESOURCE_EXHAUSTED, True
+    SHUTTING_DOWN = "SHUTTING_DOWN", grpc.StatusCode.UNAVAILABLE, True
+    NO_TASK_PROCESS = "NO_TASK_PROCESS", grpc.StatusCode.UNAVAILABLE, True
+    QUEUE_TIMEOUT = "QUEUE_TIMEOUT", grpc.StatusCode.DEADLINE_EXCEEDED, True
+    NO_SUCH_EXECUTION = "NO_SUCH_EXECUTION", grpc.StatusCode.NOT_FOUND, False
+    INVALID_OPTIONS = "INVALID_OPTIONS", grpc.StatusCode.INVALID_ARGUMENT, False
+    REQUEST_ID_REUSED = "REQUEST_ID_REUSED", grpc.StatusCode.INVALID_ARGUMENT, False
+    INTERNAL = "INTERNAL", grpc.StatusCode.INTERNAL, False
+
+    error_reason: str
+    code: grpc.StatusCode
+    public: bool
+
+    def __init__(self, error_reason: str, code: grpc.StatusCode, public: bool) -> None:
+        self.error_reason, self.code, self.public = error_reason, code, public
 
 
 class Refusal(Exception):

@@ -1,7 +1,8 @@
 """The TaskRunner gRPC servicer: decodes and validates requests, hands them to the executor, maps refusals.
 
-Request problems become gRPC status codes here, in `RequestError`, and nowhere else; task
-failures are data in an OK response. What happens to an accepted call is the executor's
+Request problems become gRPC status codes here, in `RequestError`, and nowhere else: each refusal is a
+`Reason`, which holds its status (task_runner.server.execution, the one table of them); task failures are
+data in an OK response. What happens to an accepted call is the executor's
 (task_runner.server.execution). A Perform is read as PerformRequestWire, its options left as bytes: the
 daemon never builds them (a Struct may hold hundreds of thousands of values, whose objects would stop
 the event loop and outweigh the request); the task process parses and checks them.
@@ -50,52 +51,36 @@ MAX_FAIRNESS_KEY = 128
 RPC_DEADLINE_MARGIN_S = 0.05  # end a task this long before the RPC deadline, so its answer still arrives
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 ERROR_DOMAIN = "task_runner.v1.TaskRunner"
-_STATUS = {
-    Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Reason.QUEUE_BYTES_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    Reason.SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
-    Reason.NO_TASK_PROCESS: grpc.StatusCode.UNAVAILABLE,
-    Reason.QUEUE_TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Reason.UNKNOWN_TASK: grpc.StatusCode.NOT_FOUND,
-    Reason.NO_SUCH_EXECUTION: grpc.StatusCode.NOT_FOUND,
-    Reason.INVALID_OPTIONS: grpc.StatusCode.INVALID_ARGUMENT,
-    Reason.REQUEST_ID_REUSED: grpc.StatusCode.INVALID_ARGUMENT,
-    Reason.INTERNAL: grpc.StatusCode.INTERNAL,
-}
-# The reasons callers may act on, named in google.rpc.ErrorInfo (the .proto lists them).
-_PUBLIC = frozenset({Reason.QUEUE_FULL, Reason.QUEUE_BYTES_FULL, Reason.SHUTTING_DOWN, Reason.NO_TASK_PROCESS,
-                     Reason.QUEUE_TIMEOUT})
 
 
 class RequestError(Exception):
-    """A request the daemon refuses: carries the gRPC status code to answer with.
+    """A request the daemon refuses, for `reason`: answered with the reason's gRPC status code.
 
-    A refusal a caller may act on carries a `reason`, and a retry delay (`retry_after_s`) when a
-    retry may cure it, and the limit hit (`quota`) when one was: they travel as
-    `google.rpc.ErrorInfo`, `google.rpc.RetryInfo` and `google.rpc.QuotaFailure` in the status
+    A public reason, one a caller may act on, also travels as its name, with a retry delay
+    (`retry_after_s`) when a retry may cure it, and the limit hit (`quota`) when one was:
+    as `google.rpc.ErrorInfo`, `google.rpc.RetryInfo` and `google.rpc.QuotaFailure` in the status
     details, which a caller in any language reads (the Python client retries on them; nothing
-    reads the message).
+    reads the message). A private reason's are its status and message alone.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", retry_after_s: float | None = None,
-                 quota: str = "", metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, reason: Reason, message: str, retry_after_s: float | None = None, quota: str = "",
+                 metadata: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.code, self.reason, self.retry_after_s, self.quota = code, reason, retry_after_s, quota
+        self.reason, self.code, self.retry_after_s, self.quota = reason, reason.code, retry_after_s, quota
         self.metadata = metadata or {}  # ErrorInfo.metadata
 
     @classmethod
     def of(cls, refusal: Refusal) -> RequestError:
-        """The status for the executor's refusal, with the details of a reason callers may act on."""
-        if refusal.reason not in _PUBLIC:
-            return cls(_STATUS[refusal.reason], str(refusal))
-        return cls(_STATUS[refusal.reason], str(refusal), refusal.reason.value, refusal.retry_after_s, refusal.quota)
+        """The status for the executor's refusal."""
+        return cls(refusal.reason, str(refusal), refusal.retry_after_s, refusal.quota)
 
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
         """The status details, as gRPC carries them (grpc-status-details-bin), or none."""
-        if not self.reason:
+        if not self.reason.public:
             return ()
         status = Status(code=self.code.value[0], message=str(self))
-        status.details.add().Pack(ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata))
+        status.details.add().Pack(ErrorInfo(reason=self.reason.error_reason, domain=ERROR_DOMAIN,
+                                            metadata=self.metadata))
         if self.retry_after_s is not None:
             retry = RetryInfo()
             retry.retry_delay.FromTimedelta(datetime.timedelta(seconds=self.retry_after_s))
@@ -235,7 +220,7 @@ class TaskRunnerService:
         else:
             found = callers.identify(context.invocation_metadata(), context.auth_context())
             if found is None:
-                await self._abort(context, RequestError(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED), entry)
+                await self._abort(context, RequestError(Reason.UNAUTHENTICATED, UNAUTHENTICATED), entry)
                 raise AssertionError("unreachable")
             caller = found
         entry.caller = caller.name
@@ -246,7 +231,7 @@ class TaskRunnerService:
         try:
             return message.FromString(request)
         except DecodeError:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {message.__name__}") from None
+            raise RequestError(Reason.MALFORMED_REQUEST, f"malformed {message.__name__}") from None
 
     def _accept(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any], caller: Caller,
                 entry: Entry) -> Call:
@@ -276,46 +261,44 @@ class TaskRunnerService:
             parsed = PerformRequestWire.FromString(request)
             entry.task, entry.request_id = _loggable(parsed.task), _loggable(parsed.request_id)
         except DecodeError:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "malformed PerformRequest") from None
+            raise RequestError(Reason.MALFORMED_REQUEST, "malformed PerformRequest") from None
         if not parsed.task:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "task: a task name is required")
+            raise RequestError(Reason.TASK_NAME_REQUIRED, "task: a task name is required")
         tasks = self._executor.generation.tasks
         task = tasks.get(parsed.task)
         if task is None:
             names = ", ".join([name for name in tasks if caller.may_run(name)][:20])
-            raise RequestError(
-                grpc.StatusCode.NOT_FOUND, f"unknown task {parsed.task[:100]!r}; this daemon serves: {names}",
-            )
+            raise RequestError(Reason.UNKNOWN_TASK, f"unknown task {parsed.task[:100]!r}; this daemon serves: {names}")
         if not caller.may_run(task.name):
             raise RequestError(
-                grpc.StatusCode.PERMISSION_DENIED,
+                Reason.TASK_NOT_PERMITTED,
                 f"caller {caller.name} may not run task {task.name!r} (callers.{caller.name}.tasks)",
-                "TASK_NOT_PERMITTED", metadata={"caller": caller.name, "task": task.name},
+                metadata={"caller": caller.name, "task": task.name},
             )
         if parsed.timeout_ms > task.max_timeout_ms:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.TIMEOUT_ABOVE_MAXIMUM,
                 f"timeout_ms {parsed.timeout_ms} is above the maximum of task {task.name!r} ({task.max_timeout_ms} ms)",
             )
         # The options are parsed and checked (a valid Struct, finite numbers, bounded nesting) by the task
         # process as it converts them: a 4 MiB Struct of small values costs 0.35 s to parse, the loop's.
         if len(parsed.request_id) > MAX_REQUEST_ID:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"request_id is longer than {MAX_REQUEST_ID} bytes")
+            raise RequestError(Reason.REQUEST_ID_TOO_LONG, f"request_id is longer than {MAX_REQUEST_ID} bytes")
         if not parsed.request_id.isprintable():  # it goes into log lines: no newline may forge one
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.REQUEST_ID_NOT_PRINTABLE,
                 "request_id must be printable text (no newlines or control characters)",
             )
         config = self._executor.generation.config
         if not config.min_priority <= parsed.priority <= config.max_priority:
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.PRIORITY_OUT_OF_RANGE,
                 f"priority {parsed.priority} is outside what this daemon allows "
                 f"({config.min_priority} to {config.max_priority})",
             )
         if len(parsed.fairness_key.encode()) > MAX_FAIRNESS_KEY or not parsed.fairness_key.isprintable():
             raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+                Reason.FAIRNESS_KEY_INVALID,
                 f"fairness_key must be printable text of at most {MAX_FAIRNESS_KEY} bytes",
             )
         return parsed, task
@@ -392,10 +375,10 @@ def agreed_id(field: str, metadata: Any) -> str:
     if isinstance(header, bytes):
         header = header.decode(errors="replace")
     if len(header) > MAX_REQUEST_ID or not header.isprintable() or not header:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"the {REQUEST_ID_HEADER} metadata must be a request id: "
-                           f"printable text of 1 to {MAX_REQUEST_ID} bytes")
+        raise RequestError(Reason.REQUEST_ID_HEADER_INVALID, f"the {REQUEST_ID_HEADER} metadata must be a request "
+                           f"id: printable text of 1 to {MAX_REQUEST_ID} bytes")
     if field and field != header:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+        raise RequestError(Reason.REQUEST_IDS_DIFFER,
                            f"the {REQUEST_ID_HEADER} metadata ({header[:60]!r}) and the request_id field "
                            f"({field[:60]!r}) differ: send one request id, or the same in both")
     return str(header)

@@ -1,12 +1,15 @@
-"""Fixtures: a real daemon, started as a subprocess, talked to over real gRPC.
+"""Fixtures: a real daemon, started as a subprocess, talked to over real gRPC; and the tiers of tests.
 
 A daemon is ready when it sends READY=1 to the NOTIFY_SOCKET we give it (the systemd notify
-protocol), so the fixtures wait on an event, not on a sleep.
+protocol), so the fixtures wait on an event, not on a sleep. Each test is marked with its tier by
+what it uses (`unit`, `inprocess`, `daemon`; see `tier_of`), and a run ends with each tier's count
+and time.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dis
 import inspect
 import os
 import re
@@ -18,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from typing import Any
 import pytest
 
 from task_runner.client import Client
-from tests.inprocess import with_harness_writable
+from tests.inprocess import InProcessDaemon, with_harness_writable
 from tests.tasks import faults
 
 REPO = Path(__file__).resolve().parent.parent
@@ -318,3 +321,94 @@ def wait_for_spares(daemon: Daemon, spares: int = 4, timeout: float = 10) -> boo
             return False
 
     return wait_until(settled, timeout)
+
+
+# The tiers, fastest first: a test that starts no daemon, one that embeds one (tests/inprocess.py), one that
+# starts one as a subprocess. `-m unit` runs the first alone.
+TIERS = ("unit", "inprocess", "daemon")
+# What starts a daemon as a subprocess without start_daemon: its module run (`-m task_runner.server`) and the
+# CLI's subcommand (`task-runner serve`), as the strings a test passes to subprocess.
+_DAEMON_ARGUMENTS = frozenset({"task_runner.server", "serve"})
+_LOADS = frozenset({"LOAD_GLOBAL", "LOAD_NAME"})
+_tiers: dict[str, str] = {}  # node id -> tier, for the summary
+_seconds: dict[str, float] = {}  # node id -> its setup, call and teardown time
+
+
+def _uses(code: Any, namespace: dict[str, Any], seen: set[Any]) -> set[str]:
+    """The tiers `code` reaches, through the functions and classes of the tests it loads (`namespace`: the
+    globals it loads them from), the code nested in it and the strings it holds."""
+    if code in seen:
+        return set()
+    seen.add(code)
+    found: set[str] = set()
+    for constant in code.co_consts:
+        if isinstance(constant, str) and constant in _DAEMON_ARGUMENTS:
+            found.add("daemon")
+        elif inspect.iscode(constant):
+            found |= _uses(constant, namespace, seen)
+    for instruction in dis.get_instructions(code):
+        if instruction.opname not in _LOADS:
+            continue
+        loaded = namespace.get(instruction.argval)
+        if loaded is start_daemon:
+            found.add("daemon")
+        elif loaded is InProcessDaemon:
+            found.add("inprocess")
+        elif getattr(loaded, "__module__", "").startswith("tests."):
+            for function in _functions(loaded):
+                found |= _uses(function.__code__, function.__globals__, seen)
+    return found
+
+
+def _functions(loaded: Any) -> Iterable[Any]:
+    """The test helper function itself, or a test helper class's methods (a fixture's object is neither)."""
+    if inspect.isfunction(loaded):
+        return (loaded,)
+    if inspect.isclass(loaded):
+        return (member for member in vars(loaded).values() if inspect.isfunction(member))
+    return ()
+
+
+def tier_of(item: pytest.Item) -> str:
+    """A test's tier: its own marker if it has one; else `daemon` if it, a fixture it uses or a helper of the
+    tests they call starts a daemon subprocess (start_daemon, or `serve` run by hand); else `inprocess` if one
+    uses tests/inprocess.py's daemon; else `unit`."""
+    marked = next((marker.name for marker in item.iter_markers() if marker.name in TIERS), None)
+    if marked is not None:
+        return marked
+    functions = [getattr(item, "function", None)]
+    fixtures = getattr(item, "_fixtureinfo", None)
+    if fixtures is not None:
+        functions += [definition.func for definitions in fixtures.name2fixturedefs.values()
+                      for definition in definitions]
+    seen: set[Any] = set()
+    found: set[str] = set()
+    for function in (inspect.unwrap(function) for function in functions if function is not None):
+        if inspect.isfunction(function):
+            found |= _uses(function.__code__, function.__globals__, seen)
+    return next((tier for tier in reversed(TIERS) if tier in found), "unit")
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        tier = _tiers[item.nodeid] = tier_of(item)
+        item.add_marker(tier)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid in _tiers:
+        _seconds[report.nodeid] = _seconds.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Each tier's count and time, of the tests that ran (a session fixture's start counts in its first test)."""
+    counts = dict.fromkeys(TIERS, 0)
+    seconds = dict.fromkeys(TIERS, 0.0)
+    for nodeid, spent in _seconds.items():
+        counts[_tiers[nodeid]] += 1
+        seconds[_tiers[nodeid]] += spent
+    if _seconds:
+        terminalreporter.section("tiers")
+        for tier in TIERS:
+            terminalreporter.write_line(f"{tier:<10} {counts[tier]:>4} tests {seconds[tier]:>8.1f} s")

@@ -24,6 +24,8 @@ gRPC status codes describe the request, never the task:
   DEADLINE_EXCEEDED   queue_timeout_ms passed while the call still waited for a
                       slot (ErrorInfo reason QUEUE_TIMEOUT): the task never ran.
   UNAUTHENTICATED     authentication is configured and the call carries none.
+  PERMISSION_DENIED   the caller may not run this task (ErrorInfo reason
+                      TASK_NOT_PERMITTED, metadata "caller" and "task").
   DEADLINE_EXCEEDED   the RPC's own deadline passed before an answer.
 
 A refusal that a retry may cure carries, in its status details
@@ -41,6 +43,32 @@ with the delay to wait before retrying:
   NO_TASK_PROCESS     UNAVAILABLE: no task process could be made ready (the
                       fork server restarts, the disk is full).
 A RESOURCE_EXHAUSTED without them (a request too large) is not worth retrying.
+
+Every refusal the daemon makes, by its reason. A public reason travels as the
+ErrorInfo reason (with RetryInfo and QuotaFailure where the lists above say);
+a private one as its status and message alone, for a person to read.
+  reason                     status              public
+  UNAUTHENTICATED            UNAUTHENTICATED     no
+  MALFORMED_REQUEST          INVALID_ARGUMENT    no    the message does not parse
+  TASK_NAME_REQUIRED         INVALID_ARGUMENT    no
+  UNKNOWN_TASK               NOT_FOUND           no    (or no longer served, after a reload)
+  TASK_NOT_PERMITTED         PERMISSION_DENIED   yes
+  TIMEOUT_ABOVE_MAXIMUM      INVALID_ARGUMENT    no
+  REQUEST_ID_TOO_LONG        INVALID_ARGUMENT    no    more than 128 bytes
+  REQUEST_ID_NOT_PRINTABLE   INVALID_ARGUMENT    no
+  PRIORITY_OUT_OF_RANGE      INVALID_ARGUMENT    no
+  FAIRNESS_KEY_INVALID       INVALID_ARGUMENT    no
+  REQUEST_ID_HEADER_INVALID  INVALID_ARGUMENT    no    task-runner-request-id metadata
+  REQUEST_IDS_DIFFER         INVALID_ARGUMENT    no    that metadata and request_id
+  QUEUE_FULL                 RESOURCE_EXHAUSTED  yes
+  QUEUE_BYTES_FULL           RESOURCE_EXHAUSTED  yes
+  SHUTTING_DOWN              UNAVAILABLE         yes
+  NO_TASK_PROCESS            UNAVAILABLE         yes
+  QUEUE_TIMEOUT              DEADLINE_EXCEEDED   yes
+  NO_SUCH_EXECUTION          NOT_FOUND           no    Watch or Cancel of an unknown id
+  INVALID_OPTIONS            INVALID_ARGUMENT    no    options that are not JSON-like
+  REQUEST_ID_REUSED          INVALID_ARGUMENT    no    the same id, another request
+  INTERNAL                   INTERNAL            no    the daemon failed to run the task
 
 Numbers: options and result are google.protobuf.Struct values, whose numbers
 are IEEE-754 doubles. Integers beyond 2^53 cannot travel losslessly; the
