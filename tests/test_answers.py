@@ -8,20 +8,19 @@ import signal
 import pytest
 
 from task_runner.server.answers import answer_response, failure_response
-from task_runner.server.forkclient import Exit
-from task_runner.server.wire import Stop
+from task_runner.server.wire import Exited, Stop
 from task_runner.v1.task_runner_pb2 import PerformResponse, TaskError
 
 Kind = TaskError.Kind
 
 
 def exited(code: int = 0, signum: int = 0, stop: Stop = Stop.NONE, cpu_s: float = 0.0,
-           oom_killed: bool = False) -> Exit:
+           oom_killed: bool = False) -> Exited:
     """How a task process ended, as the fork server reports it (a wait status: the signal, or the code)."""
-    return Exit(signum or code << 8, cpu_s / 2, cpu_s / 2, 1024, stop, 0.0, oom_killed)
+    return Exited(1, signum or code << 8, cpu_s / 2, cpu_s / 2, 1024, stop, oom_killed, 0.0)
 
 
-def failure(exit_: Exit, noticed: Stop | None = None, cpu_limit_s: int | None = None) -> TaskError:
+def failure(exit_: Exited, noticed: Stop | None = None, cpu_limit_s: int | None = None) -> TaskError:
     return failure_response(exit_, 1.5, 1 << 20, cpu_limit_s, noticed, 0.25).error
 
 

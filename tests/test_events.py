@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+from task_runner.frames import HEARTBEAT, PROGRESS
 from task_runner.server.events import MAX_EVENTS, OUTPUT_CHUNK, EventLog, Stream, beat_event
-from task_runner.server.wire import HEARTBEAT, PROGRESS
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse
 
 

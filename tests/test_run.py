@@ -13,11 +13,12 @@ from contextlib import contextmanager
 
 import pytest
 
+from task_runner.frames import ANSWER, FRAME, HEARTBEAT, OPTIONS_INVALID, PROGRESS, TASK_STARTS
 from task_runner.server.config import load
 from task_runner.server.events import EventLog
-from task_runner.server.forkclient import Exit, TaskProcess
+from task_runner.server.forkclient import TaskProcess
 from task_runner.server.run import Run
-from task_runner.server.wire import ANSWER, FRAME, HEARTBEAT, NO_UID, OPTIONS_INVALID, PROGRESS, TASK_STARTS, Stop
+from task_runner.server.wire import NO_UID, Exited, Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformResponse, TaskError
 
 Kind = TaskError.Kind
@@ -50,7 +51,8 @@ class ForkServer:
     def kill(self, process: TaskProcess, why: Stop) -> None:
         self.kills.append(why)
         if not process.exited.done():
-            process.exited.set_result(Exit(signal.SIGKILL, 0.0, 0.0, 0, why, asyncio.get_running_loop().time()))
+            now = asyncio.get_running_loop().time()
+            process.exited.set_result(Exited(process.pid, signal.SIGKILL, 0.0, 0.0, 0, why, False, now))
 
     def notice(self, process: TaskProcess) -> None:
         raise AssertionError("no test here gives a notice")
@@ -73,7 +75,8 @@ class Task:
 
     def exits(self, code: int) -> None:
         """The process ends of itself, unasked, with exit code `code`."""
-        self.process.exited.set_result(Exit(code << 8, 0.01, 0.0, 2048, Stop.NONE, asyncio.get_running_loop().time()))
+        self.process.exited.set_result(Exited(self.process.pid, code << 8, 0.01, 0.0, 2048, Stop.NONE, False,
+                                                 asyncio.get_running_loop().time()))
 
     async def execute(self, *frames: bytes) -> PerformResponse:
         """Send `frames` as the task would, then run it to its answer; returns the response."""

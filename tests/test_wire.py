@@ -7,17 +7,16 @@ import struct
 
 import pytest
 
+from task_runner import frames
+from task_runner.frames import NO_LIMIT, Assignment, Limits
 from task_runner.server import wire
 from task_runner.server.wire import (
     CHUNK,
-    NO_LIMIT,
     NO_UID,
-    Assignment,
     Exited,
     Fork,
     ForkFailed,
     Kill,
-    Limits,
     Notice,
     Ready,
     Reassembly,
@@ -77,24 +76,24 @@ def test_a_message_of_no_known_kind_or_stop_is_refused() -> None:
 @pytest.mark.parametrize("assignment", [
     Assignment(Limits(256 << 20, 30, 1024, 64, 1 << 30, 0), "/var/lib/task-runner/w/abc", 12_345.678_9, "req-1",
                "reports", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "vendor=opaque"),
-    Assignment(Limits(NO_LIMIT, NO_LIMIT, NO_LIMIT, wire.BY_CGROUP, NO_LIMIT, 8 << 20), "", 0.0, "", ""),
+    Assignment(Limits(NO_LIMIT, NO_LIMIT, NO_LIMIT, frames.BY_CGROUP, NO_LIMIT, 8 << 20), "", 0.0, "", ""),
     Assignment(Limits(1, 1, 1, 1, 1, 1), "/tmp/é ü", 1e9, "id ✓", "caller-ü"),
 ], ids=["traced", "unlimited", "unicode"])
 def test_an_assignment_frame_parses_back_to_itself_and_its_request(assignment: Assignment) -> None:
     request = b"\x0a\x04echo\x10\x01" * 3
     head = assignment.head(len(request))
-    (length,) = wire.FRAME.unpack_from(head)
-    frame = head[wire.FRAME.size:] + request
+    (length,) = frames.FRAME.unpack_from(head)
+    frame = head[frames.FRAME.size:] + request
     assert length == len(frame)  # the length covers the head and the request sent after it
     assert Assignment.unpack(frame) == (assignment, request)
 
 
 def test_an_assignment_frame_cut_short_is_refused() -> None:
-    head = Assignment(Limits(1, 1, 1, 1, 1, 1), "/w", 1.0, "r", "c").head(0)[wire.FRAME.size:]
+    head = Assignment(Limits(1, 1, 1, 1, 1, 1), "/w", 1.0, "r", "c").head(0)[frames.FRAME.size:]
     with pytest.raises(Refused):
         Assignment.unpack(head[:40])
     with pytest.raises(Refused):  # its texts cut inside a character
-        Assignment.unpack(Assignment(Limits(1, 1, 1, 1, 1, 1), "é", 1.0, "", "").head(0)[wire.FRAME.size:-1])
+        Assignment.unpack(Assignment(Limits(1, 1, 1, 1, 1, 1), "é", 1.0, "", "").head(0)[frames.FRAME.size:-1])
 
 
 @pytest.mark.parametrize("size", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 5])
