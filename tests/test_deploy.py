@@ -3,20 +3,24 @@ hadolint and validates the manifests with kubernetes-validate and checkov; here,
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from task_runner.server.config import load
 from task_runner.server.security import is_loopback
-from tests.conftest import REPO
+from tests.conftest import REPO, in_ci
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
 # What the daemon itself may hold in the pod besides its tasks: its own process and queued requests
@@ -75,7 +79,9 @@ def test_the_manifests_fit_the_daemon(tmp_path: Path) -> None:
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     assert config["auth"]["token_file"] == f"{mounts['secret']}/token"
     assert config["workdir_base"].startswith(mounts["work"])
-    assert {"SYS_ADMIN", "NET_ADMIN", "SETUID", "SETGID"} <= set(container["securityContext"]["capabilities"]["add"])
+    assert set(container["securityContext"]["capabilities"]["add"]) == {"SETUID", "SETGID", "SETFCAP"}
+    first, _, last = config["task_uids"].partition("-")
+    assert 0 < int(first) <= int(last) < 65534 and spec["hostUsers"] is False  # within the pod's 65,536 uids
     service = m["Service", "task-runner"]["spec"]
     assert service["clusterIP"] == "None"  # headless: the clients balance per call
     labels = pod["metadata"]["labels"]
@@ -200,3 +206,96 @@ def test_the_build_context_holds_what_the_image_copies_and_not_the_heavy_rest() 
         folders[:] = [f for f in folders if not excluded(here + f, rules)]
         size += sum(os.lstat(os.path.join(top, f)).st_size for f in files if not excluded(here + f, rules))
     assert size < CONTEXT_MAX_BYTES, size
+
+
+# Pod Security Standards, "baseline" (kubernetes.io/docs/concepts/security/pod-security-standards), as of
+# Kubernetes 1.33: what a pod may add, and where it may not go.
+BASELINE_CAPABILITIES = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                         "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+BASELINE_SELINUX_TYPES = {"", "container_t", "container_init_t", "container_kvm_t", "container_engine_t"}
+BASELINE_SYSCTLS = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                    "net.ipv4.tcp_keepalive_probes"}
+
+
+def baseline_violations(pod: dict[str, Any]) -> list[str]:
+    """What in a pod template breaks Pod Security "baseline", each as the field and its value."""
+    spec, found = pod["spec"], []
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(field):
+            found.append(f"spec.{field}: true")
+    containers = [*spec.get("containers", []), *spec.get("initContainers", []), *spec.get("ephemeralContainers", [])]
+    contexts = [("spec.securityContext", spec.get("securityContext") or {})] + [
+        (f"container {c['name']}", c.get("securityContext") or {}) for c in containers]
+    for where, context in contexts:
+        if (context.get("windowsOptions") or {}).get("hostProcess"):
+            found.append(f"{where}.windowsOptions.hostProcess")
+        if context.get("privileged"):
+            found.append(f"{where}.privileged")
+        if added := set((context.get("capabilities") or {}).get("add", [])) - BASELINE_CAPABILITIES:
+            found.append(f"{where}.capabilities.add: {sorted(added)}")
+        for profile in ("seccompProfile", "appArmorProfile"):
+            if (context.get(profile) or {}).get("type") == "Unconfined":
+                found.append(f"{where}.{profile}: Unconfined")
+        selinux = context.get("seLinuxOptions") or {}
+        if selinux.get("type", "") not in BASELINE_SELINUX_TYPES or selinux.get("user") or selinux.get("role"):
+            found.append(f"{where}.seLinuxOptions: {selinux}")
+        # Unmasked only where the pod has a user namespace of its own.
+        if context.get("procMount", "Default") != "Default" and spec.get("hostUsers", True):
+            found.append(f"{where}.procMount: {context['procMount']} without hostUsers: false")
+    for sysctl in (spec.get("securityContext") or {}).get("sysctls", []):
+        if sysctl["name"] not in BASELINE_SYSCTLS:
+            found.append(f"sysctl {sysctl['name']}")
+    found += [f"hostPath volume {v['name']}" for v in spec.get("volumes", []) if "hostPath" in v]
+    found += [f"hostPort {p['hostPort']}" for c in containers for p in c.get("ports", []) if p.get("hostPort")]
+    for key, value in (pod.get("metadata", {}).get("annotations") or {}).items():
+        if key.startswith("container.apparmor.security.beta.kubernetes.io/") and not (
+                value == "runtime/default" or value.startswith("localhost/")):
+            found.append(f"annotation {key}: {value}")
+    return found
+
+
+def test_the_deployment_is_within_pod_security_baseline() -> None:
+    pod = manifests()["Deployment", "task-runner"]["spec"]["template"]
+    assert baseline_violations(pod) == []
+    # ... and the checker sees what the Deployment had before (SYS_ADMIN, NET_ADMIN, an Unconfined AppArmor).
+    before = {"spec": {"containers": [{"name": "old", "securityContext": {
+        "capabilities": {"add": ["SETUID", "SYS_ADMIN", "NET_ADMIN"]}, "appArmorProfile": {"type": "Unconfined"},
+        "procMount": "Unmasked"}}], "hostPID": True, "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}
+    assert baseline_violations(before) == [
+        "spec.hostPID: true", "container old.capabilities.add: ['NET_ADMIN', 'SYS_ADMIN']",
+        "container old.appArmorProfile: Unconfined", "container old.procMount: Unmasked without hostUsers: false",
+        "hostPath volume root"]
+
+
+def test_the_nodes_seccomp_profile_refuses_what_the_tasks_filter_does_but_the_sandboxs_calls() -> None:
+    """The pod's profile is the daemon's filter for its tasks less what a sandbox is made of: it never allows
+    the daemon a call its tasks' filter refuses for another reason, nor forgets one added there."""
+    from task_runner.server import seccomp
+
+    profile = json.loads((REPO / "deploy" / "node" / "seccomp" / "task-runner.json").read_text())
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    (refused,) = profile["syscalls"]
+    assert refused["action"] == "SCMP_ACT_ERRNO" and refused["errnoRet"] == errno.EPERM
+    sandbox_calls = {"mount", "move_mount", "open_tree", "mount_setattr", "unshare", "setns"}
+    assert set(refused["names"]) == set(seccomp.REFUSED) - sandbox_calls
+    pod = manifests()["Deployment", "task-runner"]["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    for context in (pod["spec"]["securityContext"], container["securityContext"]):
+        assert context["seccompProfile"] == {"type": "Localhost", "localhostProfile": "profiles/task-runner.json"}
+    assert container["securityContext"]["appArmorProfile"] == {"type": "Localhost", "localhostProfile": "task-runner"}
+
+
+def test_the_nodes_apparmor_profile_parses() -> None:
+    parser = shutil.which("apparmor_parser")
+    if parser is None:
+        message = "apparmor_parser is not installed (Debian package apparmor; .ci/run installs it)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    path = REPO / "deploy" / "node" / "apparmor" / "task-runner"
+    # -Q: parse and compile, load nothing into the kernel.
+    done = subprocess.run([parser, "-Q", "-K", str(path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "\n  mount,\n" in path.read_text() and "profile task-runner " in path.read_text()
