@@ -210,6 +210,17 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false")
 
 
+def required_tool(name: str, package: str) -> str:
+    """The path of a program a test needs: skipped here without it, failed in CI (.ci/run installs it)."""
+    found = shutil.which(name)
+    if found is None:
+        message = f"{name} is not installed (Debian package {package}; .ci/run installs it)"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
 def cgroup_v2_writable() -> bool:
     from task_runner.server.cgroups import own_cgroup
 

@@ -8,19 +8,17 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from task_runner.server.config import load
 from task_runner.server.security import is_loopback
-from tests.conftest import REPO, in_ci
+from tests.conftest import REPO, required_tool
 
 MANIFESTS = REPO / "deploy" / "kubernetes"
 # What the daemon itself may hold in the pod besides its tasks: its own process and queued requests
@@ -288,12 +286,7 @@ def test_the_nodes_seccomp_profile_refuses_what_the_tasks_filter_does_but_the_sa
 
 
 def test_the_nodes_apparmor_profile_parses() -> None:
-    parser = shutil.which("apparmor_parser")
-    if parser is None:
-        message = "apparmor_parser is not installed (Debian package apparmor; .ci/run installs it)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    parser = required_tool("apparmor_parser", "apparmor")
     path = REPO / "deploy" / "node" / "apparmor" / "task-runner"
     # -Q: parse and compile, load nothing into the kernel.
     done = subprocess.run([parser, "-Q", "-K", str(path)], capture_output=True, text=True, timeout=120)

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 from task_runner.server.config import load
-from tests.conftest import REPO, in_ci, start_daemon, wait_until
+from tests.conftest import REPO, required_tool, start_daemon, wait_until
 
 UNIT = REPO / "systemd" / "task-runner.service"
 EXAMPLE_CONFIG = REPO / "systemd" / "config.toml"
@@ -23,13 +20,7 @@ MAX_EXPOSURE = 2.5
 
 
 def systemd_analyze() -> str:
-    found = shutil.which("systemd-analyze")
-    if found is None:
-        message = "systemd-analyze is not installed (Debian package systemd; .ci/run installs it)"
-        if in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return required_tool("systemd-analyze", "systemd")
 
 
 def rendered_unit(tmp_path: Path) -> Path:
