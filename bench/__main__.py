@@ -27,7 +27,7 @@ from bench.settings import Progress, Settings
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # The phases, in the order they run; those before leanness share one daemon (and the echo service).
-SHARED = ("latency", "throughput", "sleep10", "fork_floor", "baselines", "deadline")
+SHARED = ("latency", "throughput", "sleep10", "work_scale", "fork_floor", "baselines", "deadline")
 PHASE_NAMES = (*SHARED, "leanness", "admission_scale", "sandbox", "observability", "fleet", "big_requests")
 
 
@@ -196,6 +196,10 @@ class Run:
                 progress.phase(f"Perform sleep10 at {s.baseline_concurrency} in flight: {s.repeats} x "
                                f"{s.window_s:.1f} s")
                 await self.attempt("sleep10", phases.sleep10(daemon_channel, s))
+            if self.wants("work_scale"):
+                progress.phase(f"work scale: Perform of tasks asleep {', '.join(map(str, phases.WORK_MS.values()))} "
+                               f"ms at {', '.join(map(str, phases.WORK_LEVELS))} in flight, a window each")
+                await self.attempt("work_scale", phases.work_scale(daemon_channel, s, progress))
             if self.wants("fork_floor"):
                 line = f"the fork floor: a fork per no-op task, {s.repeats} x {s.window_s:.1f} s"
                 if self.wants("sleep10"):

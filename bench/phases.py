@@ -137,6 +137,35 @@ async def sleep10(daemon: grpc.aio.Channel, settings: Settings) -> dict[str, Any
     }
 
 
+WORK_MS = {"noop": 0, "sleep10": 10, "sleep100": 100}  # the bench tasks, by how long each one's work lasts
+WORK_LEVELS = (1, 4, 16, 64)
+
+
+async def work_scale(daemon: grpc.aio.Channel, settings: Settings, progress: Progress) -> dict[str, Any]:
+    """Throughput and p50 as the work of a task (0, 10, 100 ms asleep) and the calls in flight (1, 4, 16, 64)
+    grow: what a call costs beyond its work (p50 - work, one in flight) and the share of the ideal
+    (min(in flight, max_running) / work) it reaches, so that the cost of a task is seen beside its work."""
+    result: dict[str, Any] = {}
+    for task, work_ms in WORK_MS.items():
+        call = RpcCall(daemon, perform_request(task, NOOP_TIMEOUT_MS))
+        rows: dict[str, Any] = {}
+        for level in WORK_LEVELS:
+            failures: Counter[str] = Counter()
+            stats = await window(call, level, settings, failures)
+            summary = throughput_summary([stats])
+            p50 = summary["latency"]["p50_ms"]
+            ideal = min(level, settings.max_running) / (work_ms / 1000) if work_ms else None
+            rows[str(level)] = {
+                "tasks_per_s": summary["median"], "p50_ms": p50, "failures": summary["failures"],
+                "beyond_work_ms": p50 - work_ms if p50 is not None else None, "ideal_per_s": ideal,
+                "share_of_ideal": summary["median"] / ideal if ideal and summary["median"] is not None else None,
+            }
+        result[task] = {"work_ms": work_ms, "levels": rows}
+        progress.note(f"{task}: " + ", ".join(f"{level} in flight {rows[str(level)]['tasks_per_s'] or 0:,.0f}/s"
+                                               for level in WORK_LEVELS))
+    return result
+
+
 async def fork_floor(settings: Settings) -> dict[str, Any]:
     """The fork floor (bench/fork_floor.py): a fork per no-op task with the fork server's preloads,
     2 x CPUs in flight, the answer read from a pipe, the child reaped; `repeats` windows."""

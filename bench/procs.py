@@ -26,7 +26,8 @@ import psutil
 from task_runner.server.cgroups import own_cgroup
 
 REPO = Path(__file__).resolve().parent.parent
-BENCH_TASKS = {"noop": "bench.tasks:noop", "sleep10": "bench.tasks:sleep10", "stubborn": "bench.tasks:stubborn"}
+BENCH_TASKS = {"noop": "bench.tasks:noop", "sleep10": "bench.tasks:sleep10", "sleep100": "bench.tasks:sleep100",
+               "stubborn": "bench.tasks:stubborn"}
 FORKSERVER_MODULE = "task_runner.server.forkserver"
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 20.0

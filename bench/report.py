@@ -231,6 +231,8 @@ def render(results: dict[str, Any], targets: list[Target]) -> str:
         out += _baselines_section(results)
     if shown("sleep10"):
         out += _sleep10_section(results)
+    if shown("work_scale"):
+        out += _work_scale_section(results)
     if shown("throughput"):
         out += _where_time_goes_section(results)
     if shown("deadline"):
@@ -383,6 +385,20 @@ def _admission_scale_section(results: dict[str, Any]) -> list[str]:
                    f"{_num(leave.get('seconds'), 1)} s ({leave.get('left_waiting', '-')} left), daemon RSS then "
                    f"{_num(leave.get('daemon_rss_mib'), 0)} MiB")
     return out
+
+
+def _work_scale_section(results: dict[str, Any]) -> list[str]:
+    w: dict[str, Any] = results.get("work_scale") or {}
+    first: dict[str, Any] = next(iter(w.values()), {})
+    levels: dict[str, Any] = first.get("levels", {})
+    rows = []
+    for task, row in w.items():
+        at = row["levels"]
+        rows.append([f"{task} ({row['work_ms']} ms)", *(_num(at[level]["tasks_per_s"], 0) for level in levels),
+                     _num(at[next(iter(levels))]["p50_ms"], 2), _num(at[next(iter(levels))]["beyond_work_ms"], 2),
+                     *(_x(at[level]["share_of_ideal"]) for level in levels)])
+    return ["", *_table(["Work scale: Perform", *(f"tasks/s at {level}" for level in levels), "p50 ms at 1",
+                         "beyond work", *(f"of ideal at {level}" for level in levels)], rows)]
 
 
 def _sandbox_section(results: dict[str, Any]) -> list[str]:

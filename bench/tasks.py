@@ -31,6 +31,12 @@ def sleep10(options: dict[str, Any]) -> bool:
     return True
 
 
+def sleep100(options: dict[str, Any]) -> bool:
+    """Sleep 100 ms and succeed."""
+    time.sleep(0.100)
+    return True
+
+
 def stubborn(options: dict[str, Any]) -> NoReturn:
     """Ignore SIGTERM, start two spinning grandchildren (one in its own session), record every pid, spin."""
     import subprocess
