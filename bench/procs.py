@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from task_runner.server.cgroups import own_cgroup
+from task_runner.server.sandbox.cgroups import own_cgroup
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH_TASKS = {"noop": "bench.tasks:noop", "sleep10": "bench.tasks:sleep10", "sleep100": "bench.tasks:sleep100",

@@ -1,7 +1,7 @@
 """What a task process's user namespace costs: `python -m bench.userns` (as root or an ordinary user).
 
 Forks a child that exits at once (the baseline, in the same run), one that makes a user namespace of its own
-as a task process does (task_runner.server.sandbox.task_user_namespace), and one that also empties its new
+as a task process does (task_runner.server.sandbox.users.task_user_namespace), and one that also empties its new
 bounding set (lock_privileges(anew=True)); prints the median CPU per child (the child's own and the kernel's,
 teardown included) over 5 rounds of 300.
 """
@@ -13,7 +13,7 @@ import resource
 import statistics
 from collections.abc import Callable
 
-from task_runner.server import sandbox
+from task_runner.server.sandbox import users
 
 FORKS, ROUNDS = 300, 5
 
@@ -37,12 +37,12 @@ def _cpu_per_child(step: Callable[[], None]) -> float:
 
 
 def _locked() -> None:
-    sandbox.task_user_namespace()
-    sandbox.lock_privileges(anew=True)
+    users.task_user_namespace()
+    users.lock_privileges(anew=True)
 
 
 def main() -> None:
-    steps: dict[str, Callable[[], None]] = {"fork alone": lambda: None, "+ user namespace": sandbox.task_user_namespace,
+    steps: dict[str, Callable[[], None]] = {"fork alone": lambda: None, "+ user namespace": users.task_user_namespace,
                                             "+ user namespace, bounding set emptied": _locked}
     seen: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(ROUNDS):

@@ -18,7 +18,7 @@ import resource
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -43,15 +43,7 @@ _RUNNER_FILES = frozenset({
 })
 _RUNNER_DIRS = (os.path.join(os.path.dirname(os.__file__), "asyncio") + os.sep,)
 Kind = TaskError.Kind
-# Memory is bounded by the address space (RLIMIT_AS), which counts every mapping, shared ones
-# too: RLIMIT_DATA would let mmap(MAP_SHARED | MAP_ANONYMOUS) through. The limit is what the
-# task may add to the address space it starts with. A core dump's soft and hard limits are set alike: with
-# both at 0 (the default) neither the task nor a program it runs can ask for one again.
-_LIMITS = (
-    ("memory", resource.RLIMIT_AS), ("cpu_time", resource.RLIMIT_CPU), ("open_files", resource.RLIMIT_NOFILE),
-    ("processes", resource.RLIMIT_NPROC), ("file_size", resource.RLIMIT_FSIZE), ("core", resource.RLIMIT_CORE),
-)
-_limited: set[str] = set()  # the limits this process runs under
+_limited: set[str] = set()  # the limits this process runs under (task_runner.server.sandbox.contain sets them)
 _private_tmp = False  # its /tmp is the sandbox's own tmpfs (of tmp_mb)
 
 
@@ -64,27 +56,6 @@ def _tmp_full() -> bool:
     except OSError:
         return False
     return info.f_bavail == 0 or info.f_favail == 0
-
-
-def _address_space() -> int:
-    with open("/proc/self/statm", "rb") as f:
-        return int(f.read().split()[0]) * resource.getpagesize()
-
-
-def _apply_limits(values: frames.Limits) -> None:
-    for (name, which), wanted in zip(_LIMITS, values, strict=True):
-        if wanted == frames.NO_LIMIT:
-            continue
-        if wanted == frames.BY_CGROUP:
-            _limited.add(name)
-            continue
-        value = wanted + _address_space() if which == resource.RLIMIT_AS else wanted
-        _, hard = resource.getrlimit(which)
-        soft = value if hard == resource.RLIM_INFINITY else min(value, hard)
-        # CPU: SIGXCPU at the soft limit, then SIGKILL a second later should the task ignore it.
-        grace = which == resource.RLIMIT_CPU and (hard == resource.RLIM_INFINITY or soft < hard)
-        resource.setrlimit(which, (soft, soft + 1 if grace else soft))
-        _limited.add(name)
 
 
 def _limit_hit(exc: BaseException) -> str | None:
@@ -288,13 +259,16 @@ def _warm_up() -> None:
     response.SerializeToString()
 
 
-def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tmp: bool = False) -> NoReturn:
+def main(registry: Mapping[str, Loaded | str], result_max_bytes: int,
+         apply_limits: Callable[[frames.Limits, set[str]], None], private_tmp: bool = False) -> NoReturn:
     """Serve one task: read the assignment from fd 3, run it, answer, exit.
 
     Args:
         registry: task name -> the callable the fork server preloaded, or its target string
             when preloading failed (it is imported again here, so the error is the task's answer).
         result_max_bytes: the largest serialized answer this process may send.
+        apply_limits: sets the assignment's limits on this process, naming each in the set it is given (the last
+            step of becoming a task process, task_runner.server.sandbox.contain.apply_limits).
         private_tmp: its /tmp is its sandbox's own (a full one is reported: LIMIT_EXCEEDED "tmp_mb", tmp_full).
     """
     global _private_tmp
@@ -347,7 +321,7 @@ def main(registry: Mapping[str, Loaded | str], result_max_bytes: int, private_tm
             os.environ["TMPDIR"] = os.environ["TMP"] = os.environ["TEMP"] = workdir
             if "tempfile" in sys.modules:  # it may have cached the fork server's: it looks again
                 vars(sys.modules["tempfile"])["tempdir"] = None
-        _apply_limits(assignment.limits)
+        apply_limits(assignment.limits, _limited)
         entry = registry[request.task]
         loaded = load(entry) if isinstance(entry, str) else entry
     except BaseException as exc:  # even SystemExit at import is the task's error, not an exit

@@ -30,14 +30,16 @@ from grpc_health.v1 import _async as health_aio  # what grpc_health.v1.health.ai
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from task_runner.server import cgroups, logs, sandboxes, uids, users
+from task_runner.server import logs, sandboxes, uids
 from task_runner.server.callers import Callers, CredentialsError
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
 from task_runner.server.forkclient import ForkServerClient
-from task_runner.server.forkserver import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, children, kill_tree, prctl, reap
+from task_runner.server.forkserver import children, kill_tree, reap
 from task_runner.server.metrics import Metrics, readable_by_tasks
 from task_runner.server.notify import Notifier
+from task_runner.server.sandbox import cgroups, users
+from task_runner.server.sandbox.libc import PR_SET_CHILD_SUBREAPER, PR_SET_DUMPABLE, prctl
 from task_runner.server.security import (
     CallerAuth,
     authenticated,
@@ -166,7 +168,7 @@ class Daemon:
             for signum in (signal.SIGTERM, signal.SIGINT):  # before READY=1: a stop may come at once
                 loop.add_signal_handler(signum, self.request_stop)
             loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        # Without CAP_SYS_ADMIN, with CAP_SETUID and CAP_SETGID: a user namespace of our own (task_runner.server.users).
+        # Without CAP_SYS_ADMIN, with CAP_SETUID and CAP_SETGID: a user namespace of our own (sandbox.users).
         self._maps_its_own = self.own_process and users.maps_its_own()
         self._owner = task_owner(self.config, os.geteuid() == 0 or self._maps_its_own)
         check_exposure(self.config)

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 
 from task_runner import frames
 from task_runner.frames import error_response
-from task_runner.server import cgroups, logs, wire
+from task_runner.server import logs, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
 from task_runner.server.callers import Caller, Callers
 from task_runner.server.config import MIB, Config, Task
@@ -34,6 +34,7 @@ from task_runner.server.events import KEPT_BYTES, EventLog
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
+from task_runner.server.sandbox import cgroups
 from task_runner.server.tracing import CallSpans, TraceContext, Tracer
 from task_runner.server.wire import Stop
 from task_runner.v1.task_runner_pb2 import PerformEvent, PerformRequest, PerformResponse, TaskError

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from task_runner.server import wire
 from task_runner.server.config import Config
-from task_runner.server.sandbox import Profile
+from task_runner.server.sandbox.profile import Profile
 from task_runner.server.sandboxes import Sandboxes, Secrets
 from task_runner.server.uids import UidError, UidPool
 from task_runner.server.wire import Stop

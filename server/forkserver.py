@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import ctypes
 import errno
 import gc
 import json
@@ -38,26 +37,27 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, NoReturn
+from typing import Any
 
-from task_runner.server import child, inits, sandbox, seccomp, sweeper, wire
-from task_runner.server.cgroups import TaskCgroups
+from task_runner.server import inits, sweeper, wire
 from task_runner.server.registry import Form, Loaded, load
+from task_runner.server.sandbox import contain, mounts, probe, seccomp, users
+from task_runner.server.sandbox.cgroups import TaskCgroups
+from task_runner.server.sandbox.libc import (
+    CLONE_NEWPID,
+    PR_SET_CHILD_SUBREAPER,
+    PR_SET_DUMPABLE,
+    PR_SET_PDEATHSIG,
+    prctl,
+    unshare,
+)
+from task_runner.server.sandbox.pids import PidNamespaces
+from task_runner.server.sandbox.profile import Profile
 
 MAX_PACKET = 1 << 16
-PR_SET_PDEATHSIG = 1
-PR_SET_DUMPABLE = 4
-PR_SET_CHILD_SUBREAPER = 36
-PR_SET_NO_NEW_PRIVS = 38
 INITS_AHEAD = 4  # inits asked of the init maker before they are needed
 SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
 SWEEP_BACKOFF_S = (0.01, 1.0)
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def prctl(option: int, value: int) -> None:
-    if _libc.prctl(option, value, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
 def tree(root: int) -> list[tuple[int, int]]:
@@ -165,24 +165,26 @@ class ForkServer:
         self._pid = os.getpid()
         # A task process checks it right after fork, to know whether we died before it could ask to die with us.
         self._alive = os.pidfd_open(self._pid)
-        self._pid_namespaces = sandbox.PidNamespaces()
-        profiles = [sandbox.Profile.from_json(profile) for profile in spec.get("profiles", [])] or [sandbox.Profile()]
+        self._pid_namespaces = PidNamespaces()
+        profiles = [Profile.from_json(profile) for profile in spec.get("profiles", [])] or [Profile()]
         asked = {part for profile in profiles for part in profile.parts}
         # What this machine cannot set up is left out of every profile (the daemon says so, or refuses to start).
         seccomp_program = next((profile.seccomp for profile in profiles if profile.seccomp), b"")
         self._sandbox_failures = {part: f"{no_user_namespace}: {why}" if no_user_namespace else why
-                                  for part, why in sandbox.probe(asked, seccomp_program, seccomp.load).items()}
+                                  for part, why in probe.probe(asked, seccomp_program, seccomp.load).items()}
         self._profiles = [profile.without(set(self._sandbox_failures)) for profile in profiles]
         # A user namespace of its own for each task process that has a sandbox, or why not (the daemon says so).
         isolated = any(profile.filesystem or profile.network or profile.processes for profile in self._profiles)
-        self._no_task_user_namespace = sandbox.probe_user_namespace() if isolated else ""
+        self._no_task_user_namespace = probe.probe_user_namespace() if isolated else ""
         self._user_namespaces = isolated and not self._no_task_user_namespace
         self._devnull = os.open(os.devnull, os.O_RDWR)
         self._wakeup_r, self._wakeup_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._hello = self._preload(spec["tasks"])
         # Once the tasks are imported: what they and the interpreter load lazily stays in their sight.
-        code = sandbox.code_paths()
+        code = mounts.code_paths()
         self._profiles = [profile._replace(code=code) if profile.filesystem else profile for profile in self._profiles]
+        self._setup = contain.Setup(self._owner, self._user_namespaces, self._alive, self._devnull, self._registry,
+                                    self._result_max_bytes)
 
     def _preload(self, tasks: dict[str, str]) -> dict[str, Any]:
         infos: dict[str, dict[str, str]] = {}
@@ -230,7 +232,7 @@ class ForkServer:
             selector.register(self._inits[1], selectors.EVENT_READ, self._on_inits)
             self._ask_inits()
         try:
-            sandbox.lock_privileges()  # after the helpers' exec: whatever we fork from now on inherits it
+            users.lock_privileges()  # after the helpers' exec: whatever we fork from now on inherits it
         except OSError as exc:  # (no CAP_SETPCAP: a unit that keeps fewer capabilities than it should)
             print(f"task-runner fork server: cannot empty the tasks' bounding set ({exc}): a root task could regain "
                   "capabilities by running a program", file=sys.stderr, flush=True)
@@ -310,7 +312,8 @@ class ForkServer:
         out_r, out_w, err_r, err_w = pipes
         if pid == 0:
             try:
-                self._become_task_process(child_end.fileno(), out_w, err_w, uid, self._profiles[profile])
+                contain.become_task_process(self._setup, child_end.fileno(), out_w, err_w, uid, self._profiles[profile],
+                                            self._serial + 1)
             finally:
                 os._exit(70)
         self._serial += 1
@@ -329,75 +332,6 @@ class ForkServer:
             parent_end.close()
             os.close(out_r)
             os.close(err_r)
-
-    def _become_task_process(self, channel: int, out_w: int, err_w: int, uid: int,
-                             profile: sandbox.Profile) -> NoReturn:
-        os.setsid()  # its own session and process group: one killpg reaches the whole group
-        # The first the kernel's OOM killer picks, in a container's or a unit's memory limit alike: a task that
-        # eats the memory dies, not the daemon (lowering it again takes CAP_SYS_RESOURCE).
-        with contextlib.suppress(OSError):
-            fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-            try:
-                os.write(fd, b"1000")
-            finally:
-                os.close(fd)
-        try:
-            self._contain(uid, profile)
-        except OSError as exc:
-            # Never run a task outside the sandbox it was promised: the call is answered CRASHED, with this.
-            os.write(err_w, f"the task's sandbox could not be set up: {exc}\n".encode())
-            os._exit(sandbox.SETUP_FAILED)
-        if self._owner is not None and uid != wire.NO_UID:
-            # Changing user made it undumpable, which would give its own /proc to root. With a uid
-            # of its own no other task can use that; sharing a uid, it stays undumpable, so that
-            # tasks of that uid cannot read each other's memory or take each other's descriptors.
-            prctl(PR_SET_DUMPABLE, 1)
-        if profile.private_tmp:  # its working directory and TMPDIR: fresh, its own, on its private /tmp
-            os.mkdir(workdir := f"/tmp/task-{self._serial + 1}", 0o700)
-            os.chdir(workdir)
-            os.environ["TMPDIR"] = os.environ["TMP"] = os.environ["TEMP"] = workdir
-        # Set-user-ID and file capabilities never raise what it or its descendants may do: a set-user-ID
-        # copy of a program one task leaves (its own uid's) cannot run as that uid for a later task.
-        prctl(PR_SET_NO_NEW_PRIVS, 1)
-        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after the user change, which would clear it
-        if select.select([self._alive], [], [], 0)[0]:  # we died before prctl took effect (getppid() is 0
-            os._exit(0)                                  # from a pid namespace of its own: it cannot tell)
-        prctl(PR_SET_CHILD_SUBREAPER, 1)  # orphaned descendants stay in this task's tree
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        os.dup2(self._devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(err_w, 2)
-        os.dup2(channel, child.CHANNEL_FD, inheritable=False)
-        os.closerange(child.CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))
-        if profile.seccomp:  # last: it refuses what the steps above needed
-            seccomp.load(profile.seccomp)
-        child.main(self._registry, self._result_max_bytes, profile.private_tmp)
-
-    def _contain(self, uid: int, profile: sandbox.Profile) -> None:
-        """Every step from the root we fork to the task's user with no privilege, in order."""
-        made = sandbox.enter(profile)  # as root, before it waits: the sandbox costs the call no time
-        os.umask(0o077)  # what it creates is its own: other tasks may share its group
-        task_uid = os.geteuid()
-        if self._owner is not None:
-            own_uid, gid = self._owner
-            task_uid = own_uid if uid == wire.NO_UID else uid
-            os.setgroups([])
-            os.setresgid(gid, gid, gid)
-            # The effective uid alone for now (the securebits keep the capabilities through it): the real one is
-            # still the init's, which lets us signal it to join us.
-            os.setresuid(-1, task_uid, -1)
-        if made and self._user_namespaces:
-            sandbox.task_user_namespace()
-            made |= sandbox.CLONE_NEWUSER
-            sandbox.lock_privileges(anew=True)
-        if profile.processes:
-            sandbox.init_joins(made)
-        if self._owner is not None:
-            os.setresuid(task_uid, task_uid, task_uid)
-        sandbox.drop_capabilities()  # no capability in any set, whoever the task runs as
 
     def _on_sigchld(self) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -593,13 +527,13 @@ def main() -> None:
     sys.path[:] = spec["sys_path"]
     # An ordinary user's fork server is root in a user namespace of its own, so that its tasks get the whole
     # sandbox, as bubblewrap gives it, all under this user on the host (a root one needs none).
-    # A daemon with CAP_SETUID but not CAP_SYS_ADMIN is already root in one (task_runner.server.users).
+    # A daemon with CAP_SETUID but not CAP_SYS_ADMIN is already root in one (task_runner.server.sandbox.users).
     no_user_namespace = ""
     if os.geteuid() != 0:
-        no_user_namespace = sandbox.own_user_namespace()
+        no_user_namespace = users.own_user_namespace()
         if not no_user_namespace:
             _in_a_pid_namespace_of_our_own()
-    elif not sandbox.in_the_hosts_user_namespace():
+    elif not users.in_the_hosts_user_namespace():
         _in_a_pid_namespace_of_our_own()
     ForkServer(sock, spec, no_user_namespace).serve()
 
@@ -611,7 +545,7 @@ def _in_a_pid_namespace_of_our_own() -> None:
     our pid namespace, which needs CAP_SYS_ADMIN over its owner: for the host's, only a root daemon has it.
     """
     try:
-        sandbox.unshare(sandbox.CLONE_NEWPID)
+        unshare(CLONE_NEWPID)
     except OSError:
         return  # the probe then says why `processes` cannot be set up
     alive = os.pidfd_open(os.getpid())

@@ -9,8 +9,9 @@ that namespace (setns on the pidfd), as its own child, so that it reaps the task
 status as it would on the host. When the task has been reaped the fork server kills the init, and the
 kernel kills whatever the task left in the namespace; the pidfd becomes readable once all of it is gone.
 
-It is a fresh interpreter that imports nothing of the daemon (nor typing), so that each init is a fork
-of a few MiB rather than of the fork server and every task module it imported: that second fork of the
+It is a fresh interpreter that imports nothing of the daemon but the sandbox's ctypes layer
+(task_runner.server.sandbox.libc: ctypes, os and contextlib, in an empty package), nor typing, so that each
+init is a fork of a few MiB rather than of the fork server and every task module it imported: that second fork of the
 fork server had cost a sandboxed task more CPU than its own fork. Protocol, on a SOCK_SEQPACKET socket:
 the fork server sends one byte per init it wants; each answer is one byte, 0 with the init's pidfd
 attached, or 1 (it could not make one: out of processes). End of file ends it, and its inits die with
@@ -33,34 +34,36 @@ import signal
 import socket
 import sys
 
-CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWUSER = 0x2_0000, 0x800_0000, 0x1000_0000
-CLONE_NEWPID, CLONE_NEWNET = 0x2000_0000, 0x4000_0000
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
-# The task process (task_runner.server.sandbox) asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
+from task_runner.server.sandbox.libc import (
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWUSER,
+    LINUX_CAPABILITY_VERSION_3,
+    PR_SET_DUMPABLE,
+    PR_SET_PDEATHSIG,
+    check,
+    libc,
+)
+
+# The task process (task_runner.server.sandbox.pids) asks with JOIN_ME + a bit for each of JOINED_NAMESPACES it made.
 JOIN_ME, JOINED, FAILED_TO_JOIN = signal.SIGRTMIN, signal.SIGUSR2, signal.SIGPWR
 JOINED_NAMESPACES = (CLONE_NEWNS, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUSER)
-_LINUX_CAPABILITY_VERSION_3 = 0x2008_0522
 MADE, FAILED = b"\0", b"\1"
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        number = ctypes.get_errno()
-        raise OSError(number, f"{what}: {os.strerror(number)}")
 
 
 def make(own: int, alive: int) -> int:
     """Fork an init in a new pid namespace; its pid, once it is ready to be asked to join its task's namespaces.
     `own`: our pid namespace; `alive`: a pidfd of us."""
-    _check(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+    check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
     ready_r, ready_w = os.pipe()
     try:
         pid = os.fork()  # pid 1 of the new namespace
     finally:
         # Back to our own for the next: unshare refuses a new namespace while the last one is pending.
         if os.getpid() != 1:
-            _check(_libc.setns(own, CLONE_NEWPID), "setns back to our pid namespace")
+            check(libc.setns(own, CLONE_NEWPID), "setns back to our pid namespace")
     if pid == 0:
         os.close(ready_r)
         become_init(alive, ready_w)
@@ -77,7 +80,7 @@ def become_init(alive: int | None, ready: int) -> None:  # never returns
     """Be the sleeping pid 1 of a task's pid namespace; write a byte to `ready` once JOIN_ME is heard."""
     try:
         if alive is not None:
-            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the maker (so with the fork server) it goes
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # with the maker (so with the fork server) it goes
             if select.select([alive], [], [], 0)[0]:  # the maker died before prctl took effect
                 os._exit(0)
         # Orphans of the task's tree that end after the task are reaped by the kernel; SIGKILL from the
@@ -107,19 +110,19 @@ def _join_task(signum: int, frame: object) -> None:
             # The user namespace last, on its own: from inside it we would have no capability over the others,
             # which its parent owns.
             others = flags & ~CLONE_NEWUSER
-            _check(_libc.setns(pidfd, others) if others else 0, "setns into the task's namespaces")
-            _check(_libc.setns(pidfd, CLONE_NEWUSER) if flags & CLONE_NEWUSER else 0, "setns into its user namespace")
+            check(libc.setns(pidfd, others) if others else 0, "setns into the task's namespaces")
+            check(libc.setns(pidfd, CLONE_NEWUSER) if flags & CLONE_NEWUSER else 0, "setns into its user namespace")
         finally:
             os.close(pidfd)
         os.chdir("/")
-        header = ctypes.create_string_buffer(_LINUX_CAPABILITY_VERSION_3.to_bytes(4, sys.byteorder) + bytes(4), 8)
-        _check(_libc.capset(header, ctypes.create_string_buffer(24)), "capset")
+        header = ctypes.create_string_buffer(LINUX_CAPABILITY_VERSION_3.to_bytes(4, sys.byteorder) + bytes(4), 8)
+        check(libc.capset(header, ctypes.create_string_buffer(24)), "capset")
         answer = JOINED
     except OSError:
         pass  # the task process gives up its sandbox (it never runs a task): nothing to say here
     # Not dumpable from now on: no task, even one of its uid, reads its memory or its /proc entries. (Until now
     # the fork server had to reach it by its pidfd, which needs ptrace access.)
-    _libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     with contextlib.suppress(OSError):
         os.kill(2, answer)
 

@@ -1,7 +1,7 @@
 """The daemon's side of the tasks' sandboxes: the profiles of a configuration, and what could not be set up.
 
 A generation's tasks have few distinct sandboxes (usually one): each becomes a `Profile`, an index
-the fork server forks spares by. The seccomp filter is built here, once (task_runner.server.seccomp);
+the fork server forks spares by. The seccomp filter is built here, once (task_runner.server.sandbox.seccomp);
 the fork server tries every part at its start (task_runner.server.sandbox.probe), and `check` turns
 what this machine could not set up into a refusal (a part the config asked for by name) or a warning.
 """
@@ -16,9 +16,9 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from task_runner.server import seccomp
 from task_runner.server.config import Config, SandboxConfig, Task, config_file
-from task_runner.server.sandbox import PARTS, Profile
+from task_runner.server.sandbox import seccomp
+from task_runner.server.sandbox.profile import PARTS, Profile
 from task_runner.v1.task_runner_pb2 import Sandbox
 
 log = logging.getLogger("task_runner.server")

@@ -17,7 +17,7 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from task_runner.server.cgroups import pid_alive
+from task_runner.server.sandbox.cgroups import pid_alive
 
 log = logging.getLogger("task_runner.server")
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -222,7 +222,7 @@ def required_tool(name: str, package: str) -> str:
 
 
 def cgroup_v2_writable() -> bool:
-    from task_runner.server.cgroups import own_cgroup
+    from task_runner.server.sandbox.cgroups import own_cgroup
 
     own = own_cgroup()
     return own is not None and os.access(own, os.W_OK)

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from task_runner.client import NO_RETRY, Client, TaskFailed, Unavailable
-from task_runner.server.cgroups import own_cgroup
+from task_runner.server.sandbox.cgroups import own_cgroup
 from tests.conftest import cgroup_v2_writable, in_ci, read_pids, start_daemon, wait_gone, wait_until
 
 PID_MAX_LIMIT = 1 << 22

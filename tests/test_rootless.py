@@ -59,7 +59,7 @@ WAYS = {
     # An ordinary user: the fork server is root in a user namespace of its own ("0 NOBODY 1").
     "an ordinary user": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"),
     # The systemd unit's: a user of its own with the unit's capabilities alone (CAP_SETUID, CAP_SETGID), run_as_user
-    # and task uids; the daemon is root in a user namespace that maps those uids (task_runner.server.users).
+    # and task uids; the daemon is root in a user namespace that maps those uids (task_runner.server.sandbox.users).
     "the unit's capabilities": ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
                                 *(f"--{kind}=-all,{_unit_capabilities()}" for kind in
                                   ("inh-caps", "ambient-caps", "bounding-set"))),

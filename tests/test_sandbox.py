@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from task_runner.client import Client, Finished, Progress, Security, TaskLimitExceeded
-from task_runner.server import seccomp
+from task_runner.server.sandbox import seccomp
 from tests.conftest import open_directory, start_daemon, wait_until
 from tests.inprocess import InProcessDaemon
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from task_runner.server import seccomp
+from task_runner.server.sandbox import seccomp
 from tests.conftest import REPO
 from tests.inprocess import InProcessDaemon
 
@@ -64,7 +64,7 @@ HOSTILE = "tests.tasks.hostile_abi"
 # calls that must never reach the kernel); vhangup is harmless only because the child has no terminal.
 PRELUDE = """\
 import ctypes, json, os, sys
-from task_runner.server import seccomp
+from task_runner.server.sandbox import seccomp
 data = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
@@ -142,7 +142,7 @@ def test_the_program_is_whole_instructions_within_the_kernels_limit() -> None:
 @needs_libseccomp
 def test_importing_the_module_loads_no_libseccomp() -> None:
     """The fork server imports it, and every task process it forks pays for what it holds."""
-    script = "import task_runner.server.seccomp\nprint('libseccomp' in open('/proc/self/maps').read())"
+    script = "import task_runner.server.sandbox.seccomp\nprint('libseccomp' in open('/proc/self/maps').read())"
     ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert ran.stdout.strip() == "False", ran.stderr
 

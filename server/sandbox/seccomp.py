@@ -5,7 +5,8 @@ it knows every architecture's system call numbers and emits the architecture che
 BPF program gets wrong. It is called through ctypes because the only PyPI bindings are unmaintained since
 2021 and the calls needed are a dozen. The daemon builds the program once (`program`) and sends its bytes
 to the fork server, which installs them in each task process (`load`) without ever loading libseccomp:
-this module is imported by the fork server, so at import it needs nothing but ctypes.
+this module is imported by the fork server, so at import it needs nothing but ctypes (and the sandbox's
+ctypes layer, task_runner.server.sandbox.libc).
 """
 
 from __future__ import annotations
@@ -13,6 +14,21 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+
+from task_runner.server.sandbox.libc import (
+    CLONE_NEWCGROUP,
+    CLONE_NEWIPC,
+    CLONE_NEWNET,
+    CLONE_NEWNS,
+    CLONE_NEWPID,
+    CLONE_NEWTIME,
+    CLONE_NEWUSER,
+    CLONE_NEWUTS,
+    PR_SET_SECCOMP,
+    SECCOMP_MODE_FILTER,
+    check,
+    libc,
+)
 
 # Refused with EPERM, by what a call does. Each effect names every call that has it on any ABI the kernel
 # runs (x86-64, i386 and x32; arm64 and arm): i386 sets the clock by stime and clock_settime64 as x86-64
@@ -52,14 +68,6 @@ REFUSED_BY_EFFECT: dict[str, tuple[str, ...]] = {
 REFUSED: tuple[str, ...] = tuple(name for names in REFUSED_BY_EFFECT.values() for name in names)
 AF_VSOCK = 40
 
-CLONE_NEWTIME = 0x00000080
-CLONE_NEWNS = 0x00020000
-CLONE_NEWCGROUP = 0x02000000
-CLONE_NEWUTS = 0x04000000
-CLONE_NEWIPC = 0x08000000
-CLONE_NEWUSER = 0x10000000
-CLONE_NEWPID = 0x20000000
-CLONE_NEWNET = 0x40000000
 NAMESPACE_FLAGS: int = (CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER
                         | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWTIME)
 
@@ -80,10 +88,6 @@ INT_MASK = 0xFFFFFFFF  # the kernel reads an int argument from the low half of i
 NR_SCMP_ERROR = -1  # what seccomp_syscall_resolve_name answers for a name it does not know
 # The 32-bit ABIs a process of the native architecture can still call the kernel through.
 COMPAT_ARCHES = {SCMP_ARCH_X86_64: (SCMP_ARCH_X86, SCMP_ARCH_X32), SCMP_ARCH_AARCH64: (SCMP_ARCH_ARM,)}
-
-PR_SET_SECCOMP = 22
-SECCOMP_MODE_FILTER = 2
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 class SeccompUnavailable(RuntimeError):
@@ -135,12 +139,12 @@ def program(no_vsock: bool = False) -> bytes:
         for arch in COMPAT_ARCHES.get(native, ()):
             rc = lib.seccomp_arch_add(ctx, arch)
             if rc != -errno.EEXIST:
-                _check(rc, f"seccomp_arch_add({arch:#x})")
+                _scmp_check(rc, f"seccomp_arch_add({arch:#x})")
         eperm = _act_errno(errno.EPERM)
         for name in REFUSED:
             nr = _resolve(lib, name)
             if nr != NR_SCMP_ERROR:
-                _check(lib.seccomp_rule_add_array(ctx, eperm, nr, 0, None), f"seccomp_rule_add_array({name})")
+                _scmp_check(lib.seccomp_rule_add_array(ctx, eperm, nr, 0, None), f"seccomp_rule_add_array({name})")
         clone = _resolve(lib, "clone")
         # One rule per flag: the comparisons of one rule are ANDed, separate rules ORed. CLONE_NEWTIME
         # lies in clone's exit-signal byte, where no valid signal sets it: only unshare and clone3 could
@@ -153,7 +157,7 @@ def program(no_vsock: bool = False) -> bytes:
         if clone3 == NR_SCMP_ERROR:
             raise SeccompUnavailable("this libseccomp does not know clone3, so namespaces could be made through it: "
                                      "install a newer libseccomp (2.5 knows it)")
-        _check(lib.seccomp_rule_add_array(ctx, _act_errno(errno.ENOSYS), clone3, 0, None),
+        _scmp_check(lib.seccomp_rule_add_array(ctx, _act_errno(errno.ENOSYS), clone3, 0, None),
                "seccomp_rule_add_array(clone3)")
         # A persona can turn off address space randomisation (ADDR_NO_RANDOMIZE) or make data executable
         # (READ_IMPLIES_EXEC) for what the task execs; only the query is answered.
@@ -181,7 +185,7 @@ def load(program: bytes) -> None:
 
     Raises:
         ValueError: `program` is not a whole number of instructions, between 1 and the kernel's limit.
-        OSError: the kernel refused the filter (EACCES: no no_new_privs; EINVAL: not a valid program).
+        OSError: the kernel refused the filter (a SandboxError; EACCES: no no_new_privs; EINVAL: not a valid program).
     """
     count, rest = divmod(len(program), SOCK_FILTER_SIZE)
     if rest or not 0 < count <= BPF_MAXINSNS:
@@ -190,10 +194,8 @@ def load(program: bytes) -> None:
     # The kernel copies the program during the call; `buffer` must stay alive until it returns.
     buffer = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(count, ctypes.addressof(buffer))
-    if _libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
-                   ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"prctl(PR_SET_SECCOMP) failed: {os.strerror(code)}")
+    check(libc.prctl(PR_SET_SECCOMP, ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog), ctypes.c_ulong(0),
+                     ctypes.c_ulong(0)), "prctl(PR_SET_SECCOMP)")
 
 
 def _libseccomp() -> ctypes.CDLL:
@@ -216,8 +218,8 @@ def _libseccomp() -> ctypes.CDLL:
     return lib
 
 
-def _check(rc: int, call: str) -> None:
-    """libseccomp answers -errno on failure."""
+def _scmp_check(rc: int, call: str) -> None:
+    """libseccomp answers -errno on failure (not libc's -1 and errno: libc.check is not for it)."""
     if rc < 0:
         name = errno.errorcode.get(-rc, str(-rc))
         raise SeccompUnavailable(f"libseccomp: {call} failed: {name} ({os.strerror(-rc)})")
@@ -233,7 +235,8 @@ def _resolve(lib: ctypes.CDLL, name: str) -> int:
 def _rule(lib: ctypes.CDLL, ctx: int, action: int, nr: int, name: str, comparison: _ArgCmp) -> None:
     if nr == NR_SCMP_ERROR:
         raise SeccompUnavailable(f"libseccomp does not know {name}")
-    _check(lib.seccomp_rule_add_array(ctx, action, nr, 1, ctypes.byref(comparison)), f"seccomp_rule_add_array({name})")
+    _scmp_check(lib.seccomp_rule_add_array(ctx, action, nr, 1, ctypes.byref(comparison)),
+                f"seccomp_rule_add_array({name})")
 
 
 def _export(lib: ctypes.CDLL, ctx: int) -> bytes:
@@ -243,7 +246,7 @@ def _export(lib: ctypes.CDLL, ctx: int) -> bytes:
     except OSError as exc:
         raise SeccompUnavailable(f"memfd_create failed, so the filter cannot be exported: {exc}") from exc
     try:
-        _check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
+        _scmp_check(lib.seccomp_export_bpf(ctx, fd), "seccomp_export_bpf")
         size = os.fstat(fd).st_size
         bpf = os.pread(fd, size, 0)
     except OSError as exc:
