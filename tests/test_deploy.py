@@ -270,7 +270,7 @@ def test_the_deployment_is_within_pod_security_baseline() -> None:
 def test_the_nodes_seccomp_profile_refuses_what_the_tasks_filter_does_but_the_sandboxs_calls() -> None:
     """The pod's profile is the daemon's filter for its tasks less what a sandbox is made of: it never allows
     the daemon a call its tasks' filter refuses for another reason, nor forgets one added there."""
-    from task_runner.server import seccomp
+    from task_runner.server.sandbox import seccomp
 
     profile = json.loads((REPO / "deploy" / "node" / "seccomp" / "task-runner.json").read_text())
     assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
