@@ -1,19 +1,27 @@
 """The registry of live executions (task_runner.server.executions.Executions): what an unanswered execution is
 found by, when its slot comes free (its process reaped, or its settling without one), when it is gone, and the
 room its request holds while it waits. Its runs are real Runs over a socket pair (tests/test_run.py's `task`),
-their exits reported as the fork server reports a reaped process."""
+their exits reported as the fork server reports a reaped process; the last test is a real daemon's."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from pathlib import Path
 
+import pytest
+
+from task_runner.client import Client, DeadlineExceeded, TaskCancelled, TaskException
+from task_runner.client.retry import NO_RETRY
 from task_runner.server.admission import Admission
 from task_runner.server.callers import Caller, Callers
 from task_runner.server.events import EventLog
 from task_runner.server.execution import Generation
 from task_runner.server.executions import QUEUED_CALL_BYTES, Execution, Executions
+from tests.conftest import wait_until, write_config
+from tests.inprocess import InProcessDaemon
 from tests.test_run import CONFIG, Task, task
 
 NOW = 1000.0
@@ -170,3 +178,34 @@ def test_a_waiting_request_counts_its_bytes_until_it_is_handed_over_once() -> No
         executions.hand_over(small)
         assert executions.held_bytes == 0
     run(test)
+
+
+def test_however_an_execution_ends_the_daemon_holds_none_after_no_slot_and_no_room(tmp_path: Path) -> None:
+    """Answered, failed, its caller gone from the queue, cancelled in the queue, cancelled while it runs: each
+    execution leaves the registry, its slot and its request's room given back."""
+    directory = tmp_path / "d"
+    directory.mkdir()
+    gate = tmp_path / "gate"
+    text = write_config(directory / "tasks.toml", 'cgroup = "off"\nmax_running = 1\n').read_text()
+    with InProcessDaemon(directory, text) as d, d.client() as client, ThreadPoolExecutor(3) as pool:
+        executor = d.daemon.executor
+        assert client.call("echo", 5000, {"a": 1}, request_id="ends-answered").outcome
+        with pytest.raises(TaskException):
+            client.call("raise_now", 5000)
+        running = pool.submit(client.call, "gated_progress", 30_000, {"gate": str(gate)}, request_id="ends-running")
+        assert wait_until(lambda: executor.admission.running == 1, 10)
+        with Client(d.unix, retry=NO_RETRY) as once:
+            leaving = pool.submit(once.call, "echo", 5000, {}, request_id="ends-left", rpc_timeout=1.0)
+            assert wait_until(lambda: executor.admission.queued == 1, 10)
+            with pytest.raises(DeadlineExceeded):
+                leaving.result(timeout=10)
+        queued = pool.submit(client.call, "echo", 5000, {}, request_id="ends-queued")
+        assert wait_until(lambda: executor.admission.queued == 1, 10)
+        assert client.cancel("ends-queued") is False
+        with pytest.raises(TaskCancelled):
+            queued.result(timeout=10)
+        assert client.cancel("ends-running") is True
+        with pytest.raises(TaskCancelled):
+            running.result(timeout=10)
+        assert wait_until(lambda: len(executor.executions) == 0, 10), list(executor.executions)
+        assert executor.admission.running == 0 and executor.executions.held_bytes == 0
