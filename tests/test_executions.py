@@ -55,6 +55,15 @@ async def admitted(admission: Admission, executions: Executions, running: Execut
     executions.admitted(running, asyncio.get_running_loop().time())
 
 
+async def running_in(made: Task, admission: Admission, executions: Executions) -> Execution:
+    """An execution opened, admitted and started in `made`'s run, as the executor takes one through its phases."""
+    running = execution("r1")
+    executions.open(running)
+    await admitted(admission, executions, running)
+    executions.started(running, made.run, generation(1, made))
+    return running
+
+
 async def reaped(made: Task) -> None:
     """The task process exits, and the registry has heard (its callback runs before ours: added first)."""
     heard = asyncio.Event()
@@ -97,37 +106,25 @@ def test_a_retry_after_every_caller_left_is_the_one_found_while_the_old_one_is_s
     run(test)
 
 
-def test_the_slot_comes_free_when_the_process_is_reaped_not_when_the_answer_is_given() -> None:
+@pytest.mark.parametrize("reaped_first", [False, True], ids=["answered-first", "reaped-first"])
+def test_the_slot_comes_free_when_the_process_is_reaped_and_the_execution_goes_once_answered_too(
+        reaped_first: bool) -> None:
     async def test() -> None:
         admission = Admission(1, 10, 10.0)
         executions = Executions(admission)
         with task_process() as made:
-            running = execution("r1")
-            executions.open(running)
-            await admitted(admission, executions, running)
-            executions.started(running, made.run, generation(1, made))
-            answered(running, executions)
-            assert admission.running == 1 and executions.runs() == [made.run] and list(executions) == [running]
-            await reaped(made)
+            running = await running_in(made, admission, executions)
+            if reaped_first:
+                await reaped(made)
+                assert admission.running == 0 and executions.runs() == []
+                assert list(executions) == [running] and executions.find(("reports", "r1")) is running
+                answered(running, executions)
+            else:
+                answered(running, executions)  # not the slot's end: the process still runs
+                assert admission.running == 1 and executions.runs() == [made.run] and list(executions) == [running]
+                await reaped(made)
             assert admission.running == 0 and executions.runs() == [] and len(executions) == 0
             await asyncio.wait_for(admission.wait_idle(), 1)
-    run(test)
-
-
-def test_a_process_reaped_before_the_answer_frees_its_slot_and_the_execution_is_held_until_answered() -> None:
-    async def test() -> None:
-        admission = Admission(1, 10, 10.0)
-        executions = Executions(admission)
-        with task_process() as made:
-            running = execution("r1")
-            executions.open(running)
-            await admitted(admission, executions, running)
-            executions.started(running, made.run, generation(1, made))
-            await reaped(made)
-            assert admission.running == 0 and executions.runs() == []
-            assert list(executions) == [running] and executions.find(("reports", "r1")) is running
-            answered(running, executions)
-            assert len(executions) == 0
     run(test)
 
 
