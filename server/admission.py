@@ -28,7 +28,9 @@ the keys: see
 `_Level` and `_Lane`. Cancelled and timed-out calls are dropped lazily, and never outnumber the
 live ones for long (`COMPACT_MIN`).
 
-The one count of what runs (`running`) and the idle event a drain waits on are here too.
+The slot counts these choices are made on (`running`, in all, per task and per caller) and the idle event a
+drain waits on are here too; which executions hold the slots is the registry's (task_runner.server.executions),
+which gives each slot back (`release`) once its process is reaped.
 """
 
 from __future__ import annotations

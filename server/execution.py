@@ -1,18 +1,18 @@
 """An execution's life, in one place: admission, a spare task process, the run, the answer, the release.
 
-    Executor.perform: the idempotency cache -> admission (a slot, or a place in the queue)
-        -> a spare process of the current generation -> Run -> the answer to every caller attached
-        -> the slot back once the process is reaped
+    Executor.perform: the registry, then the answer cache (a retry attaches to its request_id's execution)
+        -> admit (a slot, or a place in the queue) -> take a spare process of the current generation
+        -> assign -> run -> answer every caller attached -> settle, once -> the slot back once the
+        process is reaped
 
 The servicer (task_runner.server.service) decodes and validates a request and maps a `Refusal`
-to a gRPC status; everything after that is here. `Slots` holds the one count of what runs and
-the one idle event; a reload swaps the whole `Generation` new calls are served with.
+to a gRPC status; everything after that is here. What waits and runs now is the registry's
+(task_runner.server.executions); a reload swaps the whole `Generation` new calls are served with.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import enum
 import hashlib
 import logging
@@ -28,9 +28,11 @@ from task_runner import frames
 from task_runner.frames import error_response
 from task_runner.server import logs, wire
 from task_runner.server.admission import Admission, QueueFull, QueueTimeout
+from task_runner.server.answer_cache import AnswerCache, Kept
 from task_runner.server.callers import Caller, Callers
 from task_runner.server.config import MIB, Config, Task
-from task_runner.server.events import KEPT_BYTES, EventLog
+from task_runner.server.events import EventLog
+from task_runner.server.executions import NOT_ENDED, QUEUED_CALL_BYTES, Ended, Execution, Executions
 from task_runner.server.forkclient import FORK_RETRY_S, ForkServerClient, ForkServerDied, NoProcess
 from task_runner.server.metrics import Metrics
 from task_runner.server.run import Run
@@ -42,10 +44,6 @@ from task_runner.values import struct_digest
 
 log = logging.getLogger("task_runner.server")
 QUEUE_RETRY_S = 0.1  # the retry delay a full queue suggests
-# What a call waiting for a task process costs the daemon besides its request's bytes (its
-# execution, event log and asyncio tasks, gRPC's call and stream): 24-26 KiB of RSS measured per
-# queued call, rounded up. max_queued_bytes counts it for each, so that tiny calls fill it too.
-QUEUED_CALL_BYTES = 32 << 10
 
 
 class Reason(enum.Enum):
@@ -119,23 +117,41 @@ class Call:
     rpc_deadline: float  # loop time by which the answer must be on its way (inf: none)
     received_at: float  # loop time it arrived
     wants: Wants = field(default_factory=Wants)
-    ended: Ended | None = None  # set by the executor once it answered the call: how its execution ended
-    shared: bool = False  # ... and whether that execution was another call's (a repeat of its request_id)
-    execution_id: str = ""  # the request_id of the execution it opened (the daemon makes one where it had none)
     trace: TraceContext | None = None  # the caller's W3C trace context, if the call carried one
 
 
-class Ended(NamedTuple):
-    """How an execution ended, for the access log: the task's outcome ("true", "false") or error kind
-    ("" for neither: it was refused or lost), and the time it waited for a slot and ran."""
+class Performed(NamedTuple):
+    """What a call came to, as `Executor.perform` returns it: the execution it opened or joined ("" if it opened
+    none), whether that was another call's (a repeat of its request_id), how that ended; and its serialized
+    answer (a stream's went as its last event), or the refusal it got."""
 
-    outcome: str = ""
-    error: str = ""
-    queue_ms: float = 0.0
-    run_ms: float = 0.0
+    execution_id: str = ""
+    shared: bool = False
+    ended: Ended = NOT_ENDED
+    answer: bytes = b""
+    refusal: Refusal | None = None
 
 
-NOT_ENDED = Ended()
+class _Settled(NamedTuple):
+    """What an execution's phases came to, settled in one place (`Executor._settle`)."""
+
+    response: PerformResponse | None = None  # every caller's answer (the task's, or the daemon's own), if any
+    refusal: Refusal | None = None  # else the refusal every caller gets; neither: every caller left
+    returned: bool = False  # its run returned: its process ends by itself (else it is killed, if it has one)
+
+    @property
+    def refused_by_runner(self) -> bool:
+        """The run returned a refusal: the runner's verdict on the options, before any task code ran."""
+        return self.returned and self.refusal is not None
+
+
+class _Handover(NamedTuple):
+    """What the task process is handed besides the request: the assignment's head, its deadline and heartbeat
+    timeout."""
+
+    head: bytes
+    deadline: float
+    stall_s: float | None
 
 
 def _import_failed(task: str, import_error: str) -> PerformResponse:
@@ -173,6 +189,10 @@ def _shutting_down() -> Refusal:
     return Refusal(Reason.SHUTTING_DOWN, "the daemon is shutting down; call another", 0.0)
 
 
+def _cancelled_before_run() -> PerformResponse:
+    return error_response(TaskError.CANCELLED, "Cancelled", "the call was cancelled before it ran")
+
+
 def options_digest(serialized: Iterable[bytes]) -> bytes:
     """A digest of options as serialized (each part of the field as it came): the same bytes, the same
     options. Taking it costs a pass of sha256, not a parse: the daemon never builds a request's options."""
@@ -207,112 +227,7 @@ class Generation:
         return self.config.catalogue
 
 
-@dataclass(eq=False)
-class Execution:
-    """One run of a task. Every call with the same request_id attaches to it and gets its answer."""
-
-    request_id: str
-    task: str
-    caller: Caller  # whose it is: its request_id is looked up among that caller's alone
-    options_digest: bytes  # of its options as they came, to tell a different request under the same request_id
-    request: bytes  # the raw request, until it is handed to the task process
-    received_at: float
-    events: EventLog
-    run: Run | None = None
-    job: asyncio.Future[None] | None = None  # admission, then the run: independent of any one caller
-    answer: asyncio.Future[bytes] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
-    attached: int = 0
-    cancelled: bool = False  # a Cancel asked for it: the answer is CANCELLED even if it never ran
-    ended: Ended = NOT_ENDED  # how it ended, once it has
-
-    def abandon(self) -> None:
-        """Every caller left before the answer: kill the run, or leave the queue."""
-        if self.run is not None:
-            self.run.stop(Stop.CANCELLED)  # the slot is freed once the process is reaped
-        elif self.job is not None:
-            self.job.cancel()
-
-
-_Key = tuple[str, str]  # a caller's name and a request_id: a request_id is the caller's own
-
-
-def _key(execution: Execution) -> _Key:
-    return execution.caller.name, execution.request_id
-
-
-class _Kept(NamedTuple):
-    """A finished execution's answer, as little as is needed to give it again."""
-
-    task: str
-    options_digest: bytes  # as in Execution
-    values_digest: bytes  # its options' values_digest, as its task process gave it (b"": none came)
-    answer: bytes
-    expires: float
-    events: EventLog  # for a Watch after the end
-    ended: Ended
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.answer) + len(self.options_digest) + len(self.values_digest) + self.events.nbytes
-
-
-class AnswerCache:
-    """Executions by caller and caller-given request_id: running ones, and finished ones' answers for `window_s`.
-
-    Bounded by entry count and by the bytes kept; the oldest finished go first. A CANCELLED
-    answer is not kept: the caller went away, and a retry should run the task.
-    """
-
-    def __init__(self, window_s: float, max_entries: int, max_bytes: int) -> None:
-        self.window_s, self.max_entries, self.max_bytes = window_s, max_entries, max_bytes
-        self._running: dict[_Key, Execution] = {}
-        self._finished: collections.OrderedDict[_Key, _Kept] = collections.OrderedDict()
-        self._bytes = 0
-
-    def get(self, key: _Key, now: float) -> Execution | _Kept | None:
-        while self._finished and next(iter(self._finished.values())).expires <= now:
-            self._drop_oldest()
-        return self._running.get(key) or self._finished.get(key)
-
-    def find(self, request_id: str, now: float) -> Execution | _Kept | None:
-        """The execution of `request_id` of any caller (for a caller who may see all): a scan."""
-        self.get(("", ""), now)  # drop the expired
-        for entries in (self._running, self._finished):
-            found = next((entry for (_, rid), entry in entries.items() if rid == request_id), None)
-            if found is not None:
-                return found
-        return None
-
-    def add(self, execution: Execution) -> None:
-        self._running[_key(execution)] = execution
-
-    def forget(self, execution: Execution) -> None:
-        """A running execution no caller waits for any more: a retry must start afresh."""
-        if self._running.get(_key(execution)) is execution:
-            del self._running[_key(execution)]
-
-    def finish(self, execution: Execution, answer: bytes | None, now: float) -> None:
-        key = _key(execution)
-        if self._running.get(key) is not execution:
-            return  # forgotten, or never kept (no caller-given request_id)
-        del self._running[key]
-        if answer is None or self.window_s <= 0:
-            return
-        execution.events.trim(KEPT_BYTES)
-        values = execution.run.values_digest if execution.run is not None else b""
-        kept = _Kept(execution.task, execution.options_digest, values, answer, now + self.window_s,
-                     execution.events, execution.ended)
-        self._finished[key] = kept
-        self._bytes += kept.nbytes
-        while self._finished and (len(self._finished) > self.max_entries or self._bytes > self.max_bytes):
-            self._drop_oldest()
-
-    def _drop_oldest(self) -> None:
-        _, kept = self._finished.popitem(last=False)
-        self._bytes -= kept.nbytes
-
-
-def _same_options(found: Execution | _Kept, call: Call) -> bool:
+def _same_options(found: Execution | Kept, call: Call) -> bool:
     """Whether `call`, under the request_id of the execution `found`, brings its options: the same bytes,
     or other bytes of the same values (a retry from another process or language orders a map its way).
 
@@ -321,13 +236,14 @@ def _same_options(found: Execution | _Kept, call: Call) -> bool:
     """
     if found.options_digest == call.digest:
         return True
-    if isinstance(found, _Kept):
+    if isinstance(found, Kept):
         theirs = found.values_digest
     elif found.request:  # still waiting: its bytes are here
         theirs = values_digest(found.request)
     else:
         theirs = found.run.values_digest if found.run is not None else b""
     return bool(theirs) and theirs == values_digest(call.request)
+
 
 
 class Executor:
@@ -342,17 +258,14 @@ class Executor:
         config = generation.config
         self.generation = generation
         self.metrics = metrics
-        # The one count of what runs, and the queue in front of the slots.
+        # The queue in front of the slots, and the slot counts it chooses by.
         self.admission = Admission(config.max_running, config.max_queued, config.priority_aging_s)
         self._configure(generation)
         metrics.watch(self.admission)
         self._max_queued_bytes = config.max_queued_bytes
+        self.executions = Executions(self.admission)  # what waits and runs now: the one record of it
         self._cache = AnswerCache(config.idempotency_window_s, config.idempotency_max_entries, 64 * MIB)
-        self._runs: dict[Run, Generation] = {}  # runs whose process is not yet reaped
-        self._live: dict[_Key, Execution] = {}  # every execution not yet answered, by caller and request id
         self.tracer = Tracer()  # records spans once started, where OpenTelemetry is set up to
-        self._jobs: set[asyncio.Future[None]] = set()
-        self._held_bytes = 0  # of requests not yet handed to a task process, and QUEUED_CALL_BYTES for each
         self.draining = False  # new calls are refused
         self.stopping = False  # and calls still queued are refused too
 
@@ -370,44 +283,41 @@ class Executor:
         """Refuse a request of `size` bytes at once if waiting calls already hold all the room there is
         (each its request and QUEUED_CALL_BYTES): checked before the request is even parsed, since
         parsing a big request costs memory too."""
-        if self._held_bytes and self._held_bytes + size + QUEUED_CALL_BYTES > self._max_queued_bytes:
+        held = self.executions.held_bytes
+        if held and held + size + QUEUED_CALL_BYTES > self._max_queued_bytes:
             self.metrics.admission_rejected.labels("max_queued_bytes").inc()
             raise Refusal(
                 Reason.QUEUE_BYTES_FULL,
-                f"queue full: the calls waiting for a task process hold {self._held_bytes} bytes (their requests, "
+                f"queue full: the calls waiting for a task process hold {held} bytes (their requests, "
                 f"and {QUEUED_CALL_BYTES} bytes each; max_queued_bytes = {self._max_queued_bytes}); retry later",
                 QUEUE_RETRY_S, "max_queued_bytes",
             )
 
-    def _open(self, call: Call) -> Execution | _Kept:
+    def _open(self, call: Call) -> tuple[Execution | Kept, bool]:
         """The execution of a validated call: the running or finished one of its caller's request_id, or a
-        new one. The call's request bytes go to the execution.
+        new one; and whether it was another call's. The call's request bytes go to a new execution.
 
         Raises:
             Refusal: the request_id was used for another request, or the daemon drains.
         """
         request_id, task = call.request_id, call.task
-        found = self._cache.get((call.caller.name, request_id), call.received_at) if request_id else None
-        if found is not None:
-            if found.task != task.name or not _same_options(found, call):
-                raise Refusal(Reason.REQUEST_ID_REUSED, f"request_id {request_id!r} was used for a different request")
-            call.shared = True
-            return found
+        if request_id:
+            key = (call.caller.name, request_id)
+            found = self.executions.attachable(key) or self._cache.get(key, call.received_at)
+            if found is not None:
+                if found.task != task.name or not _same_options(found, call):
+                    raise Refusal(Reason.REQUEST_ID_REUSED,
+                                  f"request_id {request_id!r} was used for a different request")
+                return found, True
         if self.draining:
             raise _shutting_down()
         events = EventLog(call.received_at, self.metrics.events_dropped.inc)
         request, call.request = call.request, b""
         execution = Execution(request_id or uuid.uuid4().hex, task.name, call.caller, call.digest, request,
-                              call.received_at, events)
-        self._held_bytes += len(request) + QUEUED_CALL_BYTES
-        call.execution_id = execution.request_id
-        if request_id:
-            self._cache.add(execution)  # before admission: a duplicate arriving now attaches to this one
-        self._live[_key(execution)] = execution
-        execution.job = asyncio.ensure_future(self._execute(execution, call))
-        self._jobs.add(execution.job)  # a reference, so the job is not collected mid-run
-        execution.job.add_done_callback(self._jobs.discard)
-        return execution
+                              call.received_at, events, attachable=bool(request_id))
+        self.executions.open(execution)  # before admission: a duplicate arriving now attaches to this one
+        execution.job = asyncio.ensure_future(self._execute(execution, call))  # held by the registry, as it is
+        return execution, False
 
     async def _values_known(self, call: Call) -> None:
         """Return once the execution of `call`'s request_id, if one runs and `call` brings its options as
@@ -415,54 +325,62 @@ class Executor:
         first frame, a moment after the hand-over (the time it takes to parse them)."""
         if not call.request_id:
             return
-        found = self._cache.get((call.caller.name, call.request_id), call.received_at)
-        if isinstance(found, Execution) and found.options_digest != call.digest and not found.request:
+        found = self.executions.attachable((call.caller.name, call.request_id))
+        if found is not None and found.options_digest != call.digest and not found.request:
             run = found.run
             if run is not None and not run.first_frame.done():
                 await asyncio.wait((run.first_frame, run.reaped), return_when=asyncio.FIRST_COMPLETED)
 
-    async def perform(self, call: Call) -> bytes:
-        """Run a validated call (or attach to its caller's execution under its request_id); its serialized
-        answer.
-
-        Raises:
-            Refusal: the call is not run, or could not be.
-        """
-        await self._values_known(call)
-        opened = self._open(call)
+    async def perform(self, call: Call) -> Performed:
+        """Run a validated call (or attach to its caller's execution under its request_id): what it came to,
+        its serialized answer or the refusal it got. Raises only what ends the servicer's own call (it left)."""
         try:
-            return opened.answer if isinstance(opened, _Kept) else await self._attach(opened)
-        finally:
-            call.ended = opened.ended
-
-    async def perform_stream(self, call: Call) -> AsyncIterator[bytes]:
-        """As `perform`, but the execution's serialized PerformEvents, the response last. The stream's
-        caller is attached to the execution as a Perform's is: the last to leave cancels it."""
-        await self._values_known(call)
-        opened = self._open(call)
+            await self._values_known(call)
+            opened, shared = self._open(call)
+        except Refusal as exc:
+            return Performed(refusal=exc)
+        execution_id = opened.request_id if isinstance(opened, Execution) else call.request_id
         try:
-            if isinstance(opened, _Kept):
-                async for event in opened.events.follow():
-                    yield event
-                return
-            opened.attached += 1
+            answer = opened.answer if isinstance(opened, Kept) else await self._attach(opened)
+        except Refusal as exc:
+            return Performed(execution_id, shared, opened.ended, refusal=exc)
+        return Performed(execution_id, shared, opened.ended, answer)
+
+    async def perform_stream(self, call: Call) -> AsyncIterator[bytes | Performed]:
+        """As `perform`, but the execution's serialized PerformEvents, the response last, then what the call came
+        to. The stream's caller is attached to the execution as a Perform's is: the last to leave cancels it."""
+        try:
+            await self._values_known(call)
+            opened, shared = self._open(call)
+        except Refusal as exc:
+            yield Performed(refusal=exc)
+            return
+        if isinstance(opened, Kept):
+            async for event in opened.events.follow():
+                yield event
+            yield Performed(call.request_id, shared, opened.ended)
+            return
+        refusal = None
+        opened.attached += 1
+        try:
+            async for event in opened.events.follow():
+                yield event
             try:
-                async for event in opened.events.follow():
-                    yield event
                 await opened.answer  # the events end with the response, or else the refusal is raised here
-            finally:
-                self._detach(opened)
+            except Refusal as exc:
+                refusal = exc
         finally:
-            call.ended = opened.ended
+            self._detach(opened)
+        yield Performed(opened.request_id, shared, opened.ended, refusal=refusal)
 
-    def _find(self, request_id: str, caller: Caller, finished: bool) -> Execution | _Kept | None:
+    def _find(self, request_id: str, caller: Caller, finished: bool) -> Execution | Kept | None:
         """The execution of `request_id` that `caller` may see: its own, or, if it may see all, anyone's
         (its own first). With `finished`, those that finished within the idempotency window too."""
         now = asyncio.get_running_loop().time()
         key = (caller.name, request_id)
-        found: Execution | _Kept | None = self._live.get(key) or (self._cache.get(key, now) if finished else None)
+        found: Execution | Kept | None = self.executions.find(key) or (self._cache.get(key, now) if finished else None)
         if found is None and caller.see_all:
-            found = next((e for (_, rid), e in self._live.items() if rid == request_id), None)
+            found = self.executions.find_any(request_id)
             if found is None and finished:
                 found = self._cache.find(request_id, now)
         return found
@@ -513,7 +431,7 @@ class Executor:
     def notice_all(self, end: float) -> None:
         """The drain ends at loop time `end`: tell each running task with a grace to stop, its grace before."""
         loop = asyncio.get_running_loop()
-        for run in list(self._runs):
+        for run in self.executions.runs():
             if run.grace_s > 0:
                 loop.call_at(max(loop.time(), end - run.grace_s), run.notice, Stop.CANCELLED, run.grace_s)
 
@@ -532,24 +450,59 @@ class Executor:
         """A caller left; the last to leave before the answer has the execution cancelled."""
         execution.attached -= 1
         if execution.attached == 0 and not execution.answer.done():
-            self._cache.forget(execution)
+            self.executions.forget(execution)
             execution.abandon()
 
-    def _release_request(self, execution: Execution) -> bytes:
-        """The request's bytes, handed over (or given up): they, and the call, no longer count as waiting.
-        Called once for each execution: a request is never empty (it names its task)."""
-        request, execution.request = execution.request, b""
-        self._held_bytes -= len(request) + QUEUED_CALL_BYTES
-        return request
+    # -- an execution's phases: admit, take a process, assign, run, answer; then settle, once
 
-    async def _admit(self, execution: Execution, task: Task, wants: Wants) -> float:
+    async def _execute(self, execution: Execution, call: Call) -> None:
+        """Take one execution through its phases, whatever happens to its callers, and settle it.
+
+        The slot is held from admission until the task's process is reaped (or, if no process
+        was taken, until it settles).
+        """
+        spans: CallSpans | None = None
+        if call.trace is not None:
+            spans = self.tracer.begin(call.trace, call.task.name, execution.request_id, execution.caller.name,
+                                      execution.received_at)
+        try:
+            settled = await self._phases(execution, call, spans)
+        except Refusal as exc:
+            settled = _Settled(refusal=exc)  # every caller attached is refused alike
+        except asyncio.CancelledError:
+            # A Cancel took it out of the queue (its callers are told so), or else every caller left before it ran.
+            settled = _Settled(_cancelled_before_run() if execution.cancelled else None)
+        except Exception:
+            log.exception("task %s: the daemon failed to run it", execution.task, extra=_fields(execution))
+            settled = _Settled(refusal=Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
+        self._settle(execution, call, settled, spans)
+
+    async def _phases(self, execution: Execution, call: Call, spans: CallSpans | None) -> _Settled:
+        """The phases up to the answer, in order; what they came to.
+
+        Raises:
+            Refusal: a phase refused the call.
+        """
+        broken = self.generation.forkserver.info.get(call.task.name)
+        if broken is not None and broken.import_error:  # it cannot run: no slot, no process for it
+            return _Settled(_import_failed(call.task.name, broken.import_error))
+        admitted_at = await self._admit(execution, call.wants)
+        if spans is not None:
+            spans.admitted()
+        run, task = await self._take_process(execution, call.task.name)
+        if self.stopping:
+            raise _shutting_down()  # (its process is killed as it settles)
+        handover = self._assign(execution, call, run, task, spans)
+        return await self._run(execution, run, handover, admitted_at)
+
+    async def _admit(self, execution: Execution, wants: Wants) -> float:
         """Take a slot, waiting in the queue if need be; the loop time it was taken."""
         def queued(position: int) -> None:
             event = PerformEvent()
             event.queued.position = position
             execution.events.add(event)
         try:
-            await self.admission.acquire(task.name, wants.priority, wants.fairness_key, wants.queue_timeout_s,
+            await self.admission.acquire(execution.task, wants.priority, wants.fairness_key, wants.queue_timeout_s,
                                          queued, caller=execution.caller.name)
         except QueueFull as exc:
             self.metrics.admission_rejected.labels(exc.limit).inc()
@@ -557,9 +510,11 @@ class Executor:
         except QueueTimeout as exc:
             self.metrics.admission_rejected.labels("queue_timeout_ms").inc()
             raise Refusal(Reason.QUEUE_TIMEOUT, str(exc)) from None
-        return asyncio.get_running_loop().time()
+        admitted_at = asyncio.get_running_loop().time()
+        self.executions.admitted(execution, admitted_at)
+        return admitted_at
 
-    async def _start(self, execution: Execution, name: str, admitted_at: float) -> tuple[Run, Task]:
+    async def _take_process(self, execution: Execution, name: str) -> tuple[Run, Task]:
         """A run in a spare process of the current generation, and the task as that generation has it."""
         generation = self.generation  # read once admitted: a reload meanwhile sends us to the new one
         while True:
@@ -574,119 +529,91 @@ class Executor:
                     generation = self.generation  # a reload retired it while we waited: take the new one's
                     continue
                 raise Refusal(Reason.NO_TASK_PROCESS, f"{exc}; retry", FORK_RETRY_S) from None
-        run = execution.run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s,
-                                  execution.events)
-        self._runs[run] = generation
-        run.reaped.add_done_callback(lambda _: self._reaped(run, name, execution.caller.name, admitted_at))
+        run = Run(generation.forkserver, process, generation.config, task.limits.cpu_s, execution.events)
+        self.executions.started(execution, run, generation)
         return run, task
 
-    async def _execute(self, execution: Execution, call: Call) -> None:
-        """Admit, run and answer one execution, whatever happens to its callers; record it.
+    def _assign(self, execution: Execution, call: Call, run: Run, task: Task, spans: CallSpans | None) -> _Handover:
+        """What the task process is told besides the request (its limits, deadline, ids, trace context); its
+        watchers are told it started."""
+        limits = task.process_limits()
+        if run.process.cgroup:
+            limits = cgroups.limit(run.process.cgroup, limits)
+        if limits.processes >= 0 and run.process.uid == wire.NO_UID and "processes" not in task.limits.explicit:
+            # The default limit is a task's own: under a shared uid RLIMIT_NPROC would count every process of
+            # that user (the daemon's, the other tasks'), so only a limit the file sets applies there.
+            limits = limits._replace(processes=frames.NO_LIMIT)
+        deadline = min(asyncio.get_running_loop().time() + call.timeout_ms / 1e3, call.rpc_deadline)
+        run.grace_s = call.wants.grace_s if call.wants.grace_s is not None else task.grace_ms / 1e3
+        started = PerformEvent()
+        started.started.pid = run.process.pid
+        started.started.caller = execution.caller.name
+        started.started.deadline_ms = (deadline - execution.received_at) * 1e3  # for a watcher's time left
+        self.metrics.started.labels(execution.task, execution.caller.name).inc()
+        execution.events.add(started)
+        context = spans.run(task.name) if spans is not None else call.trace
+        assignment = frames.Assignment(limits, run.process.workdir, deadline, execution.request_id,
+                                       execution.caller.name, context.traceparent if context else "",
+                                       context.tracestate if context else "")
+        stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
+        return _Handover(assignment.head(len(execution.request)), deadline, stall_s)
 
-        The slot is held from admission until the task's process is reaped (or, if no process
-        was started, until this ends).
-        """
-        loop = asyncio.get_running_loop()
-        task, wants = call.task, call.wants
-        response: PerformResponse | None = None
-        answer: bytes | None = None
-        admitted_at = execution.received_at
-        admitted = refused = False
-        spans: CallSpans | None = None
-        if call.trace is not None:
-            spans = self.tracer.begin(call.trace, task.name, execution.request_id, execution.caller.name,
-                                      execution.received_at)
-        try:
-            broken = self.generation.forkserver.info.get(task.name)
-            if broken is not None and broken.import_error:  # it cannot run: no slot, no process for it
-                response = _import_failed(task.name, broken.import_error)
-                answer = self._answer(execution, response)
-                return
-            admitted_at = await self._admit(execution, task, wants)
-            admitted = True
-            if spans is not None:
-                spans.admitted()
-            run, task = await self._start(execution, task.name, admitted_at)
-            if self.stopping:
-                run.stop(Stop.CANCELLED)
-                raise _shutting_down()
-            limits = task.process_limits()
-            if run.process.cgroup:
-                limits = cgroups.limit(run.process.cgroup, limits)
-            if limits.processes >= 0 and run.process.uid == wire.NO_UID and "processes" not in task.limits.explicit:
-                # The default limit is a task's own: under a shared uid RLIMIT_NPROC would count every process of
-                # that user (the daemon's, the other tasks'), so only a limit the file sets applies there.
-                limits = limits._replace(processes=frames.NO_LIMIT)
-            deadline = min(loop.time() + call.timeout_ms / 1e3, call.rpc_deadline)
-            run.grace_s = wants.grace_s if wants.grace_s is not None else task.grace_ms / 1e3
-            stall_s = task.heartbeat_timeout_ms / 1e3 if task.heartbeat_timeout_ms else None
-            request = self._release_request(execution)
-            started = PerformEvent()
-            started.started.pid = run.process.pid
-            started.started.caller = execution.caller.name
-            started.started.deadline_ms = (deadline - execution.received_at) * 1e3  # for a watcher's time left
-            self.metrics.started.labels(execution.task, execution.caller.name).inc()
-            execution.events.add(started)
-            context = spans.run(task.name) if spans is not None else call.trace
-            assignment = frames.Assignment(limits, run.process.workdir, deadline, execution.request_id,
-                                           execution.caller.name, context.traceparent if context else "",
-                                           context.tracestate if context else "")
-            response, handed_at = await run.execute(assignment.head(len(request)), request, deadline, run.grace_s,
-                                                    stall_s)
-            if run.options_invalid is not None:
-                refused = True  # the runner's own verdict, the channel's first frame, before any task code ran
-                raise Refusal(Reason.INVALID_OPTIONS, run.options_invalid)
-            response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
-            response.timings.start_ms = (handed_at - admitted_at) * 1e3
-            answer = self._answer(execution, response)
-        except Refusal as exc:
-            execution.answer.set_exception(exc)  # every caller attached is refused alike
-        except asyncio.CancelledError:
-            if execution.cancelled:  # a Cancel took it out of the queue: its callers are told so
-                response = error_response(TaskError.CANCELLED, "Cancelled", "the call was cancelled before it ran")
-                answer = self._answer(execution, response)
-            else:
-                execution.answer.cancel()  # every caller left before it ran
-        except Exception:
-            log.exception("task %s: the daemon failed to run it", execution.task, extra=_fields(execution))
-            execution.answer.set_exception(Refusal(Reason.INTERNAL, "the daemon failed to run the task"))
-        finally:
-            if self._live.get(_key(execution)) is execution:  # not a later one under the same id
-                del self._live[_key(execution)]
-            execution.events.end()
-            if execution.request:
-                self._release_request(execution)
-            if execution.run is None:
-                if admitted:
-                    self.admission.release(execution.task, caller=execution.caller.name)
-            elif response is None:
-                execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
-            if admitted and not refused:
-                self._record(execution, task, response, admitted_at, loop.time())
-            else:  # it never ran: how long it waited, and the daemon's own answer, if it gave one
-                kind = TaskError.Kind.Name(response.error.kind) if response is not None and answer else ""
-                waited = (admitted_at if admitted else loop.time()) - execution.received_at
-                execution.ended = Ended(error=kind, queue_ms=waited * 1e3)
-                if kind:
-                    self.metrics.finished.labels(execution.task, "", kind, execution.caller.name).inc()
-            cancelled = response is not None and response.error.kind == TaskError.CANCELLED
-            self._cache.finish(execution, None if cancelled else answer, loop.time())  # with how it ended
-            if spans is not None:
-                spans.end(execution.ended.outcome, execution.ended.error)
+    async def _run(self, execution: Execution, run: Run, handover: _Handover, admitted_at: float) -> _Settled:
+        """Hand the task over and run it: its response, or the runner's refusal of its options."""
+        # The request goes as an argument, in no local of the executor's while the task runs.
+        response, handed_at = await run.execute(handover.head, self.executions.hand_over(execution),
+                                                handover.deadline, run.grace_s, handover.stall_s)
+        if run.options_invalid is not None:  # the runner's own verdict, the channel's first frame, before any task code
+            return _Settled(refusal=Refusal(Reason.INVALID_OPTIONS, run.options_invalid), returned=True)
+        response.timings.queue_ms = (admitted_at - execution.received_at) * 1e3
+        response.timings.start_ms = (handed_at - admitted_at) * 1e3
+        return _Settled(response, returned=True)
+
+    def _settle(self, execution: Execution, call: Call, settled: _Settled, spans: CallSpans | None) -> None:
+        """However the phases ended, in this one place: answer every caller, end the events, let go of the request
+        and the process, record how it ended, keep the answer for retries, leave the registry's reach."""
+        now = asyncio.get_running_loop().time()
+        answer = self._answer(execution, settled)
+        execution.events.end()
+        if execution.request:
+            self.executions.hand_over(execution)  # given up
+        if execution.run is not None and not settled.returned:
+            execution.run.stop(Stop.CANCELLED)  # whatever went wrong, the process does not outlive it
+        admitted_at = execution.admitted_at
+        if admitted_at is not None and not settled.refused_by_runner:
+            generation = execution.generation  # the task as the generation it ran in has it
+            task = generation.tasks.get(execution.task, call.task) if generation is not None else call.task
+            self._record(execution, task, settled.response, admitted_at, now)
+        else:  # it never ran: how long it waited, and the daemon's own answer, if it gave one
+            response = settled.response
+            kind = TaskError.Kind.Name(response.error.kind) if response is not None else ""
+            waited = (admitted_at if admitted_at is not None else now) - execution.received_at
+            execution.ended = Ended(error=kind, queue_ms=waited * 1e3)
+            if kind:
+                self.metrics.finished.labels(execution.task, "", kind, execution.caller.name).inc()
+        cancelled = settled.response is not None and settled.response.error.kind == TaskError.CANCELLED
+        if answer is not None and not cancelled and execution.attachable:  # with how it ended
+            self._cache.keep(execution, answer, now)
+        self.executions.settle(execution)
+        if spans is not None:
+            spans.end(execution.ended.outcome, execution.ended.error)
 
     @staticmethod
-    def _answer(execution: Execution, response: PerformResponse) -> bytes:
-        """Give every caller and follower of `execution` its response; the serialized answer."""
+    def _answer(execution: Execution, settled: _Settled) -> bytes | None:
+        """The answer phase: every caller and follower of `execution` gets its response (the serialized answer,
+        returned), or its refusal; or, if every caller left, nothing."""
+        response = settled.response
+        if response is None:
+            if settled.refusal is not None:
+                execution.answer.set_exception(settled.refusal)
+            else:
+                execution.answer.cancel()
+            return None
         response.request_id = execution.request_id
         answer = response.SerializeToString()
         execution.events.finish(answer)
         execution.answer.set_result(answer)
         return answer
-
-    def _reaped(self, run: Run, task: str, caller: str, admitted_at: float) -> None:
-        """The task's process is gone: its slot is free."""
-        del self._runs[run]
-        self.admission.release(task, asyncio.get_running_loop().time() - admitted_at, caller=caller)
 
     def _record(self, execution: Execution, task: Task, response: PerformResponse | None, admitted_at: float,
                 now: float) -> None:
@@ -719,18 +646,20 @@ class Executor:
         log.info("task %s finished: %s in %.1f ms (%.1f ms of it queued)", execution.task, verdict,
                  (now - execution.received_at) * 1e3, queue_s * 1e3, extra=fields)
 
+    # -- the drain and a reload
+
     async def wait_idle(self) -> None:
         """Return once nothing runs (no slot is held)."""
         await self.admission.wait_idle()
 
     async def finished(self, generation: Generation) -> None:
         """Return once no process of `generation` is running (it serves no new calls by then)."""
-        while pending := [run.reaped for run, of in self._runs.items() if of is generation]:
+        while pending := [run.reaped for run in self.executions.runs(generation)]:
             await asyncio.wait(pending)
 
     def stop_all(self, why: Stop) -> None:
         """Have every running task killed and every queued call refused (the drain grace is over)."""
         self.stopping = True
         self.admission.refuse_waiting(_shutting_down)
-        for run in list(self._runs):
+        for run in self.executions.runs():
             run.stop(why)

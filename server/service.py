@@ -27,7 +27,7 @@ from task_runner.server import sandboxes
 from task_runner.server.access import Entry, peer_of
 from task_runner.server.callers import Caller
 from task_runner.server.config import Task
-from task_runner.server.execution import Call, Executor, Reason, Refusal, Wants, options_digest
+from task_runner.server.execution import Call, Executor, Performed, Reason, Refusal, Wants, options_digest
 from task_runner.server.metrics import Metrics
 from task_runner.server.security import UNAUTHENTICATED
 from task_runner.server.tracing import TraceContext
@@ -140,32 +140,39 @@ class TaskRunnerService:
     async def perform(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
         with self._access("Perform", request, context) as entry:
             caller = await self._caller(context, entry)
-            call = None
+            call = performed = None
             try:
                 call = self._accept(request, context, caller, entry)
-                answer = await self._executor.perform(call)
+                performed = await self._executor.perform(call)
+                if performed.refusal is not None:
+                    await self._abort(context, performed.refusal, entry)
             except (RequestError, Refusal) as exc:
                 await self._abort(context, exc, entry)
                 raise AssertionError("unreachable") from exc  # abort raises
             finally:
-                _ended(entry, call)
-            entry.bytes_out = len(answer)
-            return answer
+                _ended(entry, call, performed)
+            entry.bytes_out = len(performed.answer)
+            return performed.answer
 
     async def perform_stream(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any],
                              ) -> AsyncIterator[bytes]:
         with self._access("PerformStream", request, context) as entry:
             caller = await self._caller(context, entry)
-            call = None
+            call = performed = None
             try:
                 call = self._accept(request, context, caller, entry)
                 async for event in self._executor.perform_stream(call):
-                    entry.bytes_out += len(event)
-                    yield event
+                    if isinstance(event, Performed):  # the last: what the call came to
+                        performed = event
+                    else:
+                        entry.bytes_out += len(event)
+                        yield event
+                if performed is not None and performed.refusal is not None:
+                    await self._abort(context, performed.refusal, entry)
             except (RequestError, Refusal) as exc:
                 await self._abort(context, exc, entry)
             finally:
-                _ended(entry, call)
+                _ended(entry, call, performed)
 
     async def watch(self, request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
         with self._access("Watch", request, context) as entry:
@@ -352,14 +359,15 @@ def _streaming(behaviour: Callable[[bytes, _Context], AsyncGenerator[bytes, None
     return streaming
 
 
-def _ended(entry: Entry, call: Call | None) -> None:
-    """What the executor says of the call's execution, into its access record."""
+def _ended(entry: Entry, call: Call | None, performed: Performed | None) -> None:
+    """What the executor says the call came to, into its access record (`performed`: None if the caller left
+    before it was told)."""
     if call is None:
         return
-    entry.request_id = call.request_id or call.execution_id
-    entry.shared = call.shared
-    if call.ended is not None:
-        entry.outcome, entry.error, entry.queue_ms, entry.run_ms = call.ended
+    entry.request_id = call.request_id or (performed.execution_id if performed is not None else "")
+    if performed is not None:
+        entry.shared = performed.shared
+        entry.outcome, entry.error, entry.queue_ms, entry.run_ms = performed.ended
 
 
 def agreed_id(field: str, metadata: Any) -> str:

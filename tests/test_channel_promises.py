@@ -116,7 +116,9 @@ def test_options_a_struct_carries_but_json_cannot_are_still_invalid(tmp_path: Pa
 def follower_bytes(d: InProcessDaemon, request_id: str) -> list[int]:
     """The bytes of events each follower of the execution of `request_id` holds, not yet sent."""
     def measure() -> list[int]:
-        events = d.daemon.executor._live["default", request_id].events
+        execution = d.daemon.executor.executions.find(("default", request_id))
+        assert execution is not None
+        events = execution.events
         return [sum(len(data) for data in follower.queue if data is not None) for follower in events._followers]
     return on_loop(d, measure)
 
