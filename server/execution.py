@@ -17,7 +17,7 @@ import enum
 import hashlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -130,6 +130,9 @@ class Performed(NamedTuple):
     ended: Ended = NOT_ENDED
     answer: bytes = b""
     refusal: Refusal | None = None
+
+
+Opened = Callable[[str, bool], None]  # told an execution's id, and whether it was another call's, once opened
 
 
 class _Settled(NamedTuple):
@@ -331,22 +334,26 @@ class Executor:
             if run is not None and not run.first_frame.done():
                 await asyncio.wait((run.first_frame, run.reaped), return_when=asyncio.FIRST_COMPLETED)
 
-    async def perform(self, call: Call) -> Performed:
+    async def perform(self, call: Call, opened_as: Opened | None = None) -> Performed:
         """Run a validated call (or attach to its caller's execution under its request_id): what it came to,
-        its serialized answer or the refusal it got. Raises only what ends the servicer's own call (it left)."""
+        its serialized answer or the refusal it got. Raises only what ends the servicer's own call (it left):
+        `opened_as` is told the execution's id and whether it was another call's first, for a caller that leaves.
+        """
         try:
             await self._values_known(call)
             opened, shared = self._open(call)
         except Refusal as exc:
             return Performed(refusal=exc)
         execution_id = opened.request_id if isinstance(opened, Execution) else call.request_id
+        if opened_as is not None:
+            opened_as(execution_id, shared)
         try:
             answer = opened.answer if isinstance(opened, Kept) else await self._attach(opened)
         except Refusal as exc:
             return Performed(execution_id, shared, opened.ended, refusal=exc)
         return Performed(execution_id, shared, opened.ended, answer)
 
-    async def perform_stream(self, call: Call) -> AsyncIterator[bytes | Performed]:
+    async def perform_stream(self, call: Call, opened_as: Opened | None = None) -> AsyncIterator[bytes | Performed]:
         """As `perform`, but the execution's serialized PerformEvents, the response last, then what the call came
         to. The stream's caller is attached to the execution as a Perform's is: the last to leave cancels it."""
         try:
@@ -355,6 +362,8 @@ class Executor:
         except Refusal as exc:
             yield Performed(refusal=exc)
             return
+        if opened_as is not None:
+            opened_as(opened.request_id if isinstance(opened, Execution) else call.request_id, shared)
         if isinstance(opened, Kept):
             async for event in opened.events.follow():
                 yield event

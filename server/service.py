@@ -16,6 +16,7 @@ import datetime
 import time
 import traceback
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -143,7 +144,7 @@ class TaskRunnerService:
             call = performed = None
             try:
                 call = self._accept(request, context, caller, entry)
-                performed = await self._executor.perform(call)
+                performed = await self._executor.perform(call, partial(_opened, entry, call))
                 if performed.refusal is not None:
                     await self._abort(context, performed.refusal, entry)
             except (RequestError, Refusal) as exc:
@@ -161,7 +162,7 @@ class TaskRunnerService:
             call = performed = None
             try:
                 call = self._accept(request, context, caller, entry)
-                async for event in self._executor.perform_stream(call):
+                async for event in self._executor.perform_stream(call, partial(_opened, entry, call)):
                     if isinstance(event, Performed):  # the last: what the call came to
                         performed = event
                     else:
@@ -359,15 +360,19 @@ def _streaming(behaviour: Callable[[bytes, _Context], AsyncGenerator[bytes, None
     return streaming
 
 
+def _opened(entry: Entry, call: Call, execution_id: str, shared: bool) -> None:
+    """The execution a call opened or joined, into its access record: what a caller who leaves is logged with."""
+    entry.request_id, entry.shared = call.request_id or execution_id, shared
+
+
 def _ended(entry: Entry, call: Call | None, performed: Performed | None) -> None:
     """What the executor says the call came to, into its access record (`performed`: None if the caller left
-    before it was told)."""
-    if call is None:
+    before it was told: then what _opened said stands)."""
+    if call is None or performed is None:
         return
-    entry.request_id = call.request_id or (performed.execution_id if performed is not None else "")
-    if performed is not None:
-        entry.shared = performed.shared
-        entry.outcome, entry.error, entry.queue_ms, entry.run_ms = performed.ended
+    entry.request_id = call.request_id or performed.execution_id
+    entry.shared = performed.shared
+    entry.outcome, entry.error, entry.queue_ms, entry.run_ms = performed.ended
 
 
 def agreed_id(field: str, metadata: Any) -> str:

@@ -4,6 +4,7 @@ daemon")."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -13,14 +14,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
+import grpc.aio
 import pytest
 
 from task_runner.client import Client, TaskException, TaskNotFound
 from task_runner.client.follow import times
 from task_runner.client.retry import NO_RETRY
 from task_runner.server import logs
-from tests.conftest import FAULTS, REPO, Daemon, start_daemon, write_config
+from task_runner.v1.task_runner_pb2 import PerformEvent, PerformRequest
+from task_runner.values import to_struct
+from tests.conftest import FAULTS, REPO, Daemon, read_pids, start_daemon, wait_until, write_config
 from tests.inprocess import InProcessDaemon, with_harness_writable
+
+PERFORM = "/task_runner.v1.TaskRunner/Perform"
+PERFORM_STREAM = "/task_runner.v1.TaskRunner/PerformStream"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +115,39 @@ def test_every_call_writes_one_access_line(json_daemon: Daemon) -> None:
                 assert line["queue_ms"] + line["run_ms"] <= line["total_ms"], line
     ran = records(json_daemon, "acc-error", logs.ACCESS)[0]
     assert ran["task"] == "raise_now" and ran["run_ms"] > 0
+
+
+def test_a_caller_who_leaves_is_logged_with_the_execution_it_opened_or_joined(json_daemon: Daemon,
+                                                                             tmp_path: Path) -> None:
+    """Its access line names the execution (the daemon's id for a call without one) and whether it was another
+    call's, though the executor never told it what the call came to."""
+    pidfile = tmp_path / "pids"
+    options = to_struct({"pidfile": str(pidfile), "s": 30})
+    own = PerformRequest(task="write_pid_and_sleep", timeout_ms=60_000, options=options)
+    first = PerformRequest(task="write_pid_and_sleep", timeout_ms=60_000, options=options, request_id="left-1")
+
+    async def leave() -> None:
+        async with grpc.aio.insecure_channel(json_daemon.unix) as channel:
+            perform = channel.unary_unary(PERFORM)
+            calls = [perform(request.SerializeToString(), timeout=60) for request in (own, first)]
+            assert await asyncio.to_thread(wait_until, lambda: len(read_pids(pidfile)) == 2, 20)  # both run
+            # A repeat of left-1 as a stream: its first event says it has joined the running execution.
+            repeat = channel.unary_stream(PERFORM_STREAM)(first.SerializeToString(), timeout=60)
+            assert PerformEvent.FromString(await repeat.read()).HasField("started")
+            for call in (*calls, repeat):  # every caller leaves
+                call.cancel()
+            for call in calls:
+                with pytest.raises(asyncio.CancelledError):
+                    await call
+
+    asyncio.run(leave())
+    assert wait_until(lambda: len(records(json_daemon, "left-1", logs.ACCESS)) == 2, 10)
+    left = sorted((line["method"], line["status"], line["shared"])
+                  for line in records(json_daemon, "left-1", logs.ACCESS))
+    assert left == [("Perform", "CANCELLED", False), ("PerformStream", "CANCELLED", True)], left
+    ran = [line for line in log_lines(json_daemon) if line["logger"] == logs.ACCESS
+           and line["task"] == "write_pid_and_sleep" and line["request_id"] != "left-1"]
+    assert len(ran) == 1 and ran[0]["request_id"] and not ran[0]["shared"], ran  # the daemon's id for it
 
 
 def test_a_tasks_output_is_logged_when_it_asks_for_it(json_daemon: Daemon) -> None:
