@@ -14,7 +14,7 @@ FORBIDDEN = ("hashlib", "_hashlib", "ssl", "_ssl", "grpc", "asyncio", "concurren
              "opentelemetry", "task_runner.server.daemon", "task_runner.server.service",
              "task_runner.server.execution", "task_runner.server.run", "task_runner.server.answers",
              "task_runner.server.forkclient", "task_runner.server.events", "task_runner.server.sandboxes",
-             "task_runner.client")
+             "task_runner.server.executions", "task_runner.server.answer_cache", "task_runner.client")
 # What becoming a task process takes: the sandbox package, one module per concern, behind one sequence.
 SANDBOX = tuple(f"task_runner.server.sandbox.{name}" for name in
                 ("libc", "profile", "mounts", "network", "pids", "users", "seccomp", "cgroups", "probe", "contain"))
