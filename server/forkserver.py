@@ -528,14 +528,22 @@ def main() -> None:
     # An ordinary user's fork server is root in a user namespace of its own, so that its tasks get the whole
     # sandbox, as bubblewrap gives it, all under this user on the host (a root one needs none).
     # A daemon with CAP_SETUID but not CAP_SYS_ADMIN is already root in one (task_runner.server.sandbox.users).
-    no_user_namespace = ""
-    if os.geteuid() != 0:
-        no_user_namespace = users.own_user_namespace()
-        if not no_user_namespace:
-            _in_a_pid_namespace_of_our_own()
-    elif not users.in_the_hosts_user_namespace():
+    no_user_namespace = users.own_user_namespace() if os.geteuid() != 0 else ""
+    _die_with_the_daemon(sock)  # after a user namespace of our own, which would undo it
+    if not users.in_the_hosts_user_namespace():  # an ordinary user's, or the daemon's own (users.enter)
         _in_a_pid_namespace_of_our_own()
     ForkServer(sock, spec, no_user_namespace).serve()
+
+
+def _die_with_the_daemon(sock: socket.socket) -> None:
+    """End with the daemon, even while the task modules import or the probe runs, before we read our socket's end
+    (afterwards its end of file ends us, and our task processes with us)."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        if sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":  # it died before prctl took effect
+            os._exit(0)
+    except BlockingIOError:
+        pass
 
 
 def _in_a_pid_namespace_of_our_own() -> None:

@@ -195,3 +195,32 @@ def test_a_task_that_answers_but_lingers_is_killed(client: Client, tmp_path: Pat
     pidfile = tmp_path / "pids"
     assert client.call("answer_then_linger", 10_000, {"pidfile": str(pidfile)}).outcome is True
     assert wait_gone(read_pids(pidfile), timeout=5) == []
+
+
+def test_a_fork_server_ends_with_a_daemon_killed_while_it_imports_the_tasks(tmp_path: Path) -> None:
+    """Killed before the fork server reads its socket's end (it imports a task module that hangs), the daemon
+    leaves no fork server behind: it dies with its parent."""
+    import psutil
+
+    marker = tmp_path / "importing"
+    (tmp_path / "hangs_at_import.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(marker)!r}).write_text('x')\ntime.sleep(120)\n"
+        "def never(options):\n    return True\n")
+    config = tmp_path / "config.toml"
+    config.write_text('cgroup = "off"\nentry_points = false\n[sandbox]\nwritable = []\n'
+                      '[tasks.never]\ntarget = "hangs_at_import:never"\n')
+    daemon = subprocess.Popen([sys.executable, "-m", "task_runner.server", "--config", str(config),
+                               "--listen", f"unix:{tmp_path / 'd.sock'}"], cwd=REPO, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    forkserver = None
+    try:
+        assert wait_until(marker.exists, 30)  # the fork server is importing the module, which hangs
+        (forkserver,) = psutil.Process(daemon.pid).children()
+        daemon.kill()
+        daemon.wait()
+        assert wait_until(lambda: not forkserver.is_running() or forkserver.status() == psutil.STATUS_ZOMBIE, 10)
+    finally:
+        daemon.kill()
+        daemon.wait()
+        if forkserver is not None and forkserver.is_running():
+            forkserver.kill()
