@@ -369,7 +369,7 @@ class ForkServer:
                 # Nothing of theirs is left: every process a task makes stays in its tree (it is a
                 # subreaper) and falls to us when it dies, and we have no child it could have left.
                 self._send(wire.Released(tuple(freed)).pack())
-            self._cgroups.sweep()
+            self._cgroups.remove_emptied()
             self._sweep()
 
     def _kill_orphans(self) -> bool:
@@ -457,7 +457,7 @@ class ForkServer:
         uid = self._ending.pop(init)
         if uid is not None:
             self._send(wire.Released((uid,)).pack())
-        self._cgroups.sweep()
+        self._cgroups.remove_emptied()
 
     def _sweep(self) -> None:
         """Ask the sweeper about each uid whose processes may live and whose sweep is due."""

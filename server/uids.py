@@ -219,7 +219,7 @@ def _hold(dirfd: int, first: int, last: int) -> int:
 
 
 def _claimed(first: int, last: int, lock: int) -> UidPool:
-    killed = sweep(range(first, last + 1))
+    killed = kill_leftovers(range(first, last + 1))
     if killed:
         log.warning("killed %d processes left running under task uids %d-%d by a daemon that is gone",
                     killed, first, last)
@@ -227,8 +227,9 @@ def _claimed(first: int, last: int, lock: int) -> UidPool:
     return UidPool(first, last, lock)
 
 
-def sweep(uids: range | set[int]) -> int:
-    """Kill every process running under one of these uids (they belong to no live task); the count killed.
+def kill_leftovers(uids: range | set[int]) -> int:
+    """Kill every process running under one of these uids, left by a daemon or a fork server that is gone (they
+    belong to no live task); the count killed.
 
     Again until none is found: one may fork between the look and the kill. A daemon without CAP_KILL (the
     systemd unit's) kills a uid's processes from a child that takes that uid, which may signal its own.
