@@ -350,7 +350,7 @@ class Daemon:
             if killed:
                 log.warning("killed %d processes left under task uids of a fork server that ended", killed)
             for uid in leftover:
-                self._uids.give_back(uid)
+                self._uids.give_back(uid, forkserver)
 
     async def _replace_if_it_dies(self, generation: Generation) -> None:
         """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""

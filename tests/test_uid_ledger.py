@@ -1,4 +1,6 @@
-"""The fork server's ledger of task uids alone (no daemon): each uid's life there (task_runner.server.uidledger)."""
+"""The one record of task uids on each side, alone (no daemon): the fork server's ledger of each uid's life there
+(task_runner.server.uidledger), and the daemon's pool of which uids are out, and to whom (task_runner.server.uids).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from task_runner.server.uidledger import (
     UidLedger,
     UidStateError,
 )
+from task_runner.server.uids import UidError, UidPool
 
 UID = 0x7000_0000
 NOW = 1000.0
@@ -142,3 +145,38 @@ def test_a_process_without_a_uid_of_its_own_reaps_to_none() -> None:
     assert ledger.reaped(11) is None
     assert ledger.reaped(10) == UID
     assert ledger.reaped(10) is None  # once
+
+
+def test_the_pool_never_hands_out_a_uid_that_is_out() -> None:
+    pool, holder = UidPool(UID, UID + 3, -1), object()
+    taken = [pool.take(holder) for _ in range(len(pool))]
+    assert sorted(taken) == list(range(UID, UID + 4))
+    with pytest.raises(UidError, match="are in use"):
+        pool.take(holder)
+    assert pool.held_by(holder) == set(taken)
+
+
+def test_released_uids_come_back_round_robin() -> None:
+    pool, holder = UidPool(UID, UID + 3, -1), object()
+    first, second = pool.take(holder), pool.take(holder)
+    pool.give_back(second, holder)
+    pool.give_back(first, holder)
+    # Every other free uid serves before one just given back: last in, last out.
+    assert [pool.take(holder) for _ in range(4)] == [UID + 2, UID + 3, second, first]
+
+
+def test_a_uid_comes_back_only_from_the_fork_server_that_has_it() -> None:
+    pool, old, new = UidPool(UID, UID + 1, -1), object(), object()
+    mine = pool.take(old)
+    theirs = pool.take(new)
+    pool.give_back(mine, new)  # a uid of another generation's fork server: not new's to give back
+    pool.give_back(theirs + 100, new)  # nor one never out
+    assert pool.held_by(old) == {mine} and pool.held_by(new) == {theirs}
+    with pytest.raises(UidError):
+        pool.take(new)
+    pool.give_back(mine, old)
+    pool.give_back(mine, old)  # twice is once: the uid is not free twice
+    assert pool.held_by(old) == set()
+    assert pool.take(new) == mine
+    with pytest.raises(UidError):
+        pool.take(new)
