@@ -346,11 +346,11 @@ class Daemon:
             # What a dead fork server's tasks left may still run under their uids (where no cgroup
             # ended them): a uid goes back only once no process of it is left on the machine.
             leftover = forkserver.leftover_uids()
-            swept = await asyncio.to_thread(uids.sweep, leftover)
-            if swept:
-                log.warning("killed %d processes left under task uids of a fork server that ended", swept)
+            killed = await asyncio.to_thread(uids.kill_leftovers, leftover)
+            if killed:
+                log.warning("killed %d processes left under task uids of a fork server that ended", killed)
             for uid in leftover:
-                self._uids.give_back(uid)
+                self._uids.give_back(uid, forkserver)
 
     async def _replace_if_it_dies(self, generation: Generation) -> None:
         """The fork server should never die; if it does, its tasks are answered CRASHED and a new one starts."""

@@ -82,8 +82,7 @@ class ForkServerClient:
                  sandboxes: Sandboxes | None = None, on_secrets_moved: Callable[[], None] | None = None) -> None:
         self._config = config
         self._sandboxes = sandboxes or Sandboxes.none(tasks)
-        self._uids = uids
-        self._held: set[int] = set()  # uids of ours: asked for, or of processes not yet reaped
+        self._uids = uids  # the one record of which uids are out: ours (asked for, or not yet gone) are ours there
         self._workdirs = workdirs
         self._cgroup = cgroup
         self._tasks = tasks
@@ -291,7 +290,7 @@ class ForkServerClient:
             uids = []
             for _ in range(wanted):
                 try:
-                    uids.append(self._uids.take() if self._uids is not None else wire.NO_UID)
+                    uids.append(self._uids.take(self) if self._uids is not None else wire.NO_UID)
                 except UidError as exc:  # every uid is busy: fewer spares for now (said once until they are not)
                     if not self._short_of_uids:
                         log.warning("%s; fewer spare task processes until some end", exc)
@@ -302,7 +301,6 @@ class ForkServerClient:
             if not uids:
                 self._loop.call_later(FORK_RETRY_S, self._want_spares, profile)
                 return
-            self._held.update(uids)
             self._send(wire.Fork(tuple(wire.Spare(uid, profile) for uid in uids)).pack())
             self._forking[profile] += len(uids)
 
@@ -414,14 +412,13 @@ class ForkServerClient:
         return uid, self._owner[1]
 
     def _give_back(self, uid: int) -> None:
-        if uid in self._held and self._uids is not None:
-            self._held.discard(uid)
-            self._uids.give_back(uid)
+        if self._uids is not None:
+            self._uids.give_back(uid, self)
 
     def leftover_uids(self) -> set[int]:
         """The uids this fork server's processes had when it ended: free again once what is left of
-        them is dead (the daemon sees to it), not before."""
-        return set(self._held)
+        them is dead (the daemon sees to it, and gives them back as ours), not before."""
+        return self._uids.held_by(self) if self._uids is not None else set()
 
     def _on_exit(self, exit_: wire.Exited) -> None:
         # Its uid comes back with the fork server's Released, once no process of it is left.

@@ -17,7 +17,8 @@ still run under its uid. If nothing is left in its tree (we have no child we did
 process a task makes stays in its tree and falls to us), nothing of the uid is left. Otherwise the
 sweeper (task_runner.server.sweeper, a tiny child process) kills every process of the uid at
 once and asks the kernel whether any is left, again until none is. Only then is the uid
-Released, whatever the cgroup mode.
+Released, whatever the cgroup mode. Where each uid is in that life, the ledger alone keeps
+(task_runner.server.uidledger).
 
 The messages it exchanges with the daemon are in task_runner.server.wire; end of file from the
 daemon ends the fork server, after killing every task process.
@@ -53,11 +54,10 @@ from task_runner.server.sandbox.libc import (
 )
 from task_runner.server.sandbox.pids import PidNamespaces
 from task_runner.server.sandbox.profile import Profile
+from task_runner.server.uidledger import UidLedger
 
 MAX_PACKET = 1 << 16
 INITS_AHEAD = 4  # inits asked of the init maker before they are needed
-SWEEPS_AT_ONCE = 8  # sweeps of one uid back to back; then at growing intervals (a process stuck in the kernel)
-SWEEP_BACKOFF_S = (0.01, 1.0)
 
 
 def tree(root: int) -> list[tuple[int, int]]:
@@ -152,16 +152,13 @@ class ForkServer:
         self._serial = 0
         self._to_fork: collections.deque[wire.Spare] = collections.deque()  # spares asked for, not yet forked
         self._kill_reason: dict[int, wire.Stop] = {}
-        self._uid_of: dict[int, int] = {}  # live task process -> its own uid (none for NO_UID)
+        self._uids = UidLedger()  # the task uids we have (none for NO_UID), from their task process to their release
         self._init_of: dict[int, int] = {}  # live task process -> a pidfd of the init of its pid namespace
         self._ending: dict[int, int | None] = {}  # pidfd of an init killed after its task -> the task's uid
         self._inits: tuple[int, socket.socket] | None = None  # the init maker's pid, and our end of its socket
         self._ready_inits: collections.deque[int] = collections.deque()  # their pidfds
         self._asked_inits = 0  # asked for and not yet answered
         self._sweeper: tuple[int, socket.socket] | None = None  # its pid, and our end of its socket
-        self._sweeping: set[int] = set()  # uids the sweeper was asked about and has not answered yet
-        self._unswept: dict[int, tuple[int, float]] = {}  # uid -> (sweeps so far, not before this time)
-        self._sweep_at: float | None = None  # when a uid's next sweep is due, if one waits
         self._pid = os.getpid()
         # A task process checks it right after fork, to know whether we died before it could ask to die with us.
         self._alive = os.pidfd_open(self._pid)
@@ -240,11 +237,12 @@ class ForkServer:
             while True:
                 # Forks are done one per turn, so that kills and exits that arrive during a
                 # storm of forks wait for one fork at most, never for the whole storm.
-                timeout = None if self._sweep_at is None else max(0.0, self._sweep_at - time.monotonic())
+                sweep_at = self._uids.sweep_at
+                timeout = None if sweep_at is None else max(0.0, sweep_at - time.monotonic())
                 for key, _ in selector.select(0 if self._to_fork else timeout):
                     key.data()
-                if self._sweep_at is not None and time.monotonic() >= self._sweep_at:
-                    self._sweep()
+                if self._uids.sweep_at is not None and time.monotonic() >= self._uids.sweep_at:
+                    self._ask_sweeper()
                 if self._to_fork:
                     self._fork_one()
         except EOFError:
@@ -316,10 +314,11 @@ class ForkServer:
                                             self._serial + 1)
             finally:
                 os._exit(70)
+        if uid != wire.NO_UID:
+            # A uid we have already (the daemon's pool broken) ends us: our shutdown kills this child with the rest.
+            self._uids.give(uid, pid)
         self._serial += 1
         self._live[pid] = self._serial
-        if uid != wire.NO_UID:
-            self._uid_of[pid] = uid
         cgroup = self._cgroups.add(pid) or ""
         if init is not None:
             self._init_of[pid] = init
@@ -355,7 +354,7 @@ class ForkServer:
                 self._cgroups.release(pid)
                 why = self._kill_reason.pop(pid, wire.Stop.NONE)
                 self._send(wire.Exited(pid, status, usage.ru_utime, usage.ru_stime, usage.ru_maxrss, why, oom).pack())
-                uid = self._uid_of.pop(pid, None)
+                uid = self._uids.reaped(pid)
                 init = self._init_of.pop(pid, None)
                 if init is not None:  # its uid is free once the whole namespace is gone
                     self._end_init(init, uid)
@@ -364,13 +363,14 @@ class ForkServer:
         if reaped:
             if self._kill_orphans():
                 # Something a task left lives (or did until now): the sweeper sees to these uids.
-                self._unswept.update((uid, (0, 0.0)) for uid in freed)
+                for uid in freed:
+                    self._uids.sweep(uid)
             elif freed:
                 # Nothing of theirs is left: every process a task makes stays in its tree (it is a
                 # subreaper) and falls to us when it dies, and we have no child it could have left.
-                self._send(wire.Released(tuple(freed)).pack())
-            self._cgroups.sweep()
-            self._sweep()
+                self._release(freed)
+            self._cgroups.remove_emptied()
+            self._ask_sweeper()
 
     def _kill_orphans(self) -> bool:
         """Kill what finished tasks left; whether there was any."""
@@ -456,26 +456,25 @@ class ForkServer:
         os.close(init)
         uid = self._ending.pop(init)
         if uid is not None:
-            self._send(wire.Released((uid,)).pack())
-        self._cgroups.sweep()
+            self._release([uid])
+        self._cgroups.remove_emptied()
 
-    def _sweep(self) -> None:
+    def _release(self, uids: list[int]) -> None:
+        """Nothing of these reaped task processes' uids is left: they go back to the daemon."""
+        for uid in uids:
+            self._uids.release(uid)
+        self._send(wire.Released(tuple(uids)).pack())
+
+    def _ask_sweeper(self) -> None:
         """Ask the sweeper about each uid whose processes may live and whose sweep is due."""
-        self._sweep_at = None
         if self._sweeper is None:
             return
-        now = time.monotonic()
-        for uid, (_, not_before) in self._unswept.items():
-            if uid in self._sweeping:
-                continue
-            if not_before > now:
-                self._sweep_at = not_before if self._sweep_at is None else min(self._sweep_at, not_before)
-                continue
+        for uid in self._uids.due(time.monotonic()):
             try:
                 self._sweeper[1].send(sweeper.REQUEST.pack(uid), socket.MSG_DONTWAIT)
             except BlockingIOError:  # it has enough to do: the rest are asked as it answers
                 return
-            self._sweeping.add(uid)
+            self._uids.asked(uid)
 
     def _on_swept(self) -> None:
         """The sweeper's answers: CLEAN uids are Released; the others are swept again (soon, then later)."""
@@ -489,17 +488,11 @@ class ForkServer:
             if not answer:
                 raise EOFError  # the sweeper is gone (see _on_sigchld)
             uid, result = sweeper.ANSWER.unpack(answer)
-            self._sweeping.discard(uid)
-            if result == sweeper.CLEAN:
-                del self._unswept[uid]
+            if self._uids.swept(uid, result == sweeper.CLEAN, time.monotonic()):
                 released.append(uid)
-                continue
-            sweeps, _ = self._unswept[uid]
-            pause = min(SWEEP_BACKOFF_S[1], SWEEP_BACKOFF_S[0] * 2 ** (sweeps - SWEEPS_AT_ONCE))
-            self._unswept[uid] = (sweeps + 1, time.monotonic() + pause if sweeps >= SWEEPS_AT_ONCE else 0.0)
         if released:
             self._send(wire.Released(tuple(released)).pack())
-        self._sweep()
+        self._ask_sweeper()
 
     def _shutdown(self) -> None:
         for helper in (self._sweeper, self._inits):

@@ -7,9 +7,10 @@ tell (it succeeds if any process at all exists), but the per-uid process count c
 unprivileged fork under RLIMIT_NPROC = 2 succeeds only for the uid's sole process (zombies not yet
 reaped count too). It answers each uid with CLEAN or LEFT; the fork server asks again until CLEAN.
 
-It is a fresh interpreter that imports nothing of the daemon (nor typing), so that the two forks of
-each sweep copy a few MiB rather than the fork server and every task module it imported. Protocol, on a
-SOCK_SEQPACKET socket: the fork server sends a uid (!I); the sweeper answers uid and result (!IB).
+It is a fresh interpreter that imports nothing of the daemon (nor typing), so that the two forks for
+each uid it empties copy a few MiB rather than the fork server and every task module it imported.
+Protocol, on a SOCK_SEQPACKET socket: the fork server sends a uid (!I); the sweeper answers uid and
+result (!IB).
 End of file ends it. Usage: `python -m task_runner.server.sweeper FD GID`.
 """
 
@@ -27,11 +28,11 @@ ANSWER = struct.Struct("!IB")
 CLEAN, LEFT = 0, 1
 
 
-def sweep(uid: int, gid: int) -> int:
-    """CLEAN if, after killing them, no process of `uid` is left; LEFT otherwise (ask again)."""
+def empty_uid(uid: int, gid: int) -> int:
+    """Kill every process of `uid`; CLEAN if none is left then, LEFT otherwise (ask again)."""
     pid = os.fork()
     if pid == 0:
-        _become_sweep(uid, gid)
+        _kill_all_then_count(uid, gid)
     while True:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if os.WIFSTOPPED(status):  # stopped by a process of the uid before its kill: end it, ask again
@@ -40,7 +41,7 @@ def sweep(uid: int, gid: int) -> int:
         return CLEAN if os.WIFEXITED(status) and os.WEXITSTATUS(status) == CLEAN else LEFT
 
 
-def _become_sweep(uid: int, gid: int) -> None:  # never returns: it ends with os._exit
+def _kill_all_then_count(uid: int, gid: int) -> None:  # never returns: it ends with os._exit
     try:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
@@ -65,7 +66,7 @@ def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the fork server decides when it ends
     while request := sock.recv(REQUEST.size):
         (uid,) = REQUEST.unpack(request)
-        sock.send(ANSWER.pack(uid, sweep(uid, gid)))
+        sock.send(ANSWER.pack(uid, empty_uid(uid, gid)))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ A claim is a file named after its range in CLAIMS_DIR, a directory only root may
 (flock) by the daemon for its life: the kernel drops the lock when the daemon dies, however it
 dies. Claims are made under one lock on that directory, so two daemons on one machine never hold
 overlapping uids, and no task (whatever its uid) can take, block or release a claim: it cannot
-open a file there. A uid goes back to the pool only once no process of that uid is left on the
-machine (the fork server asks the kernel, see task_runner.server.forkserver), and is handed out
-again only after every other free uid of the block (round robin).
+open a file there. The pool is the daemon's one record of which uids are out, and to which fork
+server: a uid goes back to it only once no process of that uid is left on the machine (the fork
+server asks the kernel, see task_runner.server.uidledger), and is handed out again only after every
+other free uid of the block (round robin).
 """
 
 from __future__ import annotations
@@ -53,19 +54,21 @@ class Claim(NamedTuple):
 
 
 class UidPool:
-    """The uids of a claimed block, handed out round robin; `lock` is the open, locked claim file."""
+    """The uids of a claimed block, handed out round robin, and who has each that is out; `lock` is the open,
+    locked claim file (-1: none)."""
 
     def __init__(self, first: int, last: int, lock: int) -> None:
         self.first, self.last = first, last
         self._lock = lock
         self._free = collections.deque(range(first, last + 1))
-        self._taken: set[int] = set()
+        # Each uid out -> who has it (a fork server's client): asked for, or of processes not yet gone.
+        self._out: dict[int, object] = {}
 
     def __len__(self) -> int:
         return self.last - self.first + 1
 
-    def take(self) -> int:
-        """A uid no process has.
+    def take(self, holder: object) -> int:
+        """A uid no process has, now `holder`'s.
 
         Raises:
             UidError: if every uid of the block is in use (the block is too small for the load).
@@ -73,14 +76,19 @@ class UidPool:
         if not self._free:
             raise UidError(f"all {len(self)} task uids {self.first}-{self.last} are in use")
         uid = self._free.popleft()
-        self._taken.add(uid)
+        self._out[uid] = holder
         return uid
 
-    def give_back(self, uid: int) -> None:
-        """No process of `uid` is left: it may serve again, last of all."""
-        if uid in self._taken:
-            self._taken.discard(uid)
+    def give_back(self, uid: int, holder: object) -> None:
+        """No process of `holder`'s `uid` is left: it may serve again, last of all. A uid `holder` does not
+        have (never, or no longer) stays where it is."""
+        if uid in self._out and self._out[uid] is holder:
+            del self._out[uid]
             self._free.append(uid)
+
+    def held_by(self, holder: object) -> set[int]:
+        """The uids `holder` has."""
+        return {uid for uid, who in self._out.items() if who is holder}
 
     def close(self) -> None:
         """Release the claim (the file goes; the lock with the descriptor)."""
@@ -219,7 +227,7 @@ def _hold(dirfd: int, first: int, last: int) -> int:
 
 
 def _claimed(first: int, last: int, lock: int) -> UidPool:
-    killed = sweep(range(first, last + 1))
+    killed = kill_leftovers(range(first, last + 1))
     if killed:
         log.warning("killed %d processes left running under task uids %d-%d by a daemon that is gone",
                     killed, first, last)
@@ -227,8 +235,9 @@ def _claimed(first: int, last: int, lock: int) -> UidPool:
     return UidPool(first, last, lock)
 
 
-def sweep(uids: range | set[int]) -> int:
-    """Kill every process running under one of these uids (they belong to no live task); the count killed.
+def kill_leftovers(uids: range | set[int]) -> int:
+    """Kill every process running under one of these uids, left by a daemon or a fork server that is gone (they
+    belong to no live task); the count killed.
 
     Again until none is found: one may fork between the look and the kill. A daemon without CAP_KILL (the
     systemd unit's) kills a uid's processes from a child that takes that uid, which may signal its own.

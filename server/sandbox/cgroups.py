@@ -372,15 +372,15 @@ class TaskCgroups:
         else:
             self._remove(path)
 
-    def sweep(self) -> None:
-        """Remove the killed cgroups whose last processes are gone."""
+    def remove_emptied(self) -> None:
+        """Remove the cgroups killed with something left in them whose last processes are gone."""
         for path in list(self._pending):
             if not _populated(path):
                 self._pending.discard(path)
                 self._remove(path)
 
     def close(self) -> None:
-        self.sweep()
+        self.remove_emptied()
         for path in self._free:
             self._remove(path)
         self._free.clear()
