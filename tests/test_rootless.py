@@ -79,7 +79,9 @@ def test_every_privilege_level_gives_its_tasks_every_part_of_the_sandbox(world: 
     claims.mkdir(mode=0o700)
     os.chown(claims, NOBODY, NOBODY)
     per_task_uids = way == "the unit's capabilities"
-    owner = 'run_as_user = "daemon"\n' if per_task_uids else ""
+    # A range of its own: with a claims directory of its own, "auto" would be the first block every root daemon
+    # of this machine claims too, and a daemon kills what runs under the uids it claims when it starts.
+    owner = 'run_as_user = "daemon"\ntask_uids = "1600000000-1600004095"\n' if per_task_uids else ""
     daemon = start_daemon(
         home, f'cgroup = "off"\n{owner}'
               f'[sandbox]\nfilesystem = "private"\nnetwork = "none"\nprocesses = "private"\n'
@@ -90,7 +92,8 @@ def test_every_privilege_level_gives_its_tasks_every_part_of_the_sandbox(world: 
     try:
         assert "cannot be set up" not in daemon.log_text(), daemon.log_text()
         assert "without a user namespace of their own" not in daemon.log_text(), daemon.log_text()
-        assert ("in a user namespace of its own (uid map 0 65534 1, 1 1 1, " in daemon.log_text()) == per_task_uids
+        assert ("in a user namespace of its own (uid map 0 65534 1, 1 1 1, 1600000000 1600000000 4096)"
+                in daemon.log_text()) == per_task_uids
         with daemon.client() as client:
             seen = client.call("rootless_view", 20_000, {"mark": str(shared / "mark"),
                                                         "ptrace": syscall_numbers()["ptrace"]}).result
@@ -104,7 +107,7 @@ def test_every_privilege_level_gives_its_tasks_every_part_of_the_sandbox(world: 
     assert seen["uid_map"] == [str(seen["uid"]), str(seen["uid"]), "1"], seen
     writer = (shared / "mark").stat().st_uid
     if per_task_uids:
-        assert seen["uid"] >= 0x7000_0000 and writer == seen["uid"], (seen, writer)  # a task uid, on the host too
+        assert 1_600_000_000 <= seen["uid"] <= 1_600_004_095 and writer == seen["uid"], (seen, writer)  # a task uid
     else:
         assert seen["uid"] == 0 and writer == (NOBODY if WAYS[way] else 0), (seen, writer)
     assert seen["cap_eff"] == seen["cap_bnd"] == 0, seen
