@@ -27,9 +27,7 @@
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY protos protos
-COPY server server
-COPY client client
+COPY src src
 # Your tasks: a package of your own, installed beside the daemon, whose functions the config's [tasks]
 # names. The default, deploy/mytasks, is a placeholder of one task (the ConfigMap's "hello"): build with
 # yours, a folder inside the build context,

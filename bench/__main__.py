@@ -79,7 +79,7 @@ def machine_facts() -> dict[str, Any]:
             return subprocess.run(["git", "-C", str(procs.REPO), *args], capture_output=True, text=True,
                                   timeout=10, check=True).stdout.strip()
         facts["git_commit"] = git("rev-parse", "--short", "HEAD")
-        facts["git_dirty"] = bool(git("status", "--porcelain", "--", "server", "client", "protos"))
+        facts["git_dirty"] = bool(git("status", "--porcelain", "--", "src", "protos"))
     return facts
 
 

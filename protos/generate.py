@@ -1,4 +1,4 @@
-"""Regenerate (or, with --check, verify) the Python code generated from protos/.
+"""Regenerate (or, with --check, verify) the Python code generated from protos/ (into src/task_runner/v1).
 
 The generated modules are committed so that `pip install .` needs no code generator.
 `python protos/generate.py --check` regenerates into a scratch folder and fails if the
@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 PROTOS = Path(__file__).resolve().parent
+OUT = PROTOS.parent / "src"  # protoc writes task_runner/v1/*_pb2*.py* under it, as the .proto files' paths say
 SOURCES = sorted(PROTOS.glob("task_runner/**/*.proto"))
 SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
 
@@ -47,18 +48,18 @@ def main() -> int:
     parser.add_argument("--check", action="store_true", help="fail if regeneration changes anything")
     args = parser.parse_args()
     if not args.check:
-        generate(PROTOS)
+        generate(OUT)
         return 0
     with tempfile.TemporaryDirectory() as scratch:
         fresh = Path(scratch)
         generate(fresh)
-        stale = [str(p) for p in generated(fresh) if not (PROTOS / p).exists()
-                 or not filecmp.cmp(fresh / p, PROTOS / p, shallow=False)]
-        stale += [str(p) for p in generated(PROTOS) if not (fresh / p).exists()]
+        stale = [str(p) for p in generated(fresh) if not (OUT / p).exists()
+                 or not filecmp.cmp(fresh / p, OUT / p, shallow=False)]
+        stale += [str(p) for p in generated(OUT) if not (fresh / p).exists()]
         if stale:
             print("generated code is stale, run `python protos/generate.py`:", *stale, sep="\n  ")
             return 1
-    print(f"generated code is up to date ({len(generated(PROTOS))} files)")
+    print(f"generated code is up to date ({len(generated(OUT))} files)")
     return 0
 
 

@@ -188,7 +188,7 @@ def copied_sources() -> list[str]:
 def test_the_build_context_holds_what_the_image_copies_and_not_the_heavy_rest() -> None:
     rules = dockerignore()
     sources = copied_sources()
-    assert {"pyproject.toml", "README.md", "protos", "server", "client", "deploy/mytasks"} <= set(sources)
+    assert {"pyproject.toml", "README.md", "src", "deploy/mytasks"} <= set(sources)
     tracked = subprocess.run(["git", "ls-files", "--", *sources], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.split()
     assert len(tracked) > 20 and not [path for path in tracked if excluded(path, rules)]
