@@ -88,7 +88,7 @@ def inside(kind: str, host_id: int) -> int:
             first, lower, count = map(int, line.split())
             if lower <= host_id < lower + count:
                 return first + host_id - lower
-    raise OSError(22, f"{kind} {host_id} is not mapped into the daemon's user namespace")
+    raise OSError(errno.EINVAL, f"{kind} {host_id} is not mapped into the daemon's user namespace")
 
 
 def enter(uids: list[Extent], gids: list[Extent]) -> None:
