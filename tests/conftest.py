@@ -314,7 +314,7 @@ def task_processes(forkserver: Any) -> list[Any]:
     for child in forkserver.children():
         with contextlib.suppress(psutil.Error, OSError):
             command = " ".join(child.cmdline())
-            if "task_runner.server.sweeper" not in command and "task_runner.server.inits" not in command:
+            if not any(f"task_runner.server.forkserver.{helper}" in command for helper in ("sweeper", "inits")):
                 found.append(child)
     return found
 

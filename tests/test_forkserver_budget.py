@@ -29,7 +29,7 @@ def loaded_by(*modules: str) -> list[str]:
 
 
 def test_the_fork_server_and_its_task_processes_import_nothing_heavy() -> None:
-    loaded = loaded_by("task_runner.server.forkserver", "task_runner.server.child")
+    loaded = loaded_by("task_runner.server.forkserver.server", "task_runner.server.forkserver.task_process")
     heavy = sorted(name for name in loaded if any(name == f or name.startswith(f + ".") for f in FORBIDDEN))
     assert heavy == [], heavy
     assert "task_runner.frames" in loaded and "task_runner.task" in loaded  # its channel, and the task API
@@ -39,7 +39,8 @@ def test_the_fork_server_and_its_task_processes_import_nothing_heavy() -> None:
 
 def test_the_init_maker_imports_nothing_of_the_daemon_but_the_ctypes_layer() -> None:
     """Each init is a fork of the init maker: of a few MiB, not of the fork server and its task modules."""
-    ours = [name for name in loaded_by("task_runner.server.inits") if name.startswith("task_runner")]
-    assert ours == ["task_runner", "task_runner.server", "task_runner.server.inits", "task_runner.server.sandbox",
+    ours = [name for name in loaded_by("task_runner.server.forkserver.inits") if name.startswith("task_runner")]
+    assert ours == ["task_runner", "task_runner.server", "task_runner.server.forkserver",
+                    "task_runner.server.forkserver.inits", "task_runner.server.sandbox",
                     "task_runner.server.sandbox.libc"]
-    assert "typing" not in loaded_by("task_runner.server.inits")
+    assert "typing" not in loaded_by("task_runner.server.forkserver.inits")

@@ -13,7 +13,7 @@ import pytest
 from task_runner.client import Client, Unavailable
 from task_runner.client.retry import NO_RETRY
 from task_runner.server.daemon import Daemon
-from task_runner.server.forkserver import children
+from task_runner.server.trees import children
 from tests.conftest import read_pids, wait_until, write_config
 from tests.inprocess import InProcessDaemon
 

@@ -1,12 +1,13 @@
 """The one record of task uids on each side, alone (no daemon): the fork server's ledger of each uid's life there
-(task_runner.server.uidledger), and the daemon's pool of which uids are out, and to whom (task_runner.server.uids).
+(task_runner.server.forkserver.uidledger), and the daemon's pool of which uids are out, and to whom
+(task_runner.server.uids).
 """
 
 from __future__ import annotations
 
 import pytest
 
-from task_runner.server.uidledger import (
+from task_runner.server.forkserver.uidledger import (
     GIVEN,
     REAPED,
     SWEEP_BACKOFF_S,

@@ -7,7 +7,7 @@ byte and a payload: first, before any task code runs, the runner's own verdict o
 (TASK_STARTS or OPTIONS_INVALID), then progress and heartbeats (PerformEvent.Progress, .Heartbeat) as
 the task reports them (task_runner.task), and last its answer, one PerformResponse.
 
-The task API, the task process (task_runner.server.child) and the daemon (task_runner.server.run) all
+The task API, the task process (task_runner.server.forkserver.task_process) and the daemon (task_runner.server.run) all
 use this module. It belongs to the root package, which never imports task_runner.server, and every task
 process loads it: it imports only what a task process loads anyway (os, struct, typing) and the
 generated messages.

@@ -35,7 +35,6 @@ from task_runner.server.callers import Callers, CredentialsError
 from task_runner.server.config import Config
 from task_runner.server.execution import Executor, Generation
 from task_runner.server.forkclient import ForkServerClient
-from task_runner.server.forkserver import children, kill_tree, reap
 from task_runner.server.metrics import Metrics, readable_by_tasks
 from task_runner.server.notify import Notifier
 from task_runner.server.sandbox import cgroups, users
@@ -48,6 +47,7 @@ from task_runner.server.security import (
     server_credentials,
 )
 from task_runner.server.service import SERVICE_NAME, TaskRunnerService
+from task_runner.server.trees import children, kill_tree, reap
 from task_runner.server.wire import Stop
 from task_runner.server.workdirs import Workdirs
 

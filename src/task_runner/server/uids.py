@@ -11,7 +11,7 @@ dies. Claims are made under one lock on that directory, so two daemons on one ma
 overlapping uids, and no task (whatever its uid) can take, block or release a claim: it cannot
 open a file there. The pool is the daemon's one record of which uids are out, and to which fork
 server: a uid goes back to it only once no process of that uid is left on the machine (the fork
-server asks the kernel, see task_runner.server.uidledger), and is handed out again only after every
+server asks the kernel, see task_runner.server.forkserver.uidledger), and is handed out again only after every
 other free uid of the block (round robin).
 """
 

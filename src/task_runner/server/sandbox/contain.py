@@ -27,7 +27,8 @@ from collections.abc import Iterator, Mapping
 from typing import NamedTuple, NoReturn
 
 from task_runner import frames
-from task_runner.server import child, wire
+from task_runner.server import wire
+from task_runner.server.forkserver import task_process
 from task_runner.server.registry import Loaded
 from task_runner.server.sandbox import mounts, network, pids, seccomp, users
 from task_runner.server.sandbox.libc import (
@@ -106,7 +107,7 @@ def become_task_process(setup: Setup, channel: int, out_w: int, err_w: int, uid:
     if profile.seccomp:  # last: it refuses what the steps above needed
         seccomp.load(profile.seccomp)
     # It waits for its task, then sets the limits its assignment names (apply_limits) before any of its code runs.
-    child.main(setup.registry, setup.result_max_bytes, apply_limits, profile.private_tmp)
+    task_process.main(setup.registry, setup.result_max_bytes, apply_limits, profile.private_tmp)
 
 
 def enter(profile: Profile) -> int:
@@ -214,8 +215,8 @@ def _standard_fds(devnull: int, out_w: int, err_w: int, channel: int) -> None:
     os.dup2(devnull, 0)
     os.dup2(out_w, 1)
     os.dup2(err_w, 2)
-    os.dup2(channel, child.CHANNEL_FD, inheritable=False)
-    os.closerange(child.CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))
+    os.dup2(channel, task_process.CHANNEL_FD, inheritable=False)
+    os.closerange(task_process.CHANNEL_FD + 1, os.sysconf("SC_OPEN_MAX"))
 
 
 def _address_space() -> int:

@@ -1,6 +1,6 @@
 """The sandbox's one ctypes layer: the libc handle, its one error check, and the kernel's constants, each once.
 
-Imported by the fork server, so by every task process, and by the init maker (task_runner.server.inits), a
+Imported by the fork server, so by every task process, and by the init maker (task_runner.server.forkserver.inits), a
 fresh interpreter that must stay a few MiB: it imports ctypes, os and contextlib alone (all three loaded there
 anyway).
 """

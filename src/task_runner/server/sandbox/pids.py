@@ -1,7 +1,7 @@
 """A task's processes: the fork server forks it into the pid namespace of an init, which then joins its sandbox.
 
 With `processes`, the fork server forks a task process into a new pid namespace (`PidNamespaces.fork`), whose
-pid 1 is an init the init maker made (task_runner.server.inits); the task process is pid 2 there, the fork
+pid 1 is an init the init maker made (task_runner.server.forkserver.inits); the task process is pid 2 there, the fork
 server's own child. When the task ends its init is killed, and the kernel kills whatever the task left. Once
 the task process has made its sandbox, it has the init join it (`init_joins`), so that no path through /proc/1
 leads outside.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from task_runner.server import inits
+from task_runner.server.forkserver import inits
 from task_runner.server.sandbox.libc import CLONE_NEWPID, SandboxError, check, libc, while_dumpable
 
 INIT_JOIN_TIMEOUT_S = 30.0  # it answers at once; a machine that is very busy may delay it (a spare waits)
@@ -21,7 +21,7 @@ INIT_JOIN_TIMEOUT_S = 30.0  # it answers at once; a machine that is very busy ma
 class PidNamespaces:
     """The fork server's side of `processes`: fork a task process into the pid namespace of an init.
 
-    setns() on a pidfd of the init (task_runner.server.inits makes them) changes only the namespace
+    setns() on a pidfd of the init (task_runner.server.forkserver.inits makes them) changes only the namespace
     of the caller's next children; it goes back to its own right after the fork.
     """
 
@@ -53,7 +53,7 @@ class PidNamespaces:
 
 
 def init_joins(made: int) -> None:
-    """Have this pid namespace's init (task_runner.server.inits) move into the namespaces we `made` (mount,
+    """Have this pid namespace's init (task_runner.server.forkserver.inits) move into the namespaces we `made` (mount,
     network, IPC, user), so that no path through /proc/1 leads outside the sandbox; wait until it says it has
     (or could not). Our real uid must still be the init's, which lets us signal it."""
     if os.getpid() != 2:

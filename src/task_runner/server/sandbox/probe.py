@@ -7,7 +7,7 @@ import os
 import signal
 from collections.abc import Callable
 
-from task_runner.server import inits
+from task_runner.server.forkserver import inits
 from task_runner.server.sandbox import pids, users
 from task_runner.server.sandbox.contain import enter
 from task_runner.server.sandbox.libc import CLONE_NEWPID, SandboxError, unshare

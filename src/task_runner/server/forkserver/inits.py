@@ -15,7 +15,7 @@ init is a fork of a few MiB rather than of the fork server and every task module
 fork server had cost a sandboxed task more CPU than its own fork. Protocol, on a SOCK_SEQPACKET socket:
 the fork server sends one byte per init it wants; each answer is one byte, 0 with the init's pidfd
 attached, or 1 (it could not make one: out of processes). End of file ends it, and its inits die with
-it. Usage: `python -m task_runner.server.inits FD`.
+it. Usage: `python -m task_runner.server.forkserver.inits FD`.
 
 An init is made here, in the host's mount namespace, before its task process exists; once that process (pid 2
 of the namespace) has made its sandbox, it asks the init (JOIN_ME) to move into its mount, network and IPC

@@ -3,7 +3,7 @@
 A uid the daemon sends with a spare is given to the task process forked for it; once that process
 is reaped, what it left may still run under the uid, so the uid is not released until the fork
 server knows nothing of it is left: at once (nothing of the task's tree came to it), once its pid
-namespace is gone, or once the sweeper (task_runner.server.sweeper) answers CLEAN. A sweeper that
+namespace is gone, or once the sweeper (task_runner.server.forkserver.sweeper) answers CLEAN. A sweeper that
 answers LEFT is asked again, back to back SWEEPS_AT_ONCE times, then at growing intervals (a process
 stuck in the kernel dies when it leaves it). A released uid leaves the ledger: the daemon's pool
 (task_runner.server.uids) has it again. Nothing here does any I/O, so it is tested alone.

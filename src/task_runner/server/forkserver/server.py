@@ -15,10 +15,10 @@ Nothing outlives its task.
 A task process with a uid of its own is not done with when it is reaped: whatever it left may
 still run under its uid. If nothing is left in its tree (we have no child we did not fork: every
 process a task makes stays in its tree and falls to us), nothing of the uid is left. Otherwise the
-sweeper (task_runner.server.sweeper, a tiny child process) kills every process of the uid at
+sweeper (task_runner.server.forkserver.sweeper, a tiny child process) kills every process of the uid at
 once and asks the kernel whether any is left, again until none is. Only then is the uid
 Released, whatever the cgroup mode. Where each uid is in that life, the ledger alone keeps
-(task_runner.server.uidledger).
+(task_runner.server.forkserver.uidledger).
 
 The messages it exchanges with the daemon are in task_runner.server.wire; end of file from the
 daemon ends the fork server, after killing every task process.
@@ -40,7 +40,9 @@ import sys
 import time
 from typing import Any
 
-from task_runner.server import inits, sweeper, wire
+from task_runner.server import wire
+from task_runner.server.forkserver import inits, sweeper
+from task_runner.server.forkserver.uidledger import UidLedger
 from task_runner.server.registry import Form, Loaded, load
 from task_runner.server.sandbox import contain, mounts, probe, seccomp, users
 from task_runner.server.sandbox.cgroups import TaskCgroups
@@ -54,88 +56,10 @@ from task_runner.server.sandbox.libc import (
 )
 from task_runner.server.sandbox.pids import PidNamespaces
 from task_runner.server.sandbox.profile import Profile
-from task_runner.server.uidledger import UidLedger
+from task_runner.server.trees import children, kill_tree
 
 MAX_PACKET = 1 << 16
 INITS_AHEAD = 4  # inits asked of the init maker before they are needed
-
-
-def tree(root: int) -> list[tuple[int, int]]:
-    """(pid, parent) of every descendant of `root`, as /proc shows them now."""
-    found: list[tuple[int, int]] = []
-    stack = [root]
-    while stack:
-        parent = stack.pop()
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{parent}/task"):
-                with contextlib.suppress(OSError), open(f"/proc/{parent}/task/{tid}/children") as f:
-                    for pid in map(int, f.read().split()):
-                        found.append((pid, parent))
-                        stack.append(pid)
-    return found
-
-
-def kill_descendants(root: int) -> None:
-    """SIGKILL every descendant of `root` at once, whatever session or group each is in.
-
-    Each is signalled through a pidfd opened while it is still `parent`'s child, so that a pid
-    freed and reused meanwhile is never hit.
-    """
-    for pid, parent in tree(root):
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            continue
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
-            if ppid == parent:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
-        finally:
-            os.close(fd)
-
-
-def kill_tree(pid: int, cgroups: TaskCgroups | None = None) -> None:
-    """SIGKILL a process and its whole tree at once (descendants in sessions of their own included), its
-    process group and its cgroup; tolerate those already gone."""
-    kill_descendants(pid)
-    if cgroups is not None:
-        cgroups.kill(pid)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
-def children() -> set[int]:
-    """The pids of this process's children, of all its threads."""
-    pids: set[int] = set()
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/children") as f:
-            pids.update(int(pid) for pid in f.read().split())
-    return pids
-
-
-def reap(pids: set[int], timeout: float) -> set[int]:
-    """Reap these children as they end, for up to `timeout` seconds (blocking); those still running.
-
-    In whatever order they end: the init of a task's pid namespace ends only once every other
-    process of its namespace has been reaped, and that may be one of them, or a child that is not.
-    """
-    left = set(pids)
-    deadline = time.monotonic() + timeout
-    while left:
-        for pid in list(left):
-            with contextlib.suppress(ChildProcessError):
-                if os.waitpid(pid, os.WNOHANG)[0] == 0:
-                    continue
-            left.discard(pid)
-        if not left or time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    return left
 
 
 class ForkServer:

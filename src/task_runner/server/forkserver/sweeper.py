@@ -11,7 +11,7 @@ It is a fresh interpreter that imports nothing of the daemon (nor typing), so th
 each uid it empties copy a few MiB rather than the fork server and every task module it imported.
 Protocol, on a SOCK_SEQPACKET socket: the fork server sends a uid (!I); the sweeper answers uid and
 result (!IB).
-End of file ends it. Usage: `python -m task_runner.server.sweeper FD GID`.
+End of file ends it. Usage: `python -m task_runner.server.forkserver.sweeper FD GID`.
 """
 
 from __future__ import annotations
