@@ -19,7 +19,7 @@ import selectors
 import sys
 import time
 
-import task_runner.server.forkserver  # noqa: F401 - the fork server's own imports
+import task_runner.server.forkserver.server  # noqa: F401 - the fork server's own imports
 from task_runner.server.registry import load
 from task_runner.v1.task_runner_pb2 import PerformResponse
 
