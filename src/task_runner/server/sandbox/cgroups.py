@@ -19,6 +19,7 @@ import signal
 import time
 
 from task_runner import frames
+from task_runner.server.sandbox.libc import write_file
 
 log = logging.getLogger("task_runner.server")
 # What a start spends at most on the cgroups of daemons that are gone; the rest waits for the next.
@@ -174,13 +175,13 @@ def _end_processes(path: str, tree: list[str], deadline: float) -> bool:
     by pid, and killed again until it is empty.
     """
     try:
-        _write(os.path.join(path, "cgroup.kill"), "1")
+        write_file(os.path.join(path, "cgroup.kill"), "1")
     except OSError:
         pass
     else:
         return _wait_unpopulated(path, deadline)
     with contextlib.suppress(OSError):
-        _write(os.path.join(path, "cgroup.freeze"), "1")  # a frozen process still dies of SIGKILL
+        write_file(os.path.join(path, "cgroup.freeze"), "1")  # a frozen process still dies of SIGKILL
     while True:
         for pid in (pid for cgroup in tree for pid in _procs(cgroup)):
             try:
@@ -244,7 +245,7 @@ def _enable_controllers(parent: str, base: str) -> None:
         try:
             leaf = os.path.join(parent, "daemon")
             os.makedirs(leaf, exist_ok=True)
-            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+            write_file(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
         except OSError as exc:
             log.warning("cannot move the daemon into a leaf cgroup (%s): no memory/pids limits by cgroup",
                         exc.strerror)
@@ -256,7 +257,7 @@ def _enable_controllers(parent: str, base: str) -> None:
 def _enable(directory: str, wanted: set[str]) -> bool:
     """Enable controllers for a cgroup's children; whether all were enabled."""
     try:
-        _write(os.path.join(directory, "cgroup.subtree_control"), " ".join(f"+{c}" for c in sorted(wanted)))
+        write_file(os.path.join(directory, "cgroup.subtree_control"), " ".join(f"+{c}" for c in sorted(wanted)))
     except OSError:
         return False
     return True
@@ -304,7 +305,7 @@ def end_generation(path: str | None) -> None:
 
 def _kill(path: str) -> None:
     with contextlib.suppress(OSError):
-        _write(os.path.join(path, "cgroup.kill"), "1")
+        write_file(os.path.join(path, "cgroup.kill"), "1")
 
 
 class TaskCgroups:
@@ -339,7 +340,7 @@ class TaskCgroups:
             except OSError:
                 return None  # this task goes without: process groups and the subreaper still hold it
         try:
-            _write(os.path.join(path, "cgroup.procs"), str(pid))
+            write_file(os.path.join(path, "cgroup.procs"), str(pid))
         except OSError:
             self._remove(path)
             return None
@@ -391,14 +392,6 @@ class TaskCgroups:
             os.rmdir(path)
 
 
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-    finally:
-        os.close(fd)
-
-
 def _read(path: str) -> str:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -432,7 +425,7 @@ def limit(path: str, limits: frames.Limits) -> frames.Limits:
     for name, value in (("memory.max", limits.memory), ("pids.max", limits.processes)):
         target = os.path.join(path, name)
         if os.path.exists(target):  # the controller is enabled here
-            _write(target, "max" if value == frames.NO_LIMIT else str(value))
+            write_file(target, "max" if value == frames.NO_LIMIT else str(value))
             if name == "pids.max" and value != frames.NO_LIMIT:
                 limits = limits._replace(processes=frames.BY_CGROUP)
     return limits

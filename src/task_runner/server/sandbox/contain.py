@@ -41,6 +41,7 @@ from task_runner.server.sandbox.libc import (
     PR_SET_PDEATHSIG,
     prctl,
     unshare,
+    write_file,
 )
 from task_runner.server.sandbox.profile import Profile
 
@@ -170,11 +171,7 @@ def _first_for_the_oom_killer() -> None:
     """The first the kernel's OOM killer picks, in a container's or a unit's memory limit alike: a task that
     eats the memory dies, not the daemon (lowering it again takes CAP_SYS_RESOURCE)."""
     with contextlib.suppress(OSError):
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        try:
-            os.write(fd, b"1000")
-        finally:
-            os.close(fd)
+        write_file("/proc/self/oom_score_adj", "1000")
 
 
 def _take_group_and_effective_uid(owner: tuple[int, int] | None, uid: int) -> int:

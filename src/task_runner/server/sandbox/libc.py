@@ -71,6 +71,15 @@ def check(result: int, what: str) -> int:
     return result
 
 
+def write_file(path: str, text: str) -> None:
+    """Write `text` to a kernel file (/proc, cgroupfs) in one write(2): the kernel takes such a value whole, once."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def prctl(option: int, value: int) -> None:
     """prctl(option, value), checked."""
     check(libc.prctl(option, value, 0, 0, 0), f"prctl({option}, {value})")

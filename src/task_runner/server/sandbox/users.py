@@ -44,6 +44,7 @@ from task_runner.server.sandbox.libc import (
     libc,
     unshare,
     while_dumpable,
+    write_file,
 )
 
 Extent = tuple[int, int, int]  # (first id inside, first id outside, count): one line of a uid or gid map
@@ -107,7 +108,7 @@ def enter(uids: list[Extent], gids: list[Extent]) -> None:
                 os.close(ready_w)
                 if os.read(ready_r, 1):
                     for name, lines in (("uid_map", uids), ("gid_map", gids)):
-                        _write(f"/proc/{os.getppid()}/{name}", "".join(f"{a} {b} {c}\n" for a, b, c in lines))
+                        write_file(f"/proc/{os.getppid()}/{name}", "".join(f"{a} {b} {c}\n" for a, b, c in lines))
                     code = 0
             except OSError as exc:
                 os.write(2, f"task-runner: cannot map the daemon's user namespace: {exc}\n".encode())
@@ -206,12 +207,4 @@ def no_new_privs() -> None:
 def _write_id_maps(uid_map: str, gid_map: str) -> None:
     """Map this process's new user namespace; setgroups is denied first, as the kernel asks of a one-line map."""
     for name, text in (("setgroups", "deny"), ("uid_map", uid_map), ("gid_map", gid_map)):
-        _write(f"/proc/self/{name}", text)
-
-
-def _write(path: str, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())  # one write: the kernel takes a map whole, once
-    finally:
-        os.close(fd)
+        write_file(f"/proc/self/{name}", text)
