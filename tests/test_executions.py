@@ -196,6 +196,8 @@ def test_however_an_execution_ends_the_daemon_holds_none_after_no_slot_and_no_ro
             assert wait_until(lambda: executor.admission.queued == 1, 10)
             with pytest.raises(DeadlineExceeded):
                 leaving.result(timeout=10)
+        # Gone from the queue too (its caller's deadline reached the daemon), before the next call waits there.
+        assert wait_until(lambda: executor.admission.queued == 0, 10)
         queued = pool.submit(client.call, "echo", 5000, {}, request_id="ends-queued")
         assert wait_until(lambda: executor.admission.queued == 1, 10)
         assert client.cancel("ends-queued") is False
